@@ -1,0 +1,35 @@
+"""metaformer: the MetaFormer family of vision backbones (PoolFormer and successors)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from metaformer.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DownloadError,
+    InputSizeError,
+    MetaformerError,
+    UnknownModelError,
+)
+from metaformer.models import MetaFormer, MetaFormerFeatures, create_model, list_models, register_mixer
+
+try:
+    __version__ = version("metaformer")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DownloadError",
+    "InputSizeError",
+    "MetaFormer",
+    "MetaFormerFeatures",
+    "MetaformerError",
+    "UnknownModelError",
+    "__version__",
+    "create_model",
+    "list_models",
+    "register_mixer",
+]

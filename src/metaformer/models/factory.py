@@ -1,0 +1,90 @@
+"""create_model and list_models: the single entry point to the model table."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from metaformer.errors import ConfigError, UnknownModelError, close_matches_hint
+from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
+from metaformer.models.variants import VARIANTS, MetaFormerConfig, Variant
+
+# Keyword arguments of MetaFormer that create_model accepts as overrides beyond the config fields.
+_EXTRA_OVERRIDES = ("head_dropout", "drop_rate", "img_size")
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise UnknownModelError(
+            f"unknown model '{name}'{close_matches_hint(name, VARIANTS)} (`metaformer models` lists them all)"
+        )
+    return VARIANTS[name]
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full MetaFormer keyword arguments of a named variant with overrides applied and checked."""
+    config = get_variant(name).config
+    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaFormerConfig)}
+    valid = set(kwargs) | set(_EXTRA_OVERRIDES) | {"num_classes", "in_chans", "drop_path_rate"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown model option(s) {', '.join(unknown)} for '{name}'; valid options are {', '.join(sorted(valid))}"
+        )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    checkpoint_path: str | Path | None = None,
+    drop_path_rate: float | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_norm: bool | str | None = None,
+    in_chans: int = 3,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a named MetaFormer, optionally with released or local weights.
+
+    ``drop_path_rate=None`` uses the paper's training rate for this model (it has no effect in eval).
+    ``features_only=True`` returns a ``MetaFormerFeatures`` backbone whose forward gives the stage maps
+    at ``out_indices``; ``out_norm=True`` adds the official dense models' fresh GroupNorm per output.
+    Overrides are any ``MetaFormerConfig`` field (``mixers``, ``norms``, ``act``, ``final_norm``...).
+    """
+    variant = get_variant(name)
+    if pretrained and checkpoint_path is not None:
+        raise ConfigError("pass either pretrained=True or checkpoint_path, not both")
+    rate = variant.drop_path_rate if drop_path_rate is None else drop_path_rate
+    kwargs = model_kwargs(name, **overrides)
+    kwargs.update(num_classes=0 if features_only else num_classes, in_chans=in_chans, drop_path_rate=rate)
+    model = MetaFormer(**kwargs)
+    model.model_name = name  # type: ignore[assignment]
+    model.model_config = kwargs  # type: ignore[assignment]
+    if pretrained or checkpoint_path is not None:
+        from metaformer.weights import load_pretrained, load_weights
+
+        if pretrained:
+            load_pretrained(model, name)
+        else:
+            load_weights(model, checkpoint_path)
+    if features_only:
+        norm = "groupnorm1" if out_norm is True else (out_norm or None)
+        features = MetaFormerFeatures(model, out_indices=out_indices, out_norm=norm)
+        features.model_name = name  # type: ignore[assignment]
+        features.model_config = kwargs  # type: ignore[assignment]
+        return features
+    return model

@@ -1,0 +1,430 @@
+"""One MetaFormer class for every variant: stem, four stages of blocks, head.
+
+A block is ``x = x + TokenMixer(Norm(x))`` then ``x = x + ChannelMLP(Norm(x))`` (plus LayerScale,
+ResScale and stochastic depth where a variant uses them). PoolFormer, PoolFormerV2, ConvFormer,
+CAFormer, IdentityFormer and RandFormer are rows of ``variants.VARIANTS``, not classes.
+Parameter names follow timm's ``metaformer.py``, so timm checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from metaformer.errors import ConfigError, InputSizeError
+from metaformer.models.layers import ACTIVATIONS, DropPath, LayerNorm2d, Mlp, Scale, make_activation, make_norm
+from metaformer.models.mixers import resolve_mixer
+
+MIN_INPUT_SIZE = 32
+FINAL_NORMS = ("map", "pooled")
+HEADS = ("linear", "mlp")
+
+
+def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
+    """Broadcast a scalar option to every stage, or check a per-stage sequence's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_stages:
+            raise ConfigError(f"{name} has {len(value)} entries but the model has {num_stages} stages")
+        return tuple(value)
+    return (value,) * num_stages
+
+
+def stage_grid_sizes(img_size: tuple[int, int], num_stages: int = 4) -> list[tuple[int, int]]:
+    """Token grid of each stage: stem 7x7/s4/p2, then 3x3/s2/p1 downsampling (exact for any size)."""
+    h, w = img_size
+    h, w = (h - 3) // 4 + 1, (w - 3) // 4 + 1
+    sizes = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        sizes.append((h, w))
+    return sizes
+
+
+class Stem(nn.Module):
+    """Patch embedding: Conv 7x7 stride 4 padding 2, then an optional norm (baselines only)."""
+
+    def __init__(self, in_chans: int, dim: int, norm: str | None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=4, padding=2)
+        self.norm = make_norm(norm, dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Downsampling(nn.Module):
+    """Between stages: an optional norm (baselines only), then Conv 3x3 stride 2 padding 1."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str | None):
+        super().__init__()
+        self.norm = make_norm(norm, in_dim) if norm else nn.Identity()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+class MetaFormerBlock(nn.Module):
+    """x = rs1(x) + ls1(drop(mixer(norm1(x)))); x = rs2(x) + ls2(drop(mlp(norm2(x))))."""
+
+    def __init__(
+        self,
+        dim: int,
+        mixer: type[nn.Module],
+        mixer_kwargs: dict[str, Any],
+        norm: str | Callable[[int], nn.Module],
+        act: str | Callable[[], nn.Module],
+        mlp_ratio: float,
+        mlp_bias: bool,
+        drop_rate: float,
+        drop_path: float,
+        layer_scale_init: float | None,
+        res_scale_init: float | None,
+        tokens: bool,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim, tokens=tokens)
+        self.token_mixer = mixer(dim, **mixer_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale1 = Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
+        self.res_scale1 = Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+        self.norm2 = make_norm(norm, dim, tokens=tokens)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=mlp_bias, drop=drop_rate, tokens=tokens)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale2 = Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
+        self.res_scale2 = Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+
+class MetaFormerStage(nn.Module):
+    """Optional downsampling, optional position embedding, then blocks of one mixer type.
+
+    Token-layout mixers (``wants_tokens``) get (B, N, C) sequences: the stage flattens once before
+    its blocks and restores the map after them, never per block.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        mixer: str | type[nn.Module],
+        mixer_kwargs: dict[str, Any],
+        grid_size: tuple[int, int],
+        downsample_norm: str | None,
+        drop_path_rates: Sequence[float],
+        pos_embed: bool = False,
+        **block_kwargs: Any,
+    ):
+        super().__init__()
+        mixer_cls = resolve_mixer(mixer)
+        self.tokens = bool(getattr(mixer_cls, "wants_tokens", False))
+        self.grid_size = grid_size
+        kwargs = dict(mixer_kwargs)
+        if getattr(mixer_cls, "fixed_grid", False):
+            kwargs.setdefault("grid_size", grid_size)
+        self.downsample = Downsampling(in_dim, dim, downsample_norm) if in_dim != dim else nn.Identity()
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid_size)) if pos_embed else None
+        self.blocks = nn.Sequential(
+            *[
+                MetaFormerBlock(dim, mixer_cls, kwargs, drop_path=rate, tokens=self.tokens, **block_kwargs)
+                for rate in drop_path_rates
+            ]
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[-2:] != x.shape[-2:]:
+                pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+            x = x + pos
+        b, c, h, w = x.shape
+        if self.tokens:
+            x = x.flatten(2).transpose(1, 2)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        if self.tokens:
+            x = x.transpose(1, 2).reshape(b, c, h, w)
+        return x
+
+
+class MlpHead(nn.Module):
+    """ConvFormer/CAFormer classifier: fc1 -> SquaredReLU -> LayerNorm -> dropout -> fc2."""
+
+    def __init__(self, dim: int, num_classes: int, mlp_ratio: float = 4, drop_rate: float = 0.0):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = make_activation("squaredrelu")
+        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
+
+
+class ClassifierHead(nn.Module):
+    """Final norm, global average pool and classifier.
+
+    ``final_norm="map"`` is the official PoolFormer head: GroupNorm(1 group, eps 1e-5) over the whole
+    (B, C, H, W) map, then the spatial mean. ``final_norm="pooled"`` is timm's (and the baselines')
+    head: mean first, then LayerNorm over C (eps 1e-6). Both hold a [C] weight and bias, so the same
+    checkpoint loads into either.
+    """
+
+    def __init__(
+        self, dim: int, num_classes: int, final_norm: str, head: str, head_dropout: float, drop_rate: float
+    ):
+        super().__init__()
+        self.final_norm = final_norm
+        self.num_features = dim
+        self.head_type = head
+        self.head_dropout = head_dropout
+        self.norm = nn.GroupNorm(1, dim, eps=1e-5) if final_norm == "map" else nn.LayerNorm(dim, eps=1e-6)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = self._make_fc(num_classes)
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.head_type == "mlp":
+            return MlpHead(self.num_features, num_classes, drop_rate=self.head_dropout)
+        return nn.Linear(self.num_features, num_classes)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) stage-4 map -> (B, C) normalised, pooled features."""
+        if self.final_norm == "map":
+            return self.norm(x).mean((-2, -1))
+        return self.norm(x.mean((-2, -1)))
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(self.pool(x))
+        return x if pre_logits else self.fc(x)
+
+
+class MetaFormer(nn.Module):
+    """The MetaFormer backbone and classifier. Options that differ per stage take a 4-tuple or a scalar.
+
+    Shapes: (B, in_chans, H, W) with H, W >= 32 -> logits (B, num_classes). Stage maps have strides
+    4, 8, 16, 32 (``feature_info``).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        dims: Sequence[int] = (64, 128, 320, 512),
+        mixers: str | type[nn.Module] | Sequence[str | type[nn.Module]] = "pooling",
+        mixer_kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        norms: str | Callable[[int], nn.Module] | Sequence[str | Callable[[int], nn.Module]] = "groupnorm1",
+        stem_norm: str | None = None,
+        downsample_norm: str | None = None,
+        act: str | Callable[[], nn.Module] = "gelu",
+        mlp_ratio: float = 4.0,
+        mlp_bias: bool = True,
+        layer_scale_init: float | None | Sequence[float | None] = 1e-5,
+        res_scale_init: float | None | Sequence[float | None] = None,
+        pos_embed: bool | Sequence[bool] = False,
+        final_norm: str = "map",
+        head: str = "linear",
+        head_dropout: float = 0.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | Sequence[int] = 224,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if num_stages == 0 or len(dims) != num_stages:
+            raise ConfigError(f"depths ({len(depths)} entries) and dims ({len(dims)}) must have the same length > 0")
+        if any(d < 0 for d in depths) or any(c <= 0 for c in dims):
+            raise ConfigError(f"depths must be >= 0 and dims > 0, got depths={tuple(depths)} dims={tuple(dims)}")
+        if final_norm not in FINAL_NORMS:
+            raise ConfigError(f"final_norm must be one of {FINAL_NORMS}, got '{final_norm}'")
+        if head not in HEADS:
+            raise ConfigError(f"head must be one of {HEADS}, got '{head}'")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if num_classes < 0 or in_chans <= 0:
+            raise ConfigError(f"num_classes must be >= 0 and in_chans > 0, got {num_classes} and {in_chans}")
+        if isinstance(act, str) and act not in ACTIVATIONS:
+            make_activation(act)  # raises the unknown-name error
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+
+        mixers = _per_stage(mixers, num_stages, "mixers")
+        stage_mixer_kwargs = _per_stage(mixer_kwargs or {}, num_stages, "mixer_kwargs")
+        norms = _per_stage(norms, num_stages, "norms")
+        layer_scales = _per_stage(layer_scale_init, num_stages, "layer_scale_init")
+        res_scales = _per_stage(res_scale_init, num_stages, "res_scale_init")
+        pos_embeds = _per_stage(pos_embed, num_stages, "pos_embed")
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        grids = stage_grid_sizes(self.img_size, num_stages)
+
+        self.stem = Stem(in_chans, dims[0], stem_norm)
+        stages = []
+        prev_dim, start = dims[0], 0
+        for i in range(num_stages):
+            stages.append(
+                MetaFormerStage(
+                    prev_dim,
+                    dims[i],
+                    depths[i],
+                    mixers[i],
+                    stage_mixer_kwargs[i],
+                    grids[i],
+                    downsample_norm,
+                    rates[start : start + depths[i]],
+                    pos_embed=pos_embeds[i],
+                    norm=norms[i],
+                    act=act,
+                    mlp_ratio=mlp_ratio,
+                    mlp_bias=mlp_bias,
+                    drop_rate=drop_rate,
+                    layer_scale_init=layer_scales[i],
+                    res_scale_init=res_scales[i],
+                )
+            )
+            prev_dim, start = dims[i], start + depths[i]
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(dims[-1], num_classes, final_norm, head, head_dropout, drop_rate)
+        self.feature_info = [
+            {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"} for i in range(num_stages)
+        ]
+        self.apply(_init_weights)
+
+    # --- classification API (timm-compatible) ---
+    def check_input(self, x: torch.Tensor) -> None:
+        """Fail with a clear sentence, not a conv shape error, on inputs the model cannot take."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise InputSizeError(
+                f"expected a (B, {self.in_chans}, H, W) batch but got shape {tuple(x.shape)}; "
+                f"pass in_chans={x.shape[1] if x.ndim == 4 else '...'} to create_model for other channel counts"
+            )
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise InputSizeError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small; MetaFormer needs at least "
+                f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (resize or pad the images)"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> last stage map (B, C4, H/32, W/32), before the final norm."""
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+        """Stage maps for the given stage indices, in order; stops after the last one asked for."""
+        indices = check_out_indices(indices, len(self.stages))
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        x = self.stem(x)
+        outputs = []
+        for i, stage in enumerate(self.stages[: max(indices) + 1]):
+            x = stage(x)
+            if i in indices:
+                outputs.append(x)
+        return outputs
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier for ``num_classes`` (the final norm is kept)."""
+        self.num_classes = num_classes
+        self.head.fc = self.head._make_fc(num_classes)
+        self.head.fc.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass: less memory, about a third more compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
+class MetaFormerFeatures(nn.Module):
+    """The backbone without its head, returning stage maps (strides 4, 8, 16, 32) for dense tasks.
+
+    ``out_norm`` adds one fresh norm per output, as the official detection/segmentation backbones do.
+    Its parameter names (``stem.*``, ``stages.*``) equal the classifier's, so classification
+    checkpoints load into it once their ``head.*`` keys are dropped.
+    """
+
+    def __init__(self, model: MetaFormer, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: str | None = None):
+        super().__init__()
+        self.out_indices = check_out_indices(out_indices, len(model.stages))
+        self.stem = model.stem
+        self.stages = model.stages[: max(self.out_indices) + 1]
+        self.in_chans = model.in_chans
+        self.img_size = model.img_size
+        self.check_input = model.check_input
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        self.out_norms = nn.ModuleList(
+            [make_norm(out_norm, info["num_chs"]) if out_norm else nn.Identity() for info in self.feature_info]
+        )
+
+    @property
+    def out_channels(self) -> list[int]:
+        return [info["num_chs"] for info in self.feature_info]
+
+    @property
+    def strides(self) -> list[int]:
+        return [info["reduction"] for info in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        x = self.stem(x)
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outputs.append(self.out_norms[len(outputs)](x))
+        return outputs
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
+def check_out_indices(indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    indices = tuple(int(i) for i in indices)
+    if not indices or any(i < 0 or i >= num_stages for i in indices) or list(indices) != sorted(set(indices)):
+        raise ConfigError(
+            f"out_indices must be distinct increasing stage indices in 0..{num_stages - 1}, got {indices}"
+        )
+    return indices
+
+
+def _init_weights(module: nn.Module) -> None:
+    """timm's init: truncated normal (std 0.02) for every conv and linear weight, zero bias."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+__all__ = ["MetaFormer", "MetaFormerFeatures", "MetaFormerBlock", "MetaFormerStage", "LayerNorm2d"]
