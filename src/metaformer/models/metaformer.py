@@ -17,7 +17,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from metaformer.errors import ConfigError, InputSizeError
-from metaformer.models.layers import ACTIVATIONS, DropPath, LayerNorm2d, Mlp, Scale, make_activation, make_norm
+from metaformer.models.layers import (
+    ACTIVATIONS,
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    Scale,
+    make_activation,
+    make_norm,
+)
 from metaformer.models.mixers import resolve_mixer
 
 MIN_INPUT_SIZE = 32
@@ -91,13 +99,21 @@ class MetaFormerBlock(nn.Module):
         self.norm1 = make_norm(norm, dim, tokens=tokens)
         self.token_mixer = mixer(dim, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale1 = Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
-        self.res_scale1 = Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+        self.layer_scale1 = (
+            Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
+        )
+        self.res_scale1 = (
+            Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+        )
         self.norm2 = make_norm(norm, dim, tokens=tokens)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=mlp_bias, drop=drop_rate, tokens=tokens)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale2 = Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
-        self.res_scale2 = Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+        self.layer_scale2 = (
+            Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
+        )
+        self.res_scale2 = (
+            Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
@@ -250,9 +266,13 @@ class MetaFormer(nn.Module):
         super().__init__()
         num_stages = len(depths)
         if num_stages == 0 or len(dims) != num_stages:
-            raise ConfigError(f"depths ({len(depths)} entries) and dims ({len(dims)}) must have the same length > 0")
+            raise ConfigError(
+                f"depths ({len(depths)} entries) and dims ({len(dims)}) must have the same length > 0"
+            )
         if any(d < 0 for d in depths) or any(c <= 0 for c in dims):
-            raise ConfigError(f"depths must be >= 0 and dims > 0, got depths={tuple(depths)} dims={tuple(dims)}")
+            raise ConfigError(
+                f"depths must be >= 0 and dims > 0, got depths={tuple(depths)} dims={tuple(dims)}"
+            )
         if final_norm not in FINAL_NORMS:
             raise ConfigError(f"final_norm must be one of {FINAL_NORMS}, got '{final_norm}'")
         if head not in HEADS:
@@ -337,7 +357,9 @@ class MetaFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)
+    ) -> list[torch.Tensor]:
         """Stage maps for the given stage indices, in order; stops after the last one asked for."""
         indices = check_out_indices(indices, len(self.stages))
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
@@ -373,7 +395,9 @@ class MetaFormerFeatures(nn.Module):
     checkpoints load into it once their ``head.*`` keys are dropped.
     """
 
-    def __init__(self, model: MetaFormer, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: str | None = None):
+    def __init__(
+        self, model: MetaFormer, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: str | None = None
+    ):
         super().__init__()
         self.out_indices = check_out_indices(out_indices, len(model.stages))
         self.stem = model.stem
@@ -383,7 +407,10 @@ class MetaFormerFeatures(nn.Module):
         self.check_input = model.check_input
         self.feature_info = [model.feature_info[i] for i in self.out_indices]
         self.out_norms = nn.ModuleList(
-            [make_norm(out_norm, info["num_chs"]) if out_norm else nn.Identity() for info in self.feature_info]
+            [
+                make_norm(out_norm, info["num_chs"]) if out_norm else nn.Identity()
+                for info in self.feature_info
+            ]
         )
 
     @property

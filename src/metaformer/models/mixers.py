@@ -108,7 +108,9 @@ class SepConv(nn.Module):
     wants_tokens = False
     fixed_grid = False
 
-    def __init__(self, dim: int, expansion_ratio: float = 2, kernel_size: int = 7, bias: bool = False, **kwargs):
+    def __init__(
+        self, dim: int, expansion_ratio: float = 2, kernel_size: int = 7, bias: bool = False, **kwargs
+    ):
         super().__init__()
         mid = int(expansion_ratio * dim)
         self.pwconv1 = nn.Conv2d(dim, mid, 1, bias=bias)

@@ -90,14 +90,22 @@ _V2_RESULTS = {
     "m36": (82.2, 56.1, 8.8), "m48": (82.6, 73.3, 11.5),
 }  # fmt: skip
 _ID_TOP1 = {"s12": 74.6, "s24": 78.2, "s36": 79.3, "m36": 80.0, "m48": 80.4}
-_RAND_RESULTS = {"s12": (76.6, 1.9), "s24": (78.2, 3.5), "s36": (79.5, 5.2), "m36": (81.2, 9.0), "m48": (81.4, 11.9)}
+_RAND_RESULTS = {
+    "s12": (76.6, 1.9),
+    "s24": (78.2, 3.5),
+    "s36": (79.5, 5.2),
+    "m36": (81.2, 9.0),
+    "m48": (81.4, 11.9),
+}
 
 for _size, (_depths, _dims) in _SIZES.items():
     _top1, _params, _macs = _V1_RESULTS[_size]
     _add(
         f"poolformer_{_size}",
         Variant(
-            replace(_V1, depths=_depths, dims=_dims, layer_scale_init=1e-5 if _size in ("s12", "s24") else 1e-6),
+            replace(
+                _V1, depths=_depths, dims=_dims, layer_scale_init=1e-5 if _size in ("s12", "s24") else 1e-6
+            ),
             "poolformer",
             _DROP_PATH[_size],
             _top1,
@@ -127,8 +135,18 @@ for _size, (_depths, _dims) in _SIZES.items():
         ),
     )
 
-_CONV_RESULTS = {"s18": (83.0, 27, 3.9), "s36": (84.1, 40, 7.6), "m36": (84.5, 57, 12.8), "b36": (84.8, 100, 22.6)}
-_CA_RESULTS = {"s18": (83.6, 26, 4.1), "s36": (84.5, 39, 8.0), "m36": (85.2, 56, 13.2), "b36": (85.5, 99, 23.2)}
+_CONV_RESULTS = {
+    "s18": (83.0, 27, 3.9),
+    "s36": (84.1, 40, 7.6),
+    "m36": (84.5, 57, 12.8),
+    "b36": (84.8, 100, 22.6),
+}
+_CA_RESULTS = {
+    "s18": (83.6, 26, 4.1),
+    "s36": (84.5, 39, 8.0),
+    "m36": (85.2, 56, 13.2),
+    "b36": (85.5, 99, 23.2),
+}
 _CONV_DROP = {"s18": 0.2, "s36": 0.3, "m36": 0.4, "b36": 0.6}
 _CA_DROP = {"s18": 0.15, "s36": 0.3, "m36": 0.4, "b36": 0.6}
 _CA_HEAD_DROP = {"s18": 0.0, "s36": 0.4, "m36": 0.4, "b36": 0.5}

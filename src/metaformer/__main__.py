@@ -1,0 +1,3 @@
+from metaformer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Parameter and MAC counts, with the conventions of fvcore (the counter behind the paper's table).
+
+fvcore counts one MAC per multiply-add of convolutions and matrix products and, for normalisation
+layers, 5 operations per element with an affine weight (4 without); pooling and activations are not
+counted. torch's own ``FlopCounterMode`` counts the products but skips norms (about 0.5% low), so we
+add the norms from forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from metaformer.models.layers import GroupNorm1Tokens
+from metaformer.models.mixers import Attention
+
+
+def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _norm_ops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    numel = inputs[0].numel()
+    has_weight = getattr(module, "weight", None) is not None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
+        return numel * (2 if has_weight else 1)
+    return numel * (5 if has_weight else 4)
+
+
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm, GroupNorm1Tokens)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass on a single image of ``img_size`` (fvcore convention)."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    chans = in_chans or getattr(model, "in_chans", 3)
+    param = next(model.parameters())
+    x = torch.zeros(1, chans, h, w, dtype=param.dtype, device=param.device)
+    norm_ops = [0]  # norm and attention-product MACs the op counter misses
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        norm_ops[0] += _norm_ops(module, inputs)
+
+    def attention_hook(module: Attention, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # q @ k^T and attn @ v: the fused SDPA kernel is invisible to the op counter on CPU
+        b, n, _ = inputs[0].shape
+        norm_ops[0] += 2 * b * module.num_heads * n * n * module.head_dim
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _NORM_TYPES)]
+    handles += [m.register_forward_hook(attention_hook) for m in model.modules() if isinstance(m, Attention)]
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return counter.get_total_flops() // 2 + norm_ops[0]
