@@ -39,7 +39,7 @@ def model_info(name: str, img_size: tuple[int, int] = (224, 224)) -> dict[str, A
     with torch.no_grad():
         maps = model.forward_intermediates(torch.zeros(1, model.in_chans, *img_size))
     stages = []
-    for i, (fmap, info) in enumerate(zip(maps, model.feature_info)):
+    for i, (fmap, info) in enumerate(zip(maps, model.feature_info, strict=True)):
         stages.append(
             {
                 "index": i,

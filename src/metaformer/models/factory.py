@@ -39,7 +39,8 @@ def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ConfigError(
-            f"unknown model option(s) {', '.join(unknown)} for '{name}'; valid options are {', '.join(sorted(valid))}"
+            f"unknown model option(s) {', '.join(unknown)} for '{name}'; "
+            f"valid options are {', '.join(sorted(valid))}"
         )
     kwargs.update(overrides)
     return kwargs

@@ -77,6 +77,10 @@ class Downsampling(nn.Module):
         return self.conv(self.norm(x))
 
 
+def _optional_scale(dim: int, init_value: float | None, tokens: bool) -> nn.Module:
+    return Scale(dim, init_value, tokens=tokens) if init_value is not None else nn.Identity()
+
+
 class MetaFormerBlock(nn.Module):
     """x = rs1(x) + ls1(drop(mixer(norm1(x)))); x = rs2(x) + ls2(drop(mlp(norm2(x))))."""
 
@@ -337,7 +341,7 @@ class MetaFormer(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise InputSizeError(
                 f"expected a (B, {self.in_chans}, H, W) batch but got shape {tuple(x.shape)}; "
-                f"pass in_chans={x.shape[1] if x.ndim == 4 else '...'} to create_model for other channel counts"
+                "pass in_chans=... to create_model for other channel counts"
             )
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise InputSizeError(

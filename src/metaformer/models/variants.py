@@ -118,8 +118,8 @@ for _size, (_depths, _dims) in _SIZES.items():
     _add(f"poolformerv2_{_size}", Variant(_base, "poolformerv2", _DROP_PATH[_size], _top1, _params, _macs))
     _add(
         f"identityformer_{_size}",
-        Variant(replace(_base, mixers=("identity",) * 4), "identityformer", _DROP_PATH[_size], _ID_TOP1[_size],
-                _params, _macs),
+        Variant(replace(_base, mixers=("identity",) * 4), "identityformer", _DROP_PATH[_size],
+                _ID_TOP1[_size], _params, _macs),
     )  # fmt: skip
     _top1, _macs = _RAND_RESULTS[_size]
     _add(
@@ -189,7 +189,9 @@ _ABLATIONS = {
         81.0, 16.5, 2.5,
     ),
     "metaformer_pppf_s12_224": (replace(_S12, mixers=("pooling",) * 3 + ("spatial_mlp",)), 77.5, 11.9, 1.8),
-    "metaformer_ppff_s12_224": (replace(_S12, mixers=("pooling",) * 2 + ("spatial_mlp",) * 2), 77.9, 12.2, 1.9),
+    "metaformer_ppff_s12_224": (
+        replace(_S12, mixers=("pooling",) * 2 + ("spatial_mlp",) * 2), 77.9, 12.2, 1.9,
+    ),
 }  # fmt: skip
 for _name, (_config, _top1, _params, _macs) in _ABLATIONS.items():
     _add(_name, Variant(_config, "ablation", 0.1, _top1, _params, _macs))
