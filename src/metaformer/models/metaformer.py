@@ -103,21 +103,13 @@ class MetaFormerBlock(nn.Module):
         self.norm1 = make_norm(norm, dim, tokens=tokens)
         self.token_mixer = mixer(dim, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale1 = (
-            Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
-        )
-        self.res_scale1 = (
-            Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
-        )
+        self.layer_scale1 = _optional_scale(dim, layer_scale_init, tokens)
+        self.res_scale1 = _optional_scale(dim, res_scale_init, tokens)
         self.norm2 = make_norm(norm, dim, tokens=tokens)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=mlp_bias, drop=drop_rate, tokens=tokens)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale2 = (
-            Scale(dim, layer_scale_init, tokens=tokens) if layer_scale_init is not None else nn.Identity()
-        )
-        self.res_scale2 = (
-            Scale(dim, res_scale_init, tokens=tokens) if res_scale_init is not None else nn.Identity()
-        )
+        self.layer_scale2 = _optional_scale(dim, layer_scale_init, tokens)
+        self.res_scale2 = _optional_scale(dim, res_scale_init, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
