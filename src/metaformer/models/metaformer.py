@@ -292,7 +292,8 @@ class MetaFormer(nn.Module):
         layer_scales = _per_stage(layer_scale_init, num_stages, "layer_scale_init")
         res_scales = _per_stage(res_scale_init, num_stages, "res_scale_init")
         pos_embeds = _per_stage(pos_embed, num_stages, "pos_embed")
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]  # linspace(0, rate, total)
         grids = stage_grid_sizes(self.img_size, num_stages)
 
         self.stem = Stem(in_chans, dims[0], stem_norm)

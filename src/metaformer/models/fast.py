@@ -1,0 +1,398 @@
+"""Inference fast path: fold norms and scales into their neighbours, run the channel MLP as
+channels-last GEMMs with fused epilogues, and keep every map channels-last.
+
+Folds (exact in real arithmetic; fp32 outputs agree with the plain model to about 1e-6 relative):
+
+- Pooling blocks: with the padding not counted, a per-channel constant pools to itself, so in
+  ``pool(GN(x)) - GN(x)`` GroupNorm's mean and bias cancel and ``1/sigma`` factors out:
+  ``x + ls1 * (pool(GN(x)) - GN(x)) == lerp(x, pool(x), ls1 * w / sigma)``. No normalised map is
+  ever written.
+- The affine of the norm before a linear layer folds into that layer (``W diag(w)``, ``c + W b``):
+  norm2 into fc1, and norm1 into SepConv's first pointwise conv or attention's qkv.
+- LayerScale folds into the layer that ends its branch (fc2, SepConv's pwconv2, attention's proj),
+  and so do StarReLU's scalar scale and bias (``fc2(s*r + b) = (s W) r + (c + b W 1)``).
+- On CPU, fc1 runs with its activation and fc2 with the residual add fused into the GEMM (oneDNN
+  post-ops); elsewhere (GPU, tracing, export) the same folded weights run through plain ops.
+
+Parts no fold applies to (spatial MLP, random mixing, positional embeddings, the head) are kept as
+they are, so every model still gives the plain model's outputs. The folded model is for inference
+only: its weights are buffers and its ``state_dict`` is not a checkpoint format.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaformer.models.layers import (
+    BatchNormTokens,
+    GroupNorm1Tokens,
+    LayerNorm2d,
+    Mlp,
+    Scale,
+    SquaredReLU,
+    StarReLU,
+)
+from metaformer.models.metaformer import MetaFormer, MetaFormerBlock, MetaFormerFeatures
+from metaformer.models.mixers import Attention, Pooling, SepConv
+
+_MKLDNN_ACTS = {
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+}
+
+
+def _has_mkldnn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+_MKLDNN = _has_mkldnn_linear()
+
+
+def _use_mkldnn(x: torch.Tensor) -> bool:
+    """oneDNN fused GEMMs: CPU fp32/bf16 in eager mode only (tracing and export need portable ops)."""
+    return (
+        _MKLDNN
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+    )
+
+
+class FusedLinear(nn.Module):
+    """``act(x @ W.T + b) [+ residual]`` over the last dimension; one oneDNN call on CPU."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none"):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
+        self.act = act  # none | gelu | gelu_tanh | relu | silu | squaredrelu (relu, then square)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if _use_mkldnn(x) and x.is_contiguous():
+            if residual is not None and self.act == "none" and residual.is_contiguous():
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+            act = "relu" if self.act == "squaredrelu" else self.act
+            attr, algorithm = _MKLDNN_ACTS.get(act, ("none", ""))
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+            if self.act == "squaredrelu":
+                y = y.square_()
+        else:
+            y = F.linear(x, self.weight, self.bias)
+            if self.act == "gelu":
+                y = F.gelu(y)
+            elif self.act == "gelu_tanh":
+                y = F.gelu(y, approximate="tanh")
+            elif self.act == "relu":
+                y = F.relu(y)
+            elif self.act == "silu":
+                y = F.silu(y)
+            elif self.act == "squaredrelu":
+                y = F.relu(y).square()
+        return y if residual is None else y + residual
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, act={self.act}"
+
+
+# --------------------------------------------------------------------------- fold helpers
+def _as_matrix(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (out, in) and bias of a Linear or a 1x1 Conv2d, in float64 for exact folding."""
+    weight = layer.weight.detach().double()
+    if weight.ndim == 4:
+        weight = weight.flatten(1)
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    return weight, bias
+
+
+def _fold_input_affine(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W (s * x + t) + c == (W diag(s)) x + (c + W t)."""
+    if shift is not None:
+        bias = (bias if bias is not None else weight.new_zeros(weight.shape[0])) + weight @ shift
+    if scale is not None:
+        weight = weight * scale[None, :]
+    return weight, bias
+
+
+def _fold_output_scale(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """s * (W x + c) == (diag(s) W) x + s c."""
+    if scale is None:
+        return weight, bias
+    return weight * scale[:, None], None if bias is None else bias * scale
+
+
+def _scale_of(module: nn.Module) -> torch.Tensor | None:
+    return module.scale.detach().double() if isinstance(module, Scale) else None
+
+
+def _norm_parts(norm: nn.Module, tokens: bool) -> tuple[str, float, torch.Tensor | None, torch.Tensor | None]:
+    """Split a norm into an affine-free kind ("sample", "channel" or "none"), eps, weight and bias."""
+
+    def param(p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if p is None else p.detach().double()
+
+    if isinstance(norm, nn.Identity):
+        return "none", 0.0, None, None
+    if not tokens and isinstance(norm, nn.GroupNorm) and norm.num_groups == 1:
+        return "sample", norm.eps, param(norm.weight), param(norm.bias)
+    if tokens and isinstance(norm, GroupNorm1Tokens):
+        return "sample", norm.eps, param(norm.weight), param(norm.bias)
+    if (
+        isinstance(norm, nn.LayerNorm)
+        and len(norm.normalized_shape) == 1
+        and (tokens or isinstance(norm, LayerNorm2d))
+    ):
+        return "channel", norm.eps, param(norm.weight), param(norm.bias)
+    if isinstance(norm, (nn.BatchNorm2d, BatchNormTokens)) and norm.track_running_stats:
+        inv = torch.rsqrt(norm.running_var.double() + norm.eps)
+        weight = inv if norm.weight is None else norm.weight.detach().double() * inv
+        bias = -norm.running_mean.double() * weight
+        if norm.bias is not None:
+            bias = bias + norm.bias.detach().double()
+        return "none", 0.0, weight, bias
+    raise NotImplementedError  # caller keeps the block as it is
+
+
+def _act_name(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
+    if isinstance(act, (StarReLU, SquaredReLU)):
+        return "squaredrelu"
+    return None
+
+
+def _normalize(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """Affine-free norm of a channels-last (..., C) view: per sample ('sample') or per position."""
+    if kind == "sample":
+        return F.layer_norm(x, x.shape[1:], eps=eps)
+    if kind == "channel":
+        return F.layer_norm(x, x.shape[-1:], eps=eps)
+    return x
+
+
+# --------------------------------------------------------------------------- folded parts
+class FoldedMlp(nn.Module):
+    """x -> x * rs2 + ls2 * mlp(norm2(x)) with the norm's affine in fc1 and ls2 (and StarReLU) in fc2."""
+
+    def __init__(self, block: MetaFormerBlock, tokens: bool):
+        super().__init__()
+        mlp = block.mlp
+        kind, eps, w, b = _norm_parts(block.norm2, tokens)
+        act = _act_name(mlp.act)
+        if act is None or not isinstance(mlp, Mlp):
+            raise NotImplementedError
+        self.norm_kind, self.eps = kind, eps
+        w1, c1 = _fold_input_affine(*_as_matrix(mlp.fc1), w, b)
+        w2, c2 = _as_matrix(mlp.fc2)
+        if isinstance(mlp.act, StarReLU):  # fc2(s * relu(x)^2 + b)
+            w2, c2 = _fold_input_affine(
+                w2, c2, mlp.act.scale.detach().double().expand(w2.shape[1]),
+                mlp.act.bias.detach().double().expand(w2.shape[1]),
+            )  # fmt: skip
+        w2, c2 = _fold_output_scale(w2, c2, _scale_of(block.layer_scale2))
+        dtype = mlp.fc1.weight.dtype
+        self.fc1 = FusedLinear(w1.to(dtype), None if c1 is None else c1.to(dtype), act)
+        self.fc2 = FusedLinear(w2.to(dtype), None if c2 is None else c2.to(dtype))
+        rs = _scale_of(block.res_scale2)
+        self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) tokens or channels-last rows -> same shape."""
+        c = x.shape[-1]
+        rows = x.reshape(-1, c)
+        h = self.fc1(_normalize(x, self.norm_kind, self.eps).reshape(-1, c))
+        if self.res_scale is None:
+            return self.fc2(h, residual=rows).view(x.shape)
+        return self.fc2(h).addcmul_(rows, self.res_scale).view(x.shape)
+
+
+class FoldedPoolBlock(nn.Module):
+    """A PoolFormer block (GroupNorm-1, pooling) with its norm folded away: see the module docstring."""
+
+    def __init__(self, block: MetaFormerBlock):
+        super().__init__()
+        pool = block.token_mixer.pool
+        kind, eps, w, _ = _norm_parts(block.norm1, tokens=False)
+        if kind != "sample" or pool.count_include_pad or pool.ceil_mode:
+            raise NotImplementedError
+        dim = block.mlp.fc1.weight.shape[1]
+        dtype = block.mlp.fc1.weight.dtype
+        scale = torch.ones(dim, dtype=torch.float64) if w is None else w
+        ls = _scale_of(block.layer_scale1)
+        if ls is not None:
+            scale = scale * ls
+        self.register_buffer("mix_scale", scale.to(dtype).view(1, dim, 1, 1))
+        rs = _scale_of(block.res_scale1)
+        self.register_buffer("res_scale", None if rs is None else rs.to(dtype).view(1, dim, 1, 1))
+        self.eps = eps
+        self.kernel_size, self.padding = pool.kernel_size, pool.padding
+        self.mlp = FoldedMlp(block, tokens=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = torch.var(x, dim=(1, 2, 3), keepdim=True, correction=0)
+        scale = self.mix_scale * torch.rsqrt(var + self.eps)
+        pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
+        if self.res_scale is None:
+            x = torch.lerp(x, pooled, scale)
+        else:  # rs * x + s * (p - x)
+            x = pooled.mul_(scale).addcmul_(x, self.res_scale - scale)
+        return _map_mlp(self.mlp, x)
+
+
+def _map_mlp(mlp: FoldedMlp, x: torch.Tensor) -> torch.Tensor:
+    """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows; free for channels-last maps."""
+    b, c, h, w = x.shape
+    return mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c)).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class FoldedSepConv(nn.Module):
+    """ConvFormer's mixer half: norm1 affine and StarReLU's scale in pwconv1 (s * relu(z)^2 ==
+    relu(sqrt(s) z)^2 for s >= 0), layer scale in pwconv2, residual add fused into pwconv2's GEMM."""
+
+    def __init__(self, block: MetaFormerBlock):
+        super().__init__()
+        mixer = block.token_mixer
+        kind, eps, w, b = _norm_parts(block.norm1, tokens=False)
+        act = mixer.act1
+        if kind == "sample" or not isinstance(act, StarReLU) or not isinstance(mixer.act2, nn.Identity):
+            raise NotImplementedError
+        if _scale_of(block.res_scale1) is not None or float(act.scale) < 0:
+            raise NotImplementedError
+        dtype = mixer.pwconv1.weight.dtype
+        self.norm_kind, self.eps = kind, eps
+        w1, c1 = _fold_input_affine(*_as_matrix(mixer.pwconv1), w, b)
+        w1, c1 = _fold_output_scale(w1, c1, act.scale.detach().double().sqrt().expand(w1.shape[0]))
+        self.pw1 = FusedLinear(w1.to(dtype), None if c1 is None else c1.to(dtype), "squaredrelu")
+        self.act_bias = float(act.bias)
+        self.dwconv = copy.deepcopy(mixer.dwconv)
+        w2, c2 = _fold_output_scale(*_as_matrix(mixer.pwconv2), _scale_of(block.layer_scale1))
+        self.pw2 = FusedLinear(w2.to(dtype), None if c2 is None else c2.to(dtype))
+        self.mlp = FoldedMlp(block, tokens=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        y = self.pw1(_normalize(rows, self.norm_kind, self.eps))
+        if self.act_bias != 0.0:
+            y = y.add_(self.act_bias)
+        mid = y.shape[-1]
+        y = self.dwconv(y.view(b, h, w, mid).permute(0, 3, 1, 2))
+        y = y.permute(0, 2, 3, 1).reshape(b * h * w, mid)
+        x = self.pw2(y, residual=rows).view(b, h, w, c).permute(0, 3, 1, 2)
+        return _map_mlp(self.mlp, x)
+
+
+class FoldedAttention(nn.Module):
+    """CAFormer's attention half on (B, N, C) tokens: norm1 affine in qkv, layer scale in proj."""
+
+    def __init__(self, block: MetaFormerBlock):
+        super().__init__()
+        mixer = block.token_mixer
+        kind, eps, w, b = _norm_parts(block.norm1, tokens=True)
+        dtype = mixer.qkv.weight.dtype
+        self.norm_kind, self.eps = kind, eps
+        self.num_heads, self.head_dim = mixer.num_heads, mixer.head_dim
+        wq, cq = _fold_input_affine(*_as_matrix(mixer.qkv), w, b)
+        self.qkv = FusedLinear(wq.to(dtype), None if cq is None else cq.to(dtype))
+        rs = _scale_of(block.res_scale1)
+        wp, cp = _fold_output_scale(*_as_matrix(mixer.proj), _scale_of(block.layer_scale1))
+        self.proj = FusedLinear(wp.to(dtype), None if cp is None else cp.to(dtype))
+        self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
+        self.mlp = FoldedMlp(block, tokens=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(_normalize(x, self.norm_kind, self.eps))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        if self.res_scale is None:
+            x = self.proj(y, residual=x)
+        else:
+            x = self.proj(y).addcmul_(x, self.res_scale)
+        return self.mlp(x)
+
+
+class FoldedGenericBlock(nn.Module):
+    """Any other mixer (identity, random, spatial MLP, a user's): mixer half kept, MLP half folded."""
+
+    def __init__(self, block: MetaFormerBlock, tokens: bool):
+        super().__init__()
+        self.tokens = tokens
+        self.norm1 = block.norm1
+        self.token_mixer = block.token_mixer
+        self.layer_scale1 = block.layer_scale1
+        self.res_scale1 = block.res_scale1
+        self.mlp = FoldedMlp(block, tokens=tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res_scale1(x) + self.layer_scale1(self.token_mixer(self.norm1(x)))
+        return self.mlp(x) if self.tokens else _map_mlp(self.mlp, x)
+
+
+def fold_block(block: MetaFormerBlock, tokens: bool) -> nn.Module:
+    """The folded equivalent of one block in eval mode, or the block itself when nothing applies."""
+    special = {Pooling: FoldedPoolBlock, SepConv: FoldedSepConv, Attention: FoldedAttention}
+    builder = special.get(type(block.token_mixer))
+    if builder is not None and tokens == (builder is FoldedAttention):
+        try:
+            return builder(block)
+        except NotImplementedError:
+            pass
+    try:
+        return FoldedGenericBlock(block, tokens)
+    except NotImplementedError:
+        return block
+
+
+class ChannelsLastInput(nn.Module):
+    """Stem wrapper: hands the stem a channels-last input, so every later map is channels-last."""
+
+    def __init__(self, stem: nn.Module):
+        super().__init__()
+        self.stem = stem
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
+
+def optimize_for_inference(model: nn.Module, *, compile: bool = False) -> nn.Module:
+    """A faster copy of ``model`` for inference with the same outputs (fp32 max relative diff ~1e-6).
+
+    Works for ``MetaFormer`` (forward gives logits) and ``MetaFormerFeatures`` (forward gives stage
+    maps). The input model is not changed. ``compile=True`` also runs ``torch.compile`` on the result
+    (slow to start; fuses the remaining element-wise work).
+    """
+    if not isinstance(model, (MetaFormer, MetaFormerFeatures)):
+        raise TypeError(
+            f"optimize_for_inference takes a MetaFormer or MetaFormerFeatures, got {type(model).__name__}"
+        )
+    fast = copy.deepcopy(model).eval()
+    fast.requires_grad_(False)
+    for stage in fast.stages:
+        stage.blocks = nn.Sequential(*[fold_block(block, stage.tokens) for block in stage.blocks])
+    fast.stem = ChannelsLastInput(fast.stem)
+    fast = fast.to(memory_format=torch.channels_last)
+    if compile:
+        return torch.compile(fast)
+    return fast
+
+
+__all__ = ["optimize_for_inference", "fold_block", "FusedLinear"]

@@ -1,0 +1,215 @@
+"""Properties of every registered variant and of the generic MetaFormer class."""
+
+import pytest
+import torch
+from torch import nn
+
+from metaformer import ConfigError, InputSizeError, UnknownModelError, create_model, list_models
+from metaformer.models import VARIANTS, get_variant, stage_grid_sizes
+
+TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+FIXED_GRID = {n for n, v in VARIANTS.items() if {"random", "spatial_mlp"} & set(v.config.mixers)}
+
+
+def _build(name: str, size: tuple[int, int], **kw) -> nn.Module:
+    extra = {"img_size": size} if name in FIXED_GRID else {}
+    return create_model(name, **extra, **kw).eval()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_logits_and_stage_maps_match_feature_info(name):
+    # real widths, mixers, norms and heads; one block per stage keeps the registry sweep fast
+    model = _build(name, (64, 64), num_classes=7, depths=(1, 1, 1, 1))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 7)
+        maps = model.forward_intermediates(x)
+    assert len(maps) == len(model.feature_info) == 4
+    for fmap, info in zip(maps, model.feature_info, strict=True):
+        assert fmap.shape[1] == info["num_chs"]
+        assert fmap.shape[-2:] == (64 // info["reduction"], 64 // info["reduction"])
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"])
+@pytest.mark.parametrize("size", [(33, 47), (65, 97), (100, 61)])
+def test_odd_non_square_inputs_run(name, size):
+    model = create_model(name, **TINY, num_classes=3).eval()
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(2, 3, *size))
+        logits = model(torch.randn(2, 3, *size))
+    assert logits.shape == (2, 3)
+    assert [tuple(m.shape[-2:]) for m in maps] == stage_grid_sizes(size)
+
+
+@pytest.mark.parametrize("name", ["randformer_s12", "metaformer_pppf_s12_224"])
+def test_fixed_grid_models_reject_other_sizes_and_say_which(name):
+    model = create_model(name, **TINY).eval()
+    with pytest.raises(InputSizeError, match=r"fixed \d+x\d+ token grid.*img_size"):
+        model(torch.randn(1, 3, 96, 96))
+    assert create_model(name, **TINY, img_size=(96, 128)).eval()(torch.randn(1, 3, 96, 128)).shape == (
+        1,
+        1000,
+    )
+
+
+def test_too_small_input_and_wrong_channels_fail_clearly():
+    model = create_model("poolformer_s12", **TINY).eval()
+    with pytest.raises(InputSizeError, match="at least 32x32"):
+        model(torch.randn(1, 3, 31, 64))
+    with pytest.raises(InputSizeError, match="in_chans"):
+        model(torch.randn(1, 1, 64, 64))
+    assert create_model("poolformer_s12", **TINY, in_chans=1)(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+FAMILY_REPRESENTATIVES = [
+    "poolformer_s12",
+    "poolformerv2_s12",
+    "identityformer_s12",
+    "randformer_s12",
+    "convformer_s18",
+    "caformer_s18",
+    "metaformer_pppa_s12_224",
+    "metaformer_ppff_s12_224",
+]
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_backward_reaches_every_trainable_parameter(name):
+    model = create_model(name, **TINY, img_size=64, num_classes=5, drop_path_rate=0.0)
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_eval_mode_is_deterministic(name):
+    model = create_model(name, **TINY, img_size=64, drop_path_rate=0.5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_random_mixing_matrix_is_frozen_row_stochastic():
+    model = create_model("randformer_s12", **TINY, img_size=64)
+    mixer = model.stages[2].blocks[0].token_mixer
+    assert not mixer.random_matrix.requires_grad
+    assert mixer.random_matrix.shape == (16, 16)  # 4x4 grid at stage 3 for 64x64 input
+    torch.testing.assert_close(mixer.random_matrix.sum(-1), torch.ones(16))
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks():
+    model = create_model("poolformer_s12", drop_path_rate=0.3)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for stage in model.stages for b in stage.blocks]
+    assert len(rates) == 12
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 12))
+
+
+def test_default_drop_path_is_the_papers_rate():
+    model = create_model("poolformer_m36")
+    assert model.stages[3].blocks[-1].drop_path1.drop_prob == pytest.approx(
+        get_variant("poolformer_m36").drop_path_rate
+    )
+    assert model.stages[3].blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+
+
+def test_hybrid_stage_plan_is_one_config_row():
+    model = create_model("poolformer_s12", **TINY, mixers=("pooling", "pooling", "attention", "attention"))
+    assert [s.tokens for s in model.stages] == [False, False, True, True]
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "norm", ["groupnorm1", "groupnorm1_nobias", "layernorm", "layernorm_nobias", "batchnorm", "none"]
+)
+@pytest.mark.parametrize("mixers", [("pooling",) * 4, ("pooling", "pooling", "attention", "attention")])
+def test_every_norm_works_in_map_and_token_stages(norm, mixers):
+    model = create_model("poolformer_s12", **TINY, norms=norm, mixers=mixers).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu", "starrelu"])
+def test_activations_are_swappable(act):
+    model = create_model("poolformer_s12", **TINY, act=act)
+    assert type(model.stages[0].blocks[0].mlp.act).__name__.lower() == act
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = create_model("poolformer_s12", **TINY, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_features_only_returns_requested_stages_with_optional_out_norm():
+    model = create_model("poolformer_s12", **TINY, features_only=True, out_indices=(1, 3), out_norm=True)
+    maps = model(torch.randn(1, 3, 128, 96))
+    assert [m.shape[1] for m in maps] == model.out_channels == [16, 64]
+    assert model.strides == [8, 32]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 12), (4, 3)]
+    keys = set(model.state_dict())
+    assert {"out_norms.0.weight", "out_norms.1.bias"} <= keys
+    assert not any(k.startswith("head.") for k in keys)
+
+
+def test_features_without_out_norm_equal_the_classifier_stage_maps():
+    features = create_model("poolformer_s12", **TINY, features_only=True).eval()
+    classifier = create_model("poolformer_s12", **TINY).eval()
+    classifier.load_state_dict(features.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(features(x), classifier.forward_intermediates(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_bad_out_indices_name_the_valid_range():
+    with pytest.raises(ConfigError, match=r"0\.\.3"):
+        create_model("poolformer_s12", **TINY, features_only=True, out_indices=(2, 4))
+
+
+def test_unknown_model_names_close_matches():
+    with pytest.raises(UnknownModelError, match="did you mean 'poolformer_s12'"):
+        create_model("poolfomer_s12")
+
+
+def test_unknown_override_lists_valid_options():
+    with pytest.raises(ConfigError, match="unknown model option.*valid options are .*depths"):
+        create_model("poolformer_s12", dept=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"mixers": "pool"}, "unknown token mixer 'pool'.*did you mean 'pooling'"),
+        ({"norms": "groupnorm"}, "unknown norm 'groupnorm'"),
+        ({"act": "gelu2"}, "unknown activation"),
+        ({"final_norm": "both"}, "final_norm"),
+        ({"mixers": ("pooling",) * 3}, "3 entries but the model has 4 stages"),
+        ({"mixer_kwargs": {"pool_size": 4}}, "pool_size must be an odd"),
+    ],
+)
+def test_bad_config_values_fail_with_one_sentence(override, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model("poolformer_s12", **TINY, **override)
+
+
+def test_list_models_filters_with_shell_patterns():
+    assert list_models("poolformer_*") == [f"poolformer_{s}" for s in ("m36", "m48", "s12", "s24", "s36")]
+    assert "caformer_b36" in list_models()
+    assert list_models("nothing*") == []
+
+
+def test_reset_classifier_replaces_only_the_classifier():
+    model = create_model("convformer_s18", **TINY)
+    norm = model.head.norm.weight.clone()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert torch.equal(norm, model.head.norm.weight)
