@@ -51,6 +51,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if args.markdown:
+        print("| model | params (M) | GMACs @224 | paper params (M) | paper GMACs | paper top-1 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in rows:
+            keys = ("params_m", "gmacs", "paper_params_m", "paper_gmacs", "paper_top1")
+            cells = [row[k] for k in keys]
+            text = ["" if v is None else f"{v:.2f}" if i < 2 else f"{v:g}" for i, v in enumerate(cells)]
+            print(f"| {row['model']} | " + " | ".join(text) + " |")
+        return 0
     header = f"{'model':<26}{'params (M)':>12}{'GMACs@224':>11}{'paper top-1':>13}"
     print(header)
     print("-" * len(header))
@@ -87,6 +96,7 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     p = sub.add_parser("models", parents=[common], help="list the models with params, GMACs and paper top-1")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'poolformer_*'")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
     p.set_defaults(handler=cmd_models)
 
