@@ -44,12 +44,18 @@ def test_odd_non_square_inputs_run(name, size):
 @pytest.mark.parametrize("name", ["randformer_s12", "metaformer_pppf_s12_224"])
 def test_fixed_grid_models_reject_other_sizes_and_say_which(name):
     model = create_model(name, **TINY).eval()
-    with pytest.raises(InputSizeError, match=r"fixed \d+x\d+ token grid.*img_size"):
+    with pytest.raises(InputSizeError, match=r"takes 224x224 inputs only.*got 96x96.*img_size=\(96, 96\)"):
         model(torch.randn(1, 3, 96, 96))
     assert create_model(name, **TINY, img_size=(96, 128)).eval()(torch.randn(1, 3, 96, 128)).shape == (
         1,
         1000,
     )
+
+
+def test_fixed_grid_mixer_checks_its_grid_even_without_the_model_check():
+    mixer = create_model("randformer_s12", **TINY).stages[3].blocks[0].token_mixer
+    with pytest.raises(InputSizeError, match="fixed 7x7 token grid"):
+        mixer(torch.randn(1, 64, 3, 3))
 
 
 def test_too_small_input_and_wrong_channels_fail_clearly():

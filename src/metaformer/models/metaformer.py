@@ -141,7 +141,8 @@ class MetaFormerStage(nn.Module):
         self.tokens = bool(getattr(mixer_cls, "wants_tokens", False))
         self.grid_size = grid_size
         kwargs = dict(mixer_kwargs)
-        if getattr(mixer_cls, "fixed_grid", False):
+        self.fixed_grid = bool(getattr(mixer_cls, "fixed_grid", False))
+        if self.fixed_grid:
             kwargs.setdefault("grid_size", grid_size)
         self.downsample = Downsampling(in_dim, dim, downsample_norm) if in_dim != dim else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid_size)) if pos_embed else None
@@ -341,6 +342,17 @@ class MetaFormer(nn.Module):
                 f"input {x.shape[-2]}x{x.shape[-1]} is too small; MetaFormer needs at least "
                 f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (resize or pad the images)"
             )
+        fixed = [i for i, stage in enumerate(self.stages) if stage.fixed_grid]
+        if fixed:
+            grids = stage_grid_sizes(tuple(x.shape[-2:]), len(self.stages))
+            if any(grids[i] != self.stages[i].grid_size for i in fixed):
+                h, w = self.img_size
+                raise InputSizeError(
+                    f"this model takes {h}x{w} inputs only (its stage-{fixed[0] + 1} mixer owns a fixed "
+                    f"{self.stages[fixed[0]].grid_size[0]}x{self.stages[fixed[0]].grid_size[1]} token grid) "
+                    f"but got {x.shape[-2]}x{x.shape[-1]}; resize the images or build it with "
+                    f"img_size=({x.shape[-2]}, {x.shape[-1]})"
+                )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> last stage map (B, C4, H/32, W/32), before the final norm."""
@@ -397,6 +409,7 @@ class MetaFormerFeatures(nn.Module):
     ):
         super().__init__()
         self.out_indices = check_out_indices(out_indices, len(model.stages))
+        self.out_norm = out_norm  # recorded so saved weights can rebuild the wrapper
         self.stem = model.stem
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.in_chans = model.in_chans
