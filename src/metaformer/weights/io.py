@@ -1,0 +1,319 @@
+"""Reading and writing tensor files: the one place metaformer opens a checkpoint.
+
+Checkpoints are data, not code: files load through safetensors or ``torch.load(weights_only=True)``
+with no unsafe fallback. Every write goes to a temp file next to the target and is renamed into place,
+so a crash mid-write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaformer.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "metaformer"  # safetensors metadata "format" value marking our own files
+# Wrappers training scripts put around a state dict, in the order timm prefers them (EMA first).
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path``, on error it is removed.
+
+    The temp name keeps the target's suffix (``.x.png.tmpab12.png``), so writers that pick a format
+    from the extension (PIL, matplotlib) work unchanged. The parent folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length followed by a JSON object."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file '{path}' does not exist; check the path")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path '{path}' is not a file; pass the checkpoint file itself")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True; an unsafe pickle is refused, never retried unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        message = str(err)
+        carries_code = "global" in message.lower() or head[:1] == b"\x80" or zipfile.is_zipfile(path)
+        if carries_code:
+            raise CheckpointError(
+                f"'{path}' is a pickle with objects other than tensors (it could run code), and metaformer "
+                "refuses to run code in a pickle; convert it to safetensors with a trusted tool, e.g. "
+                "safetensors.torch.save_file(state_dict, 'weights.safetensors') where you trust the file"
+            ) from None
+        raise CheckpointError(
+            f"'{path}' is not a PyTorch or safetensors checkpoint (unreadable pickle); check the file"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot read '{path}' ({err.strerror or err}); check the file's permissions"
+        ) from None
+    except Exception as err:  # garbage bytes make the unpickler fail in many ways (EOF, Key, Index...)
+        raise CheckpointError(
+            f"'{path}' is not a PyTorch or safetensors checkpoint ({type(err).__name__}); "
+            "check that the download finished and the path is right"
+        ) from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Pick the state dict out of a training checkpoint and drop DDP / torch.compile prefixes."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                logger.debug("using the '%s' entry of %s", key, path)
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict()"
+        )
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = str(key)
+        for prefix in _PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        key = key.replace("._orig_mod.", ".")
+        state[key] = value
+    if not state:
+        raise CheckpointError(f"'{path}' holds no tensors; is it a model checkpoint?")
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict and safetensors metadata (empty for .pth files) of a checkpoint file."""
+    path = Path(path)
+    _check_exists(path)
+    if _is_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"'{path}' is not a PyTorch or safetensors checkpoint (safetensors says: {err}); "
+                "check the file"
+            ) from None
+        return _unwrap(state, path), metadata
+    return _unwrap(_torch_load(path), path), {}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .pth / .pth.tar / .bin checkpoint, safely, unwrapped and unprefixed."""
+    return read_checkpoint(path)[0]
+
+
+def _contiguous_unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory; give each its own contiguous CPU copy when needed."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        whole = storage.nbytes() == tensor.numel() * tensor.element_size()
+        if storage.data_ptr() in seen or not whole:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the model's weights as safetensors with what is needed to rebuild it (atomic).
+
+    Metadata (all strings): format "metaformer", model_name, config (JSON of the full MetaFormer
+    kwargs), class_names (JSON list), for a ``MetaFormerFeatures`` backbone its out_indices / out_norm,
+    and any extra ``metadata`` (non-strings are JSON-encoded).
+    """
+    model = _unwrap_module(model)
+    features = None
+    if hasattr(model, "out_indices") and hasattr(model, "out_norms"):  # a MetaFormerFeatures backbone
+        out_norm = getattr(model, "out_norm", None)
+        features = {"out_indices": list(model.out_indices), "out_norm": out_norm}
+    write_weights(
+        model.state_dict(),
+        path,
+        model_name=str(getattr(model, "model_name", "") or ""),
+        config=getattr(model, "model_config", None) or {},
+        num_classes=getattr(model, "num_classes", None),
+        class_names=class_names,
+        metadata=metadata,
+        features=features,
+    )
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile / EMA wrappers (it carries the name and config)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
+def write_weights(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    config: Mapping[str, Any],
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    features: Mapping[str, Any] | None = None,
+) -> None:
+    """``save_weights`` for a bare state dict (used by ``convert_checkpoint``)."""
+    from safetensors.torch import save_file
+
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if num_classes and len(class_names) != num_classes:
+            raise CheckpointError(
+                f"{len(class_names)} class names given but the model has {num_classes} classes; "
+                "pass one name per class"
+            )
+    meta: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
+    meta.update(
+        format=FORMAT,
+        model_name=model_name,
+        config=json.dumps(dict(config), default=str),
+        class_names=json.dumps(class_names),
+    )
+    if features is not None:
+        meta["features"] = json.dumps(dict(features), default=str)
+    tensors = _contiguous_unshared(state)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of a file written by ``save_weights``.
+
+    Keys: "model_name", "config" (dict), "class_names" (list or None), "features" (dict with
+    out_indices / out_norm for a features backbone, else None), plus any extras as strings.
+    """
+    path = Path(path)
+    _check_exists(path)
+    from safetensors import SafetensorError, safe_open
+
+    not_ours = (
+        f"'{path}' is not a metaformer weights file (no 'format: metaformer' safetensors metadata); "
+        "convert it with `metaformer convert SRC DST` or load it with load_weights"
+    )
+    if not _is_safetensors(path):
+        raise CheckpointError(not_ours)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors file ({err}); check the file"
+        ) from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(not_ours)
+    meta: dict[str, Any] = dict(raw)
+    try:
+        meta["config"] = json.loads(raw.get("config") or "{}")
+        meta["class_names"] = json.loads(raw.get("class_names") or "null")
+        meta["features"] = json.loads(raw["features"]) if "features" in raw else None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"'{path}' has malformed metaformer metadata ({err}); re-save the weights"
+        ) from None
+    return meta
+
+
+def save_state(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save a training state (tensors and plain Python values only) atomically.
+
+    Anything else (an argparse Namespace, a class) would not reload with ``weights_only=True``, so it
+    is rejected here, at save time, rather than when resuming.
+    """
+    _check_plain(obj, "state")
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _check_plain(key, where)
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, (list, tuple, set)):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(obj).__name__}; training states hold only tensors and plain Python values "
+        "(convert it, e.g. vars(namespace) or a dict), so they reload with weights_only=True"
+    )
+
+
+def load_state(path: str | os.PathLike) -> Any:
+    """Read a file written by ``save_state`` (weights_only=True; CheckpointError when unreadable)."""
+    path = Path(path)
+    _check_exists(path)
+    return _torch_load(path)
