@@ -12,6 +12,8 @@ from metaformer.errors import (
     UnknownModelError,
 )
 from metaformer.models import MetaFormer, MetaFormerFeatures, create_model, list_models, register_mixer
+from metaformer.weights import load_weights as load_checkpoint
+from metaformer.weights import save_weights
 
 try:
     __version__ = version("metaformer")
@@ -31,5 +33,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_models",
+    "load_checkpoint",
     "register_mixer",
+    "save_weights",
 ]
