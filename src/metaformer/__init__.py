@@ -7,11 +7,13 @@ from metaformer.errors import (
     ConfigError,
     DataError,
     DownloadError,
+    ExportError,
     InputSizeError,
     MetaformerError,
     UnknownModelError,
 )
 from metaformer.models import MetaFormer, MetaFormerFeatures, create_model, list_models, register_mixer
+from metaformer.models.fast import optimize_for_inference
 from metaformer.weights import load_weights as load_checkpoint
 from metaformer.weights import save_weights
 
@@ -25,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DownloadError",
+    "ExportError",
     "InputSizeError",
     "MetaFormer",
     "MetaFormerFeatures",
@@ -34,6 +37,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "optimize_for_inference",
     "register_mixer",
     "save_weights",
 ]

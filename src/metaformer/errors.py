@@ -36,6 +36,10 @@ class DataError(MetaformerError, ValueError):
     """A data set that is missing, empty, corrupt or malformed."""
 
 
+class ExportError(MetaformerError):
+    """An exported model that fails its check (onnx checker, or outputs that differ from PyTorch)."""
+
+
 def close_matches_hint(name: str, candidates: Iterable[str]) -> str:
     """' did you mean 'x' or 'y'?' (or '') for error messages."""
     matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)

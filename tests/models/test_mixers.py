@@ -4,10 +4,10 @@ from torch import nn
 
 from metaformer import ConfigError, create_model, register_mixer
 from metaformer.models import MIXERS
-from metaformer.models.mixers import Attention, Pooling, SepConv
+from metaformer.models.mixers import Attention, DepthwiseConv, Pooling, SepConv
 
 
-@pytest.mark.parametrize("name", ["identity", "pooling", "sepconv"])
+@pytest.mark.parametrize("name", ["identity", "pooling", "sepconv", "dwconv"])
 def test_map_mixers_keep_the_shape(name):
     mixer = MIXERS[name](16)
     assert mixer(torch.randn(2, 16, 9, 13)).shape == (2, 16, 9, 13)
@@ -48,6 +48,25 @@ def test_pool_size_is_a_parameter(pool_size):
 def test_sepconv_has_the_convformer_parameter_count():
     c = 64  # 2C^2 + 2 + 98C + 2C^2 (PAPER.md 8.7)
     assert sum(p.numel() for p in SepConv(c).parameters()) == 4 * c * c + 2 + 98 * c
+
+
+def test_dwconv_is_a_plain_depthwise_3x3_conv_with_bias():
+    mixer = DepthwiseConv(6)
+    assert MIXERS["dwconv"] is DepthwiseConv and not DepthwiseConv.wants_tokens
+    assert sum(p.numel() for p in mixer.parameters()) == 6 * 9 + 6  # k*k per channel plus one bias each
+    x = torch.randn(1, 6, 5, 7)
+    expected = torch.nn.functional.conv2d(x, mixer.conv.weight, mixer.conv.bias, padding=1, groups=6)
+    torch.testing.assert_close(mixer(x), expected)
+    x2 = x.clone()
+    x2[:, 2] += 1.0  # depthwise: changing channel 2 changes only output channel 2
+    changed = (mixer(x2) - mixer(x)).abs().amax(dim=(0, 2, 3)) > 0
+    assert changed.tolist() == [False, False, True, False, False, False]
+
+
+def test_dwconv_builds_by_name_in_a_model():
+    model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), mixers="dwconv")
+    assert isinstance(model.stages[3].blocks[0].token_mixer, DepthwiseConv)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
 class ShiftMixer(nn.Module):

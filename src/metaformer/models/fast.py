@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaformer.errors import ConfigError
 from metaformer.models.layers import (
     BatchNormTokens,
     GroupNorm1Tokens,
@@ -37,7 +38,7 @@ from metaformer.models.layers import (
     StarReLU,
 )
 from metaformer.models.metaformer import MetaFormer, MetaFormerBlock, MetaFormerFeatures
-from metaformer.models.mixers import Attention, Pooling, SepConv
+from metaformer.models.mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMlp
 
 _MKLDNN_ACTS = {
     "gelu": ("gelu", "none"),
@@ -57,15 +58,15 @@ def _has_mkldnn_linear() -> bool:
 _MKLDNN = _has_mkldnn_linear()
 
 
+def _portable() -> bool:
+    """Tracing, scripting or compiling: use ops every exporter and compiler understands."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def _use_mkldnn(x: torch.Tensor) -> bool:
     """oneDNN fused GEMMs: CPU fp32/bf16 in eager mode only (tracing and export need portable ops)."""
     return (
-        _MKLDNN
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
+        _MKLDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not _portable()
     )
 
 
@@ -179,13 +180,30 @@ def _act_name(act: nn.Module) -> str | None:
     return None
 
 
-def _normalize(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """Affine-free norm of a channels-last (..., C) view: per sample ('sample') or per position."""
+def _sample_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(var + eps) over all but the batch dimension, shaped (B, 1, 1, 1).
+
+    ``native_layer_norm`` on the (B, H*W*C) view of a channels-last map is about 6x faster than
+    ``torch.var`` on CPU (it also writes the normalised map, which is cheaper than var's reduction).
+    """
+    if _portable():
+        centred = x - x.mean((1, 2, 3), keepdim=True)
+        return 1.0 / torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + eps)
+    rows = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return torch.native_layer_norm(rows, rows.shape[1:], None, None, eps)[2].view(-1, 1, 1, 1)
+
+
+def _normalize(x: torch.Tensor, kind: str, eps: float, dim: int) -> torch.Tensor:
+    """Affine-free norm of (B, L, C) rows: per sample ('sample'), per position ('channel') or none."""
+    if kind == "none":
+        return x
+    if kind == "sample" and _portable():  # explicit ops: an exported graph has no shape-dependent norm
+        mean = x.mean((1, 2), keepdim=True)
+        centred = x - mean
+        return centred / torch.sqrt((centred * centred).mean((1, 2), keepdim=True) + eps)
     if kind == "sample":
         return F.layer_norm(x, x.shape[1:], eps=eps)
-    if kind == "channel":
-        return F.layer_norm(x, x.shape[-1:], eps=eps)
-    return x
+    return F.layer_norm(x, (dim,), eps=eps)  # dim, not x.shape[-1]: a traced graph needs a constant
 
 
 # --------------------------------------------------------------------------- folded parts
@@ -200,6 +218,7 @@ class FoldedMlp(nn.Module):
         if act is None or not isinstance(mlp, Mlp):
             raise NotImplementedError
         self.norm_kind, self.eps = kind, eps
+        self.dim = block.mlp.fc1.weight.shape[1]
         w1, c1 = _fold_input_affine(*_as_matrix(mlp.fc1), w, b)
         w2, c2 = _as_matrix(mlp.fc2)
         if isinstance(mlp.act, StarReLU):  # fc2(s * relu(x)^2 + b)
@@ -218,7 +237,7 @@ class FoldedMlp(nn.Module):
         """(B, L, C) tokens or channels-last rows -> same shape."""
         c = x.shape[-1]
         rows = x.reshape(-1, c)
-        h = self.fc1(_normalize(x, self.norm_kind, self.eps).reshape(-1, c))
+        h = self.fc1(_normalize(x, self.norm_kind, self.eps, self.dim).reshape(-1, c))
         if self.res_scale is None:
             return self.fc2(h, residual=rows).view(x.shape)
         return self.fc2(h).addcmul_(rows, self.res_scale).view(x.shape)
@@ -235,7 +254,7 @@ class FoldedPoolBlock(nn.Module):
             raise NotImplementedError
         dim = block.mlp.fc1.weight.shape[1]
         dtype = block.mlp.fc1.weight.dtype
-        scale = torch.ones(dim, dtype=torch.float64) if w is None else w
+        scale = torch.ones(dim, dtype=torch.float64, device=block.mlp.fc1.weight.device) if w is None else w
         ls = _scale_of(block.layer_scale1)
         if ls is not None:
             scale = scale * ls
@@ -247,8 +266,7 @@ class FoldedPoolBlock(nn.Module):
         self.mlp = FoldedMlp(block, tokens=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = torch.var(x, dim=(1, 2, 3), keepdim=True, correction=0)
-        scale = self.mix_scale * torch.rsqrt(var + self.eps)
+        scale = self.mix_scale * _sample_rstd(x, self.eps)
         pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
         if self.res_scale is None:
             x = torch.lerp(x, pooled, scale)
@@ -274,29 +292,40 @@ class FoldedSepConv(nn.Module):
         act = mixer.act1
         if kind == "sample" or not isinstance(act, StarReLU) or not isinstance(mixer.act2, nn.Identity):
             raise NotImplementedError
-        if _scale_of(block.res_scale1) is not None or float(act.scale) < 0:
-            raise NotImplementedError
         dtype = mixer.pwconv1.weight.dtype
         self.norm_kind, self.eps = kind, eps
+        self.dim = block.mlp.fc1.weight.shape[1]
         w1, c1 = _fold_input_affine(*_as_matrix(mixer.pwconv1), w, b)
-        w1, c1 = _fold_output_scale(w1, c1, act.scale.detach().double().sqrt().expand(w1.shape[0]))
+        self.act_scale, self.act_bias = float(act.scale), float(act.bias)
+        if self.act_scale >= 0:  # s * relu(z)^2 == relu(sqrt(s) * z)^2
+            root = torch.full((w1.shape[0],), self.act_scale, dtype=torch.float64, device=w1.device).sqrt()
+            w1, c1 = _fold_output_scale(w1, c1, root)
+            self.act_scale = 1.0
         self.pw1 = FusedLinear(w1.to(dtype), None if c1 is None else c1.to(dtype), "squaredrelu")
-        self.act_bias = float(act.bias)
         self.dwconv = copy.deepcopy(mixer.dwconv)
         w2, c2 = _fold_output_scale(*_as_matrix(mixer.pwconv2), _scale_of(block.layer_scale1))
         self.pw2 = FusedLinear(w2.to(dtype), None if c2 is None else c2.to(dtype))
+        rs = _scale_of(block.res_scale1)
+        self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
         self.mlp = FoldedMlp(block, tokens=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        y = self.pw1(_normalize(rows, self.norm_kind, self.eps))
+        y = self.pw1(_normalize(rows, self.norm_kind, self.eps, self.dim))
+        if self.act_scale != 1.0:
+            y = y.mul_(self.act_scale)
         if self.act_bias != 0.0:
             y = y.add_(self.act_bias)
         mid = y.shape[-1]
         y = self.dwconv(y.view(b, h, w, mid).permute(0, 3, 1, 2))
         y = y.permute(0, 2, 3, 1).reshape(b * h * w, mid)
-        x = self.pw2(y, residual=rows).view(b, h, w, c).permute(0, 3, 1, 2)
+        y = (
+            self.pw2(y, residual=rows)
+            if self.res_scale is None
+            else self.pw2(y).addcmul_(rows, self.res_scale)
+        )
+        x = y.view(b, h, w, c).permute(0, 3, 1, 2)
         return _map_mlp(self.mlp, x)
 
 
@@ -309,6 +338,7 @@ class FoldedAttention(nn.Module):
         kind, eps, w, b = _norm_parts(block.norm1, tokens=True)
         dtype = mixer.qkv.weight.dtype
         self.norm_kind, self.eps = kind, eps
+        self.dim = block.mlp.fc1.weight.shape[1]
         self.num_heads, self.head_dim = mixer.num_heads, mixer.head_dim
         wq, cq = _fold_input_affine(*_as_matrix(mixer.qkv), w, b)
         self.qkv = FusedLinear(wq.to(dtype), None if cq is None else cq.to(dtype))
@@ -320,7 +350,7 @@ class FoldedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(_normalize(x, self.norm_kind, self.eps))
+        qkv = self.qkv(_normalize(x, self.norm_kind, self.eps, self.dim))
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         if self.res_scale is None:
@@ -362,6 +392,48 @@ def fold_block(block: MetaFormerBlock, tokens: bool) -> nn.Module:
         return block
 
 
+# Positions (rows of the channel GEMMs) per chunk: one 56x56 sample of the first stage. On one core,
+# running stages chunk by chunk was 12-13% faster than whole batches (1024-12544 rows all within 3%).
+CHUNK_ROWS = 3136
+_PER_SAMPLE_MIXERS = (Identity, Pooling, RandomMixing, SepConv, SpatialMlp, Attention)
+
+
+class ChunkedBlocks(nn.Module):
+    """Runs a stage's blocks a few samples at a time, so each intermediate stays in cache and no
+    large buffer is allocated (and page-faulted in) per op. Exact: every folded block is per sample."""
+
+    def __init__(self, blocks: nn.Sequential, tokens: bool, rows: int | None = None):
+        super().__init__()
+        self.blocks = blocks
+        self.tokens = tokens
+        self.rows = CHUNK_ROWS if rows is None else rows
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = x.shape[1] if self.tokens else x.shape[2] * x.shape[3]
+        step = max(1, self.rows // positions)
+        if step >= x.shape[0] or _portable():
+            return self.blocks(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], step):
+            out[start : start + step] = self.blocks(x[start : start + step])
+        return out
+
+
+def _per_sample(block: nn.Module) -> bool:
+    if isinstance(block, (FoldedPoolBlock, FoldedSepConv, FoldedAttention)):
+        return True
+    return isinstance(block, FoldedGenericBlock) and type(block.token_mixer) in _PER_SAMPLE_MIXERS
+
+
 class ChannelsLastInput(nn.Module):
     """Stem wrapper: hands the stem a channels-last input, so every later map is channels-last."""
 
@@ -381,13 +453,17 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False) -> nn.Mod
     (slow to start; fuses the remaining element-wise work).
     """
     if not isinstance(model, (MetaFormer, MetaFormerFeatures)):
-        raise TypeError(
-            f"optimize_for_inference takes a MetaFormer or MetaFormerFeatures, got {type(model).__name__}"
+        raise ConfigError(
+            f"optimize_for_inference takes a MetaFormer or MetaFormerFeatures, got {type(model).__name__}; "
+            "build the model with metaformer.create_model"
         )
     fast = copy.deepcopy(model).eval()
     fast.requires_grad_(False)
     for stage in fast.stages:
-        stage.blocks = nn.Sequential(*[fold_block(block, stage.tokens) for block in stage.blocks])
+        blocks = nn.Sequential(*[fold_block(block, stage.tokens) for block in stage.blocks])
+        if len(blocks) and all(_per_sample(block) for block in blocks):
+            blocks = ChunkedBlocks(blocks, stage.tokens)
+        stage.blocks = blocks
     fast.stem = ChannelsLastInput(fast.stem)
     fast = fast.to(memory_format=torch.channels_last)
     if compile:

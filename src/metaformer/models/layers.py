@@ -189,4 +189,24 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gemm_layout(x):
+            # A channels-last map on CPU is a (B, H, W, C) row matrix: running the 1x1 convs as GEMMs on
+            # it gives the same result and made PoolFormer-S12 training steps ~6% faster than oneDNN's
+            # 1x1 convolution (benchmarks/training.py). Same parameters, no copies.
+            x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
+            x = F.linear(self.drop1(self.act(x)), self.fc2.weight.flatten(1), self.fc2.bias)
+            return self.drop2(x).permute(0, 3, 1, 2)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def _gemm_layout(self, x: torch.Tensor) -> bool:
+        return (
+            isinstance(self.fc1, nn.Conv2d)
+            and x.device.type == "cpu"
+            and x.ndim == 4
+            and isinstance(self.act, _ELEMENTWISE_ACTS)  # a user's act may expect channels in dim 1
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
+
+
+_ELEMENTWISE_ACTS = (nn.GELU, nn.ReLU, nn.SiLU, StarReLU, SquaredReLU)

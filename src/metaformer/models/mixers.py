@@ -123,6 +123,26 @@ class SepConv(nn.Module):
         return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
 
 
+class DepthwiseConv(nn.Module):
+    """One depthwise k x k convolution with bias, same padding: the paper's "depthwise convolution" ablation.
+
+    Unlike ``SepConv`` there is no pointwise projection or activation: each channel mixes only its
+    own k x k neighbourhood, with learned instead of averaged weights. (B, C, H, W) -> same shape.
+    """
+
+    wants_tokens = False
+    fixed_grid = False
+
+    def __init__(self, dim: int, kernel_size: int = 3, bias: bool = True, **kwargs):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be an odd positive integer, got {kernel_size}")
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class Attention(nn.Module):
     """Global multi-head self-attention over the stage's tokens (CAFormer): head_dim 32, fused SDPA."""
 
@@ -151,6 +171,7 @@ MIXERS: dict[str, type[nn.Module]] = {
     "pooling": Pooling,
     "random": RandomMixing,
     "sepconv": SepConv,
+    "dwconv": DepthwiseConv,
     "attention": Attention,
     "spatial_mlp": SpatialMlp,
 }

@@ -1,0 +1,240 @@
+"""Inference speed: timm vs metaformer (plain and fast path) and onnxruntime, in one interleaved run.
+
+For each model: timm in its default NCHW layout, timm channels_last, ours as created (NCHW), ours
+through ``optimize_for_inference``, and onnxruntime on our exported (folded) graph. Every candidate
+gets the same timm weights (ours with ``final_norm="pooled"``, timm's head), outputs are compared
+with timm's before timing, and the rounds are interleaved (A B C D, A B C D, ...) so that machine
+noise hits all rows alike; the medians are reported. The matmul peak (2048 x 2048, fp32) is timed in
+the same rounds, so "% peak" compares like with like.
+
+    python benchmarks/inference.py                       # the five PoolFormers, batch 32 and batch 1
+    python benchmarks/inference.py --all --compile       # + convformer_s18, caformer_s18, torch.compile rows
+    python benchmarks/inference.py --device cuda         # fp32 and bf16, eager and compiled
+    python benchmarks/inference.py --quick               # smoke test (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+POOLFORMERS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
+EXTRA = ["convformer_s18", "caformer_s18"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", help="model names (default: the five PoolFormers)")
+    p.add_argument("--all", action="store_true", help="also convformer_s18 and caformer_s18")
+    p.add_argument("--batch", type=int, default=32, help="throughput batch size (default 32)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--latency-runs", type=int, default=5, help="batch-1 calls per round (their mean)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to start)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    p.add_argument("--quick", action="store_true", help="smoke test: poolformer_s12, 64x64, batch 2, 1 round")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or ["poolformer_s12"]
+        args.batch, args.img_size, args.repeats, args.latency_runs = 2, 64, 1, 1
+        args.threads = args.threads or 1  # tiny ops: a second thread only adds barrier waits
+    args.models = args.models or (POOLFORMERS + EXTRA if args.all else POOLFORMERS)
+    if args.all and args.models != POOLFORMERS + EXTRA:
+        args.models = list(dict.fromkeys(args.models + EXTRA))
+    return args
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str, runs: int = 1) -> float:
+    """Mean seconds of ``runs`` calls."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / runs
+
+
+def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def matmul_peak_once(device: str, dtype: torch.dtype) -> float:
+    """GFLOP/s of one 2048 x 2048 x 2048 matmul."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    a @ b
+    return 2 * 2048**3 / timed(lambda: a @ b, device, runs=3) / 1e9
+
+
+def build_candidates(
+    name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Path
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, str]]:
+    """name -> callable(x) for every row, all holding the same (timm) weights."""
+    import timm
+
+    from metaformer import create_model, optimize_for_inference
+
+    device = args.device
+    notes: dict[str, str] = {}
+    ref = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    state = ref.state_dict()
+    timm_cl = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    timm_cl.load_state_dict(state)
+    ours = create_model(name, final_norm="pooled", img_size=args.img_size).eval()
+    ours.load_state_dict(state)
+    ref, timm_cl, ours = (m.to(device=device, dtype=dtype) for m in (ref, timm_cl, ours))
+    timm_cl = timm_cl.to(memory_format=torch.channels_last)
+    fast = optimize_for_inference(ours)
+
+    def channels_last(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: model(x.contiguous(memory_format=torch.channels_last))
+
+    rows: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "timm (NCHW)": ref,
+        "timm channels_last": channels_last(timm_cl),
+        "ours (default)": ours,
+        "ours fast path": fast,
+    }
+    if args.compile:
+        rows["timm channels_last + compile"] = channels_last(torch.compile(timm_cl))
+        rows["ours fast path + compile"] = optimize_for_inference(ours, compile=True)
+    if device == "cpu" and dtype == torch.float32 and not args.no_onnx:
+        try:
+            import onnxruntime as ort
+
+            from metaformer.export import export_model
+        except ImportError as err:  # pragma: no cover - the export extra is not installed
+            notes["onnxruntime"] = f"skipped ({err})"
+        else:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if args.threads:
+                options.intra_op_num_threads = args.threads
+            for fold, label in ((True, "onnxruntime (folded graph)"), (False, "onnxruntime (plain graph)")):
+                path = tmp / f"{name}_{'folded' if fold else 'plain'}.onnx"
+                export_model(
+                    ours, path, img_size=(args.img_size, args.img_size), dynamic_batch=True, fold=fold
+                )
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+                def run(x: torch.Tensor, session: ort.InferenceSession = session) -> torch.Tensor:
+                    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+                rows[label] = run
+    return rows, notes
+
+
+def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Path) -> list[dict]:
+    from metaformer import create_model
+    from metaformer.complexity import count_macs
+
+    device = args.device
+    macs = count_macs(create_model(name, img_size=args.img_size), args.img_size)
+    rows, notes = build_candidates(name, args, dtype, tmp)
+    gen = torch.Generator().manual_seed(0)
+    x32 = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device, dtype)
+    x1 = x32[:1].clone()
+    times32: dict[str, list[float]] = {k: [] for k in rows}
+    times1: dict[str, list[float]] = {k: [] for k in rows}
+    peaks: list[float] = []
+    with torch.inference_mode():
+        ref = rows["timm (NCHW)"](x32)
+        diffs = {k: rel_diff(fn(x32), ref) for k, fn in rows.items()}  # also the warm-up
+        for fn in rows.values():
+            fn(x1)
+        for _ in range(args.repeats):
+            peaks.append(matmul_peak_once(device, dtype))
+            for k, fn in rows.items():
+                times32[k].append(timed(lambda fn=fn: fn(x32), device))
+            for k, fn in rows.items():
+                times1[k].append(timed(lambda fn=fn: fn(x1), device, runs=args.latency_runs))
+    peak = statistics.median(peaks)
+    base32, base1 = statistics.median(times32["timm (NCHW)"]), statistics.median(times1["timm (NCHW)"])
+    results = []
+    for k in rows:
+        t32, t1 = statistics.median(times32[k]), statistics.median(times1[k])
+        gflops = 2 * macs * args.batch / t32 / 1e9
+        results.append(
+            {
+                "model": name,
+                "impl": k,
+                "img_s": args.batch / t32,
+                "speedup": base32 / t32,
+                "latency_ms": t1 * 1e3,
+                "latency_ratio": t1 / base1,
+                "gflops": gflops,
+                "pct_peak": 100 * gflops / peak,
+                "rel_diff": diffs[k],
+                "peak": peak,
+                "gmacs": macs / 1e9,
+            }
+        )
+    for k, v in notes.items():
+        print(f"  note: {k}: {v}", file=sys.stderr)
+    return results
+
+
+def print_table(results: list[dict], title: str) -> None:
+    first = results[0]
+    print(
+        f"\n{first['model']} - {title}: {first['gmacs']:.2f} GMACs/img, "
+        f"matmul peak {first['peak']:.0f} GFLOP/s (median of the same rounds)"
+    )
+    header = (
+        f"{'implementation':<30}{'img/s':>9}{'x timm':>8}{'b1 ms':>9}{'b1 x timm':>10}"
+        f"{'GFLOP/s':>9}{'% peak':>8}{'max rel diff vs timm':>22}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['impl']:<30}{r['img_s']:>9.1f}{r['speedup']:>8.2f}{r['latency_ms']:>9.1f}"
+            f"{r['latency_ratio']:>10.2f}{r['gflops']:>9.0f}{r['pct_peak']:>8.0f}{r['rel_diff']:>22.1e}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("inference.py: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(0)
+    dtypes = [torch.float32] if args.device == "cpu" else [torch.float32, torch.bfloat16]
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch} (throughput) and 1 (latency), {args.img_size}x{args.img_size}, "
+        f"{args.repeats} interleaved rounds, medians"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in dtypes:
+            for name in args.models:
+                title = f"{args.device} {str(dtype).removeprefix('torch.')}"
+                print_table(bench_model(name, args, dtype, Path(tmp)), title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

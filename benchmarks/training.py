@@ -1,0 +1,226 @@
+"""Training speed and memory: timm vs metaformer, forward + backward + AdamW step, interleaved.
+
+Rows: timm default (NCHW), timm channels_last, ours default (NCHW), ours channels_last, and ours with
+gradient checkpointing. All start from the same weights (timm's, ours with ``final_norm="pooled"``)
+with drop path and dropout off, and train on the same fixed batch, so their losses must agree: the
+first-step loss difference to timm and the largest difference over all steps are printed.
+
+Peak memory: on CPU each row runs again in a fresh subprocess (glibc set to return freed memory at
+once), which resets the kernel's RSS high-water mark (``/proc/self/clear_refs``) and reports the
+peak resident size over two steps (``VmHWM``) minus the resident size before them: activations,
+gradients, AdamW state and workspace on top of the built model and batch. On CUDA it is
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the steps.
+
+    python benchmarks/training.py                    # poolformer_s12, batch 32
+    python benchmarks/training.py --models poolformer_s12 poolformer_m36 --steps 6
+    python benchmarks/training.py --quick            # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROWS = ("timm (NCHW)", "timm channels_last", "ours (NCHW)", "ours channels_last", "ours + grad checkpointing")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["poolformer_s12"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row (interleaved; median reported)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 2, 2 steps")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one row in a fresh process
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.img_size, args.steps = 2, 64, 1
+        args.threads = args.threads or 1  # tiny ops: a second thread only adds barrier waits
+    return args
+
+
+def build_row(
+    row: str, name: str, args: argparse.Namespace, timm_weights: bool = True
+) -> Callable[[], float]:
+    """A closure running one training step of ``row`` and returning its loss.
+
+    ``timm_weights=False`` (memory probes) skips building the timm reference for our rows, so the
+    probe's baseline holds only the model under test.
+    """
+    from metaformer import create_model
+
+    torch.manual_seed(0)  # every row's weights are those of timm's model built right after this seed
+    if row.startswith("timm") or timm_weights:
+        import timm
+
+        reference = timm.create_model(name, pretrained=False, num_classes=1000, drop_path_rate=0.0)
+    if row.startswith("timm"):
+        model = reference
+    else:
+        model = create_model(name, final_norm="pooled", drop_path_rate=0.0, img_size=args.img_size)
+        if timm_weights:
+            model.load_state_dict(reference.state_dict())
+            del reference
+        if row == "ours + grad checkpointing":
+            model.set_grad_checkpointing(True)
+    channels_last = "channels_last" in row or "checkpointing" in row
+    model = model.to(args.device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(args.device)
+    y = torch.randint(0, 1000, (args.batch,), generator=gen).to(args.device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def step() -> float:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def _status_kib(field: str) -> int:
+    """A 'VmRSS' / 'VmHWM' line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Child process: build one row, run two steps, print its peak memory growth in MiB as JSON."""
+    name, row = args.memory_probe.split("|", 1)
+    step = build_row(row, name, args, timm_weights=False)
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:  # reset the kernel's RSS high-water mark, so the peak read later covers the steps only
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+    for _ in range(2):
+        step()
+    if args.device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (_status_kib("VmHWM") - base) / 1024
+    print(json.dumps({"peak_mib": peak}))
+
+
+def measure_memory(name: str, row: str, args: argparse.Namespace) -> float | None:
+    command = [sys.executable, __file__, "--memory-probe", f"{name}|{row}", "--device", args.device]
+    command += ["--batch", str(args.batch), "--img-size", str(args.img_size)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    # glibc: mmap every block over 128 KiB and trim at once, so freed memory leaves the RSS and the
+    # peak counts what training itself holds (not memory the parent's allocator happened to keep)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        print(f"  memory probe for {row} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
+    steps = {row: build_row(row, name, args) for row in ROWS}
+    losses: dict[str, list[float]] = {row: [] for row in ROWS}
+    times: dict[str, list[float]] = {row: [] for row in ROWS}
+    for row, step in steps.items():  # first step: the loss comparison, and the warm-up
+        losses[row].append(step())
+    for _ in range(args.steps):
+        for row, step in steps.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            losses[row].append(step())
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[row].append(time.perf_counter() - start)
+    base = statistics.median(times["timm (NCHW)"])
+    # --quick probes only the two rows of the checkpointing comparison (each probe is a new process)
+    memory_rows = ROWS[3:] if args.quick else ROWS
+    results = []
+    for row in ROWS:
+        t = statistics.median(times[row])
+        ref = losses["timm (NCHW)"]
+        results.append(
+            {
+                "model": name,
+                "impl": row,
+                "img_s": args.batch / t,
+                "speedup": base / t,
+                "first_loss": losses[row][0],
+                "first_loss_diff": abs(losses[row][0] - ref[0]),
+                "max_loss_diff": max(abs(a - b) for a, b in zip(losses[row], ref, strict=True)),
+                "peak_mib": None
+                if args.no_memory or row not in memory_rows
+                else measure_memory(name, row, args),
+            }
+        )
+    return results
+
+
+def print_table(results: list[dict], args: argparse.Namespace) -> None:
+    memory = "peak RSS growth" if args.device == "cpu" else "max_memory_allocated"
+    print(f"\n{results[0]['model']}: train step (fwd + bwd + AdamW), batch {args.batch}, {args.img_size}px")
+    header = (
+        f"{'implementation':<28}{'img/s':>8}{'x timm':>8}{'loss step 1':>13}{'|d| step 1':>12}"
+        f"{'max |d| all steps':>19}{memory + ' MiB':>27}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        print(
+            f"{r['impl']:<28}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{r['first_loss']:>13.6f}"
+            f"{r['first_loss_diff']:>12.1e}{r['max_loss_diff']:>19.1e}{mem:>27}"
+        )
+    by_row = {r["impl"]: r["peak_mib"] for r in results}
+    full, ckpt = by_row["ours channels_last"], by_row["ours + grad checkpointing"]
+    if full and ckpt:
+        saved = 1 - ckpt / full
+        print(f"gradient checkpointing: peak memory {ckpt:.0f} MiB vs {full:.0f} MiB ({saved:.0%} less)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("training.py: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args)
+        return 0
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"{args.steps} interleaved steps per row after one warm-up step, medians"
+    )
+    for name in args.models:
+        print_table(bench_model(name, args), args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data sets and transforms: images and labels, never models."""

@@ -1,0 +1,1 @@
+"""What two or more tasks share: the epoch loop, resume state and distributed helpers."""

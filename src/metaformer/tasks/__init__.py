@@ -1,0 +1,1 @@
+"""Tasks that pair a MetaFormer backbone with a head: classify, detect, segment."""

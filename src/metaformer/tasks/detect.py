@@ -1,0 +1,845 @@
+"""Object detection and instance segmentation: torchvision RetinaNet / Mask R-CNN on a MetaFormer backbone.
+
+The models follow the paper's mmdetection configs (PAPER.md 5.1) with torchvision's implementations:
+
+- RetinaNet: FPN over stages 2-4 (strides 8-32) plus P6/P7 from convs on C5 (``add_extra_convs='on_input'``);
+  the stage-1 output has no norm because the FPN does not read it (the official ``FORK_LAST3``).
+- Mask R-CNN: FPN over all four stages plus a max-pooled P6, RPN, box and mask heads.
+
+Labels are 1..K (0 is the background) for both; metrics are COCO's bbox / segm AP, AP50, AP75, APs,
+APm, APl computed by pycocotools' COCOeval, as fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metaformer.data.coco import (
+    CocoDetection,
+    coco_split,
+    collate_detection,
+    read_coco_json,
+    require_pycocotools,
+)
+from metaformer.data.shapes import ShapesConfig, make_shapes
+from metaformer.engine import state as run_state
+from metaformer.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    eval_sampler,
+    init_distributed,
+    pick_device,
+    run_on_main,
+    train_sampler,
+)
+from metaformer.engine.loop import RunConfig, evaluate, fit, show_progress
+from metaformer.errors import CheckpointError, ConfigError, DataError
+from metaformer.models import get_variant
+from metaformer.tasks.fpn import (
+    BackboneFPN,
+    check_classes,
+    create_backbone,
+    default_output,
+    default_workers,
+    image_paths,
+    jsonable,
+    load_strict,
+    read_rgb,
+    save_png,
+    seeded_subset,
+    tuple_values,
+)
+from metaformer.weights import atomic_write
+
+logger = logging.getLogger(__name__)
+
+ARCHS = ("retinanet", "maskrcnn")
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # mmdetection and torchvision: one base size per FPN level
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything needed to rebuild a detector; saved with its weights. Defaults are the paper's."""
+
+    num_classes: int
+    arch: str = "retinanet"
+    backbone: str = "poolformer_s12"
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    frozen_stages: int = -1
+    fpn_channels: int = 256
+    head_norm: bool = False
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown detector '{self.arch}'; choose one of {', '.join(ARCHS)}")
+        if self.num_classes < 1:
+            raise ConfigError(f"a detector needs at least one class, got num_classes={self.num_classes}")
+        if len(self.anchor_sizes) != 5 or any(s <= 0 for s in self.anchor_sizes):
+            raise ConfigError(
+                f"anchor_sizes needs 5 positive sizes (one per FPN level), got {self.anchor_sizes}"
+            )
+        if not 0 < self.min_size <= self.max_size:
+            raise ConfigError(f"need 0 < min_size <= max_size, got {self.min_size} and {self.max_size}")
+        if self.head_norm and self.arch != "retinanet":
+            raise ConfigError("head_norm (GroupNorm in the head convs) is available for RetinaNet only")
+        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
+        object.__setattr__(self, "backbone_overrides", tuple_values(self.backbone_overrides))
+
+    @property
+    def masks(self) -> bool:
+        return self.arch == "maskrcnn"
+
+
+def create_detector(config: DetectorConfig, *, backbone_checkpoint: str | Path | None = None) -> nn.Module:
+    """A torchvision RetinaNet or MaskRCNN whose backbone is a MetaFormer with an FPN.
+
+    The model takes a list of float (3, H, W) images in [0, 1]; it resizes them (shorter side
+    ``min_size``, longer side at most ``max_size``), normalises with ImageNet statistics and pads to a
+    multiple of 32 itself, as torchvision's GeneralizedRCNNTransform does.
+    """
+    from torchvision.models.detection import MaskRCNN, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    ratios = ((0.5, 1.0, 2.0),) * 5
+    common = dict(min_size=config.min_size, max_size=config.max_size)
+    if config.arch == "retinanet":
+        backbone = create_backbone(
+            config.backbone,
+            out_indices=(1, 2, 3),
+            checkpoint_path=backbone_checkpoint,
+            **config.backbone_overrides,
+        )
+        neck = BackboneFPN(
+            backbone, out_channels=config.fpn_channels, extra="p6p7", frozen_stages=config.frozen_stages
+        )
+        sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in config.anchor_sizes)  # 3 octave scales
+        anchors = AnchorGenerator(sizes, ratios)
+        # GroupNorm in the head convs (torchvision's RetinaNet v2) makes training from scratch converge faster
+        groups = math.gcd(32, max(config.fpn_channels // 2, 1))  # >= 2 channels a group: P7 can be 1x1
+        norm = partial(nn.GroupNorm, groups) if config.head_norm else None
+        head = RetinaNetHead(
+            config.fpn_channels,
+            anchors.num_anchors_per_location()[0],
+            config.num_classes + 1,
+            norm_layer=norm,
+        )
+        model: nn.Module = RetinaNet(
+            neck,
+            num_classes=config.num_classes + 1,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=config.score_thresh,
+            nms_thresh=config.nms_thresh,
+            detections_per_img=config.detections_per_img,
+            topk_candidates=1000,
+            **common,
+        )
+    else:
+        backbone = create_backbone(
+            config.backbone,
+            out_indices=(0, 1, 2, 3),
+            checkpoint_path=backbone_checkpoint,
+            **config.backbone_overrides,
+        )
+        neck = BackboneFPN(
+            backbone, out_channels=config.fpn_channels, extra="pool", frozen_stages=config.frozen_stages
+        )
+        model = MaskRCNN(
+            neck,
+            num_classes=config.num_classes + 1,
+            rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ratios),
+            rpn_pre_nms_top_n_train=2000,
+            rpn_post_nms_top_n_train=1000,
+            rpn_pre_nms_top_n_test=1000,
+            rpn_post_nms_top_n_test=1000,
+            box_score_thresh=config.score_thresh,
+            box_nms_thresh=config.nms_thresh,
+            box_detections_per_img=config.detections_per_img,
+            **common,
+        )
+    model.detector_config = config  # type: ignore[assignment]
+    return model
+
+
+# --------------------------------------------------------------------------- COCO evaluation
+def coco_ground_truth(data: dict[str, Any]) -> Any:
+    """A pycocotools COCO object from a parsed instances dict, built quietly (pycocotools prints).
+
+    Boxes of zero or negative size are left out, as ``CocoDetection`` leaves them out of training.
+    """
+    require_pycocotools()
+    from pycocotools.coco import COCO
+
+    data = dict(data)
+    annotations = []
+    for ann in data["annotations"]:
+        if not (float(ann["bbox"][2]) > 0 and float(ann["bbox"][3]) > 0):
+            continue  # skipped for training too (CocoDetection counts them)
+        if "area" not in ann or "iscrowd" not in ann:
+            ann = {"iscrowd": 0, "area": float(ann["bbox"][2]) * float(ann["bbox"][3]), **ann}
+        annotations.append(ann)
+    data["annotations"] = annotations
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_evaluate(
+    ground_truth: Any,
+    results: Sequence[dict[str, Any]],
+    *,
+    iou_types: Iterable[str] = ("bbox",),
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type, keyed ``bbox_AP`` ..., as fractions.
+
+    ``ground_truth`` is a pycocotools COCO object (see ``coco_ground_truth``); ``results`` are COCO
+    result dicts. No detections at all scores 0, not an error. ``image_ids`` restricts the evaluation
+    to the images that were run (default: every image in the ground truth).
+    """
+    require_pycocotools()
+    from pycocotools.cocoeval import COCOeval
+
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        if not results:
+            metrics.update({f"{iou_type}_{name}": 0.0 for name in COCO_METRICS})
+            continue
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            detections = ground_truth.loadRes([dict(r) for r in results])
+            evaluator = COCOeval(ground_truth, detections, iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(set(image_ids))
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        logger.debug("COCOeval %s:\n%s", iou_type, buffer.getvalue())
+        # stats[0..5]: AP@[.5:.95], AP50, AP75, AP small/medium/large; -1 means "no such objects"
+        for name, value in zip(COCO_METRICS, evaluator.stats[:6], strict=True):
+            metrics[f"{iou_type}_{name}"] = max(float(value), 0.0)
+    return metrics
+
+
+def to_coco_results(
+    outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int], cat_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """torchvision detections (xyxy boxes, labels 1..K, (N, 1, H, W) mask probabilities) -> COCO results."""
+    results = []
+    for output, image_id in zip(outputs, image_ids, strict=True):
+        boxes = output["boxes"].detach().cpu().float()
+        if len(boxes) == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = output["scores"].detach().cpu().tolist()
+        labels = output["labels"].detach().cpu().tolist()
+        rles = masks_to_rle(output["masks"]) if "masks" in output else None
+        for k, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
+            if not 1 <= label <= len(cat_ids):
+                continue
+            result = {
+                "image_id": int(image_id),
+                "category_id": int(cat_ids[label - 1]),
+                "bbox": [round(v, 2) for v in box],
+                "score": round(float(score), 5),
+            }
+            if rles is not None:
+                result["segmentation"] = rles[k]
+            results.append(result)
+    return results
+
+
+def masks_to_rle(masks: torch.Tensor, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """(N, 1, H, W) mask probabilities -> compressed RLE dicts with ASCII counts (JSON-ready)."""
+    mask_utils = require_pycocotools()
+    binary = (masks.detach().cpu()[:, 0] > threshold).numpy().astype(np.uint8)
+    rles = []
+    for mask in binary:
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return rles
+
+
+# --------------------------------------------------------------------------- drawing
+def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct, stable colours: evenly spaced hues."""
+    import colorsys
+
+    return [
+        tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(num_classes, 1), 0.85, 0.95))  # type: ignore[misc]
+        for i in range(num_classes)
+    ]
+
+
+def draw_detections(
+    image: torch.Tensor,
+    output: dict[str, torch.Tensor],
+    class_names: Sequence[str],
+    *,
+    score_thresh: float = 0.5,
+) -> torch.Tensor:
+    """The (3, H, W) float image in [0, 1] with masks, boxes and 'name score' labels drawn, as uint8."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    canvas = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    keep = output["scores"].detach().cpu() >= score_thresh
+    labels = output["labels"].detach().cpu()[keep].tolist()
+    if not labels:
+        return canvas
+    palette = class_colours(len(class_names))
+    colours = [palette[(label - 1) % len(palette)] for label in labels]
+    if "masks" in output:
+        masks = output["masks"].detach().cpu()[keep][:, 0] > 0.5
+        canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colours)
+    names = [
+        f"{class_names[label - 1] if 1 <= label <= len(class_names) else label} {score:.2f}"
+        for label, score in zip(labels, output["scores"].detach().cpu()[keep].tolist(), strict=True)
+    ]
+    return draw_bounding_boxes(
+        canvas, output["boxes"].detach().cpu()[keep], labels=names, colors=colours, width=2
+    )
+
+
+# --------------------------------------------------------------------------- weights
+def save_detector(
+    model: nn.Module, path: str | Path, *, class_names: Sequence[str], cat_ids: Sequence[int]
+) -> None:
+    """Safetensors with the DetectorConfig, class names and COCO category ids, so eval/predict rebuild it."""
+    from metaformer.weights import write_weights
+
+    config: DetectorConfig = model.detector_config  # type: ignore[assignment]
+    write_weights(
+        model.state_dict(),
+        path,
+        model_name=config.backbone,
+        config=dataclasses.asdict(config),
+        num_classes=config.num_classes,
+        class_names=class_names,
+        metadata={"task": "detect", "cat_ids": [int(c) for c in cat_ids]},
+    )
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, list[str], list[int]]:
+    """(eval-mode detector, class names, category ids) from a file written by ``save_detector``."""
+    from metaformer.weights import read_metadata, read_state_dict
+
+    meta = read_metadata(path)
+    if meta.get("task") != "detect":
+        raise CheckpointError(
+            f"'{path}' is not a detector checkpoint (task {meta.get('task') or 'classify'}); pass the "
+            "best.safetensors or last.safetensors of a `metaformer detect train` run"
+        )
+    fields = dict(meta["config"])
+    fields["anchor_sizes"] = tuple(fields.get("anchor_sizes", DEFAULT_ANCHOR_SIZES))
+    model = create_detector(DetectorConfig(**fields))
+    load_strict(model, read_state_dict(path), path)
+    names = list(meta.get("class_names") or [str(i + 1) for i in range(model.detector_config.num_classes)])
+    cat_ids = (
+        [int(c) for c in json.loads(meta["cat_ids"])] if "cat_ids" in meta else list(range(1, len(names) + 1))
+    )
+    return model.eval(), names, cat_ids
+
+
+# --------------------------------------------------------------------------- the task for engine.loop.fit
+class DetectionTask:
+    """Summed torchvision detection losses for training; COCO AP (bbox, and segm for Mask R-CNN) for eval."""
+
+    primary_metric = "bbox_AP"
+
+    def __init__(self, ground_truth: Any, class_names: Sequence[str], cat_ids: Sequence[int], *, masks: bool):
+        self.ground_truth = ground_truth
+        self.class_names = list(class_names)
+        self.cat_ids = list(cat_ids)
+        self.iou_types = ("bbox", "segm") if masks else ("bbox",)
+        self.results: list[dict[str, Any]] = []  # COCO results of the last evaluate()
+
+    def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        losses = model(images, targets)
+        return sum(losses.values()), len(images)
+
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
+        results, image_ids = [], []
+        for images, targets in loader:
+            ids = [int(t["image_id"]) for t in targets]
+            results.extend(to_coco_results(model(images), ids, self.cat_ids))
+            image_ids.extend(ids)
+        results, image_ids = _gather_lists(results), _gather_lists(image_ids)
+        metrics = None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            metrics = coco_evaluate(self.ground_truth, results, iou_types=self.iou_types, image_ids=image_ids)
+        self.results = results
+        return broadcast_object(metrics)  # type: ignore[return-value]
+
+    def save_weights(self, model: nn.Module, path: Path) -> None:
+        save_detector(model, path, class_names=self.class_names, cat_ids=self.cat_ids)
+
+
+def _gather_lists(items: list[Any]) -> list[Any]:
+    """Concatenate every rank's list (rank order); the list itself for a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+# --------------------------------------------------------------------------- recipes
+SHAPES_DETECT = ShapesConfig(num_train=400, num_val=100, img_size=128)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # PAPER.md 5.1: mmdetection 1x schedule, AdamW, batch 2 per GPU x 8 GPUs, 1333x800 inputs.
+    "paper": {
+        "arch": "retinanet",
+        "epochs": 12,
+        "batch_size": 2,
+        "lr": None,  # 1e-4 for RetinaNet, 2e-4 for Mask R-CNN (the configs' values)
+        "weight_decay": 1e-4,
+        "sched": "step",
+        "lr_steps": (8, 11),
+        "warmup_iters": 500,
+        "warmup_ratio": 0.001,
+        "min_size": 800,
+        "max_size": 1333,
+        "fpn_channels": 256,
+        "head_norm": False,
+        "anchor_sizes": DEFAULT_ANCHOR_SIZES,
+        "clip_grad": None,
+        "train_split": "train2017",
+        "val_split": "val2017",
+        "eval_every": 1,
+    },
+    # The synthetic shapes (128 px): small anchors and FPN, GroupNorm head, cosine schedule, trained from
+    # scratch on a 2-core CPU in minutes (README "Detection" gives the measured figures).
+    "shapes": {
+        "arch": "retinanet",
+        "epochs": 24,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "sched": "cosine",
+        "lr_steps": (),
+        "warmup_iters": 100,
+        "warmup_ratio": 0.001,
+        "min_size": SHAPES_DETECT.img_size,
+        "max_size": SHAPES_DETECT.img_size,
+        "fpn_channels": 128,
+        "head_norm": True,
+        "anchor_sizes": (16, 32, 64, 128, 256),
+        "clip_grad": 10.0,
+        "train_split": "train",
+        "val_split": "val",
+        "eval_every": 5,
+    },
+}
+RECIPE_FIELDS = tuple(RECIPES["paper"])
+PAPER_LR = {"retinanet": 1e-4, "maskrcnn": 2e-4}
+RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass(frozen=True)
+class DetectTrainConfig:
+    """A detection training run. None fields come from the recipe: ``paper`` (default with ``data``) or
+    ``shapes`` (default without, on the generated shapes set). ``lr`` is used as given (not scaled by the
+    batch); the paper's values are for 8 processes x 2 images."""
+
+    model: str = "poolformer_s12"
+    data: str | None = None
+    recipe: str | None = None
+    output: str | None = None
+    arch: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    sched: str | None = None
+    lr_steps: tuple[int, ...] | None = None
+    warmup_iters: int | None = None
+    warmup_ratio: float | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    fpn_channels: int | None = None
+    head_norm: bool | None = None
+    anchor_sizes: tuple[int, ...] | None = None
+    clip_grad: float | None = None
+    frozen_stages: int = -1
+    backbone_checkpoint: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    accum_steps: int = 1
+    amp: str = "off"
+    seed: int = 0
+    num_workers: int | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_epoch: int | None = None
+    eval_every: int | None = None
+    device: str | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        get_variant(self.model)
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
+        if self.arch is not None and self.arch not in ARCHS:
+            raise ConfigError(f"unknown detector '{self.arch}'; choose one of {', '.join(ARCHS)}")
+        if self.sched is not None and self.sched not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{self.sched}'; choose one of {', '.join(SCHEDULES)}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "accum_steps",
+            "min_size",
+            "max_size",
+            "fpn_channels",
+            "eval_every",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name in ("weight_decay", "warmup_iters", "limit_train", "limit_val", "num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
+        if self.resume and self.overwrite:
+            raise ConfigError("pass either --resume or --overwrite, not both")
+        if self.resume and self.output is None:
+            raise ConfigError("--resume needs --output naming the run folder to continue")
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or ("shapes" if self.data is None else "paper")
+
+    def resolve(self) -> DetectTrainConfig:
+        """A copy with every recipe field filled in."""
+        values = RECIPES[self.recipe_name]
+        filled = {
+            name: getattr(self, name) if getattr(self, name) is not None else values[name]
+            for name in RECIPE_FIELDS
+        }
+        if filled["lr"] is None:
+            filled["lr"] = PAPER_LR[filled["arch"]]
+        workers = (
+            self.num_workers
+            if self.num_workers is not None
+            else (0 if self.data is None else default_workers())
+        )
+        return dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+
+    def detector_config(self, num_classes: int) -> DetectorConfig:
+        return DetectorConfig(
+            num_classes=num_classes,
+            arch=str(self.arch),
+            backbone=self.model,
+            backbone_overrides=dict(self.model_kwargs),
+            frozen_stages=self.frozen_stages,
+            fpn_channels=int(self.fpn_channels or 256),
+            head_norm=bool(self.head_norm),
+            min_size=int(self.min_size or 800),
+            max_size=int(self.max_size or 1333),
+            anchor_sizes=tuple(self.anchor_sizes or DEFAULT_ANCHOR_SIZES),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- data
+def detection_splits(
+    data: str | None, train_split: str, val_split: str, *, masks: bool
+) -> tuple[CocoDetection, CocoDetection, Path]:
+    """(train set, val set, val annotation file) of a COCO-layout folder (or the shapes set)."""
+    root = Path(data) if data is not None else make_shapes(config=SHAPES_DETECT)
+    train_images, train_ann = coco_split(root, train_split)
+    val_images, val_ann = coco_split(root, val_split)
+    train = CocoDetection(train_images, train_ann, masks=masks, train=True, drop_empty=True)
+    val = CocoDetection(val_images, val_ann, masks=False)
+    if train.class_names != val.class_names:
+        raise DataError(
+            f"the train and val annotation files have different categories ({len(train.class_names)} vs "
+            f"{len(val.class_names)}); use one category list for both"
+        )
+    return train, val, val_ann
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    sched: str,
+    lr: float,
+    total_updates: int,
+    updates_per_epoch: int,
+    lr_steps: Sequence[int] = (),
+    warmup_iters: int = 0,
+    warmup_ratio: float = 0.001,
+) -> Any:
+    """A per-iteration timm schedule: mmdetection's step decay (x0.1 at ``lr_steps`` epochs) or cosine, both
+    after a linear warmup from ``lr * warmup_ratio`` over ``warmup_iters`` updates."""
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+
+    warmup = {"warmup_t": warmup_iters, "warmup_lr_init": lr * warmup_ratio, "t_in_epochs": False}
+    if sched == "step":
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[int(s) * updates_per_epoch for s in lr_steps], decay_rate=0.1, **warmup
+        )
+    return CosineLRScheduler(optimizer, t_initial=total_updates, lr_min=0.0, **warmup)
+
+
+# --------------------------------------------------------------------------- train
+def train_detector(config: DetectTrainConfig) -> dict[str, Any]:
+    """Train (or resume) a detector and return the run summary (also summary.json). torchrun-aware."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.device)
+    try:
+        return _train(config, info)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
+    resolved = config.resolve()
+    output = resolved.output or str(broadcast_object(default_output("detect", resolved.model)))
+    resolved = dataclasses.replace(resolved, output=output)
+    current = {**resolved.to_dict(), "world_size": info.world_size}
+
+    def prepare() -> None:
+        out = run_state.prepare_run_dir(output, resume=resolved.resume, overwrite=resolved.overwrite)
+        if resolved.resume and (out / run_state.CONFIG_FILE).exists():
+            saved = run_state.read_json(out / run_state.CONFIG_FILE)
+            saved.pop("class_names", None)
+            run_state.check_resume_config(saved, current, may_differ=RESUME_MAY_DIFFER)
+
+    run_on_main(prepare, info)
+    masks = resolved.arch == "maskrcnn"
+    if resolved.data is None:  # generate the shapes set once, on rank 0, before anyone reads it
+        run_on_main(lambda: make_shapes(config=SHAPES_DETECT), info)
+        barrier()
+    train_set, val_set, val_ann = detection_splits(
+        resolved.data, str(resolved.train_split), str(resolved.val_split), masks=masks
+    )
+    run_state.seed_everything(resolved.seed + info.rank)
+    train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
+    val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
+    batch_size = int(resolved.batch_size or 1)
+    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
+    if per_rank < batch_size:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {per_rank} training images per process; "
+            "lower --batch-size"
+        )
+    loader_args = {
+        "collate_fn": collate_detection,
+        "num_workers": resolved.num_workers,
+        "pin_memory": info.device.type == "cuda",
+        "persistent_workers": bool(resolved.num_workers),
+    }
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=train_sampler(train, info, resolved.seed),
+        drop_last=True,
+        **loader_args,
+    )
+    val_loader = DataLoader(val, batch_size=batch_size, sampler=eval_sampler(val, info), **loader_args)
+    detector = resolved.detector_config(train_set.num_classes)
+    model = create_detector(detector, backbone_checkpoint=resolved.backbone_checkpoint).to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
+    )
+    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
+    scheduler = make_scheduler(
+        optimizer,
+        sched=str(resolved.sched),
+        lr=float(resolved.lr),
+        total_updates=updates_per_epoch * int(resolved.epochs or 1),
+        updates_per_epoch=updates_per_epoch,
+        lr_steps=resolved.lr_steps or (),
+        warmup_iters=int(resolved.warmup_iters or 0),
+        warmup_ratio=float(resolved.warmup_ratio or 0.001),
+    )
+    task = DetectionTask(
+        coco_ground_truth(read_coco_json(val_ann)), train_set.class_names, train_set.cat_ids, masks=masks
+    )
+    if info.is_main:
+        logger.info(
+            "%s %s on %s: %d train / %d val images, %d classes, recipe '%s', %d process(es), output %s",
+            resolved.arch,
+            resolved.model,
+            resolved.data or "the shapes data set",
+            len(train),  # type: ignore[arg-type]
+            len(val),  # type: ignore[arg-type]
+            train_set.num_classes,
+            resolved.recipe,
+            info.world_size,
+            output,
+        )
+        if not resolved.resume:
+            run_state.write_json(
+                Path(output) / run_state.CONFIG_FILE, {**current, "class_names": train_set.class_names}
+            )
+    run = RunConfig(
+        epochs=int(resolved.epochs or 1),
+        output_dir=output,
+        accum_steps=resolved.accum_steps,
+        amp=resolved.amp,
+        clip_grad=resolved.clip_grad,
+        resume=resolved.resume,
+        stop_after_epoch=resolved.stop_after_epoch,
+        eval_every=int(resolved.eval_every or 1),
+        progress=resolved.progress,
+    )
+    extra = {
+        "task": "detect",
+        "arch": resolved.arch,
+        "model": resolved.model,
+        "recipe": resolved.recipe,
+        "data": resolved.data or "generated:shapes",
+        "num_classes": train_set.num_classes,
+        "train_images": len(train),  # type: ignore[arg-type]
+        "val_images": len(val),  # type: ignore[arg-type]
+        "skipped_boxes": train_set.skipped_boxes + val_set.skipped_boxes,
+        "output": output,
+    }
+    summary = fit(
+        task, model, optimizer, scheduler, train_loader, val_loader, run, dist_info=info, summary_extra=extra
+    )
+    if info.is_main:
+        last = summary.get("last") or {}
+        logger.info(
+            "bbox AP %.3f / AP50 %.3f (last epoch), best AP %s at epoch %s; weights in %s",
+            last.get("bbox_AP", float("nan")),
+            last.get("bbox_AP50", float("nan")),
+            "n/a" if summary["best_bbox_AP"] is None else f"{summary['best_bbox_AP']:.3f}",
+            summary["best_epoch"],
+            Path(output) / run_state.BEST_WEIGHTS,
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class DetectEvalConfig:
+    """Evaluate a detector checkpoint on a COCO-layout split (default: the shapes set's val split)."""
+
+    checkpoint: str
+    data: str | None = None
+    split: str | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+    limit: int | None = None
+    results: str | None = None
+    device: str | None = None
+    progress: bool | None = None
+
+
+def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
+    """COCO bbox (and segm) metrics of a checkpoint; optionally writes the COCO results JSON."""
+    model, class_names, cat_ids = load_detector(config.checkpoint)
+    masks = model.detector_config.masks  # type: ignore[union-attr]
+    root = Path(config.data) if config.data is not None else make_shapes(config=SHAPES_DETECT)
+    split = config.split or ("val2017" if config.data is not None else "val")
+    images, ann = coco_split(root, split)
+    dataset = CocoDetection(images, ann, masks=False)
+    check_classes(config.checkpoint, class_names, dataset.class_names, str(root))
+    device = pick_device(config.device)
+    task = DetectionTask(coco_ground_truth(read_coco_json(ann)), class_names, dataset.cat_ids, masks=masks)
+    subset = seeded_subset(dataset, config.limit, 1)
+    loader = DataLoader(
+        subset, batch_size=config.batch_size, collate_fn=collate_detection, num_workers=config.num_workers
+    )
+    start = time.perf_counter()
+    metrics = evaluate(
+        task, model.to(device), loader, device=device, progress=show_progress(config.progress, DistInfo())
+    )
+    seconds = time.perf_counter() - start
+    if config.results:
+        with atomic_write(config.results) as tmp:
+            tmp.write_text(json.dumps(task.results))
+    return {
+        "checkpoint": str(config.checkpoint),
+        "data": str(root),
+        "split": split,
+        "images": len(subset),  # type: ignore[arg-type]
+        "skipped_boxes": dataset.skipped_boxes,
+        "seconds": seconds,
+        "results": config.results,
+        **metrics,
+    }
+
+
+# --------------------------------------------------------------------------- predict
+@dataclass(frozen=True)
+class DetectPredictConfig:
+    """Run a detector on an image or a folder; draw the detections and write them as COCO results."""
+
+    inputs: str
+    checkpoint: str
+    output: str = "predictions"
+    score_thresh: float = 0.5
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_thresh <= 1.0:
+            raise ConfigError(f"score threshold must be between 0 and 1, got {self.score_thresh}")
+
+
+def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:
+    """Writes ``<output>/<image stem>.png`` (boxes, masks, labels drawn) and ``<output>/detections.json``."""
+    from torchvision.io import write_png  # noqa: F401 - fails early if torchvision lacks PNG support
+
+    model, class_names, cat_ids = load_detector(config.checkpoint)
+    device = pick_device(config.device)
+    model = model.to(device)
+    out = Path(config.output)
+    paths = image_paths(config.inputs)
+    results, drawn = [], []
+    for index, path in enumerate(paths, start=1):
+        image = read_rgb(path)
+        with torch.no_grad():
+            output = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        keep = output["scores"] >= config.score_thresh
+        output = {k: v[keep] for k, v in output.items()}
+        for result in to_coco_results([output], [index], cat_ids):
+            results.append({**result, "file_name": path.name})
+        target = out / f"{path.stem}.png"
+        save_png(draw_detections(image, output, class_names, score_thresh=config.score_thresh), target)
+        drawn.append({"path": str(path), "drawn": str(target), "detections": int(keep.sum())})
+    with atomic_write(out / "detections.json") as tmp:
+        tmp.write_text(json.dumps(results))
+    return {"images": drawn, "results": str(out / "detections.json"), "detections": len(results)}

@@ -1,0 +1,744 @@
+"""Semantic segmentation: Semantic FPN (Panoptic FPN's semantic branch) on a MetaFormer backbone.
+
+The model is the paper's mmsegmentation config (PAPER.md 6.1): FPN over the four stages (256 channels),
+then mmseg's ``FPNHead``: every level goes through 3x3 conv-BN-ReLU blocks (128 channels) with a x2
+bilinear upsample after each until it reaches stride 4, the levels are summed, and dropout 0.1 and a
+1x1 classifier give logits at stride 4, which are upsampled x4 to the input size. Metrics come from one
+confusion matrix accumulated over the whole data set, never averaged per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metaformer.data.segmentation import (
+    IGNORE_INDEX,
+    SegAugment,
+    SegmentationDataset,
+    eval_resize,
+    open_segmentation,
+)
+from metaformer.data.shapes import ShapesConfig, make_shapes
+from metaformer.engine import state as run_state
+from metaformer.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    eval_sampler,
+    init_distributed,
+    pick_device,
+    run_on_main,
+    train_sampler,
+)
+from metaformer.engine.loop import RunConfig, evaluate, fit, show_progress
+from metaformer.errors import CheckpointError, ConfigError
+from metaformer.models import get_variant
+from metaformer.tasks.fpn import (
+    BackboneFPN,
+    check_classes,
+    create_backbone,
+    default_output,
+    default_workers,
+    image_paths,
+    jsonable,
+    load_strict,
+    read_rgb,
+    save_png,
+    seeded_subset,
+    tuple_values,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = mmseg's (123.675, 116.28, 103.53) / 255
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Everything needed to rebuild a Semantic FPN; saved with its weights. Defaults are the paper's."""
+
+    num_classes: int
+    backbone: str = "poolformer_s12"
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    frozen_stages: int = -1
+    fpn_channels: int = 256
+    head_channels: int = 128
+    dropout: float = 0.1
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ConfigError(f"a segmenter needs at least one class, got num_classes={self.num_classes}")
+        if self.fpn_channels < 1 or self.head_channels < 1:
+            raise ConfigError(f"channels must be positive, got {self.fpn_channels} and {self.head_channels}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "backbone_overrides", tuple_values(self.backbone_overrides))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SemanticFPNHead(nn.Module):
+    """mmseg's FPNHead: per-level conv + x2 upsample stacks to the finest stride, summed, 1x1 classifier."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        strides: Sequence[int],
+        num_classes: int,
+        channels: int = 128,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.scale_heads = nn.ModuleList()
+        for stride in strides:
+            steps = max(1, int(math.log2(stride) - math.log2(strides[0])))
+            layers: list[nn.Module] = []
+            for k in range(steps):
+                layers.append(_conv_bn_relu(in_channels if k == 0 else channels, channels))
+                if stride != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """FPN maps, finest first -> logits (B, K, H/stride0, W/stride0)."""
+        out = self.scale_heads[0](features[0])
+        for head, x in zip(self.scale_heads[1:], features[1:], strict=True):
+            out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.dropout(out))
+
+
+class SemanticFPN(nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> class logits (B, K, H, W); normalises with ImageNet statistics."""
+
+    def __init__(
+        self, neck: BackboneFPN, num_classes: int, *, head_channels: int = 128, dropout: float = 0.1
+    ):
+        super().__init__()
+        self.neck = neck
+        self.head = SemanticFPNHead(neck.out_channels, neck.strides, num_classes, head_channels, dropout)
+        self.num_classes = num_classes
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        features = list(self.neck(x).values())
+        logits = self.head(features)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def create_segmenter(
+    config: SegmenterConfig, *, backbone_checkpoint: str | Path | None = None
+) -> SemanticFPN:
+    """A Semantic FPN over the four stages of the named backbone (optionally from classification weights)."""
+    backbone = create_backbone(
+        config.backbone,
+        out_indices=(0, 1, 2, 3),
+        checkpoint_path=backbone_checkpoint,
+        **config.backbone_overrides,
+    )
+    neck = BackboneFPN(
+        backbone, out_channels=config.fpn_channels, extra=None, frozen_stages=config.frozen_stages
+    )
+    model = SemanticFPN(neck, config.num_classes, head_channels=config.head_channels, dropout=config.dropout)
+    model.segmenter_config = config  # type: ignore[assignment]
+    return model
+
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Plain cross entropy over labelled pixels; logits are resized to the target first if they differ."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------- metrics
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(K, K) int64 counts, rows = true class, columns = predicted class, over pixels not ignored."""
+    valid = target != ignore_index
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_metrics(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """mIoU, mean class accuracy, pixel accuracy and per-class IoU from a whole-data-set confusion matrix.
+
+    As mmseg: a class absent from both the labels and the predictions has no IoU (None) and is left out
+    of the mean; a class only predicted has IoU 0.
+    """
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    labelled = conf.sum(1)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    acc = torch.where(labelled > 0, tp / labelled.clamp(min=1), torch.full_like(tp, float("nan")))
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(tp))]
+    total = conf.sum()
+    return {
+        "mIoU": float(iou.nanmean()) if (union > 0).any() else 0.0,
+        "mAcc": float(acc.nanmean()) if (labelled > 0).any() else 0.0,
+        "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
+        "per_class_IoU": {
+            n: (None if math.isnan(v) else round(v, 6)) for n, v in zip(names, iou.tolist(), strict=True)
+        },
+    }
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Class ids (H, W) for one resized image (3, h, w), at ``size`` = the original (H, W)."""
+    logits = model(image[None])
+    logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0]
+
+
+def segmentation_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Stable colours per class (evenly spaced hues, alternating brightness)."""
+    import colorsys
+
+    return [
+        tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(num_classes, 1), 0.8, 0.95 - 0.3 * (i % 2)))  # type: ignore[misc]
+        for i in range(num_classes)
+    ]
+
+
+def draw_segmentation(
+    image: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float = 0.5
+) -> torch.Tensor:
+    """The (3, H, W) [0, 1] image with each class painted over it in its colour, as uint8."""
+    from torchvision.utils import draw_segmentation_masks
+
+    canvas = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = labels.cpu()
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    if not present:
+        return canvas
+    masks = torch.stack([labels == c for c in present])
+    palette = segmentation_palette(num_classes)
+    return draw_segmentation_masks(canvas, masks, alpha=alpha, colors=[palette[c] for c in present])
+
+
+# --------------------------------------------------------------------------- weights
+def save_segmenter(
+    model: nn.Module, path: str | Path, *, class_names: Sequence[str], augment: SegAugment
+) -> None:
+    """Safetensors with the SegmenterConfig, class names and the eval resize, so eval/predict rebuild it."""
+    from metaformer.weights import write_weights
+
+    config: SegmenterConfig = model.segmenter_config  # type: ignore[assignment]
+    write_weights(
+        model.state_dict(),
+        path,
+        model_name=config.backbone,
+        config=dataclasses.asdict(config),
+        num_classes=config.num_classes,
+        class_names=class_names,
+        metadata={"task": "segment", "augment": dataclasses.asdict(augment)},
+    )
+
+
+def load_segmenter(path: str | Path) -> tuple[SemanticFPN, list[str], SegAugment]:
+    """(eval-mode model, class names, the augmentation it was trained with) from ``save_segmenter``."""
+    from metaformer.weights import read_metadata, read_state_dict
+
+    meta = read_metadata(path)
+    if meta.get("task") != "segment":
+        raise CheckpointError(
+            f"'{path}' is not a segmentation checkpoint (task {meta.get('task') or 'classify'}); pass the "
+            "best.safetensors or last.safetensors of a `metaformer segment train` run"
+        )
+    model = create_segmenter(SegmenterConfig(**meta["config"]))
+    load_strict(model, read_state_dict(path), path)
+    aug = json.loads(meta["augment"]) if "augment" in meta else {}
+    augment = SegAugment(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+    names = list(meta.get("class_names") or [str(i) for i in range(model.num_classes)])
+    return model.eval(), names, augment
+
+
+# --------------------------------------------------------------------------- the task for engine.loop.fit
+class SegmentationTask:
+    """Cross entropy (ignore index) for training; mIoU / mAcc / pixel accuracy from one confusion matrix."""
+
+    primary_metric = "mIoU"
+
+    def __init__(self, class_names: Sequence[str], augment: SegAugment, *, ignore_index: int = IGNORE_INDEX):
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.augment = augment
+        self.ignore_index = ignore_index
+        self.per_class_iou: dict[str, float | None] = {}  # of the last evaluate()
+        self.confusion: torch.Tensor | None = None
+
+    def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        return segmentation_loss(model(images), targets, self.ignore_index), int(images.shape[0])
+
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
+        """Whole-image inference; each prediction is resized to its mask's original size before counting."""
+        device = next(model.parameters()).device
+        conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum over pixels, pixels
+        for images, targets in loader:
+            for image, target in zip(images, targets, strict=True):
+                logits = model(image[None]).float()
+                logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                labelled = int((target != self.ignore_index).sum())
+                if labelled:
+                    loss = F.cross_entropy(
+                        logits, target[None], ignore_index=self.ignore_index, reduction="sum"
+                    )
+                    totals += torch.stack(
+                        [loss.double(), torch.tensor(float(labelled), device=device).double()]
+                    )
+                conf += confusion_matrix(logits.argmax(1)[0], target, self.num_classes, self.ignore_index).to(
+                    device
+                )
+        conf = all_reduce_sum(conf).cpu()
+        totals = all_reduce_sum(totals).cpu()
+        self.confusion = conf
+        metrics = segmentation_metrics(conf, self.class_names)
+        self.per_class_iou = metrics.pop("per_class_IoU")
+        return {**metrics, "loss": float(totals[0] / max(float(totals[1]), 1.0))}
+
+    def save_weights(self, model: nn.Module, path: Path) -> None:
+        save_segmenter(model, path, class_names=self.class_names, augment=self.augment)
+
+
+# --------------------------------------------------------------------------- recipes
+SHAPES_SEGMENT = ShapesConfig(num_train=400, num_val=100, img_size=128)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # PAPER.md 6.1: 40k iterations at batch 32 (8 processes x 4), AdamW 2e-4, poly 0.9, 512 crops.
+    "paper": {
+        "iters": 40000,
+        "epochs": None,
+        "batch_size": 4,
+        "lr": 2e-4,
+        "weight_decay": 1e-4,
+        "warmup_iters": 0,
+        "scale": (2048, 512),
+        "ratio_range": (0.5, 2.0),
+        "crop_size": 512,
+        "cat_max_ratio": 0.75,
+        "photometric": True,
+        "eval_iters": 4000,
+        "clip_grad": None,
+    },
+    # The synthetic shapes (128 px), trained from scratch on a 2-core CPU in minutes.
+    "shapes": {
+        "iters": None,
+        "epochs": 20,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_iters": 50,
+        "scale": (512, SHAPES_SEGMENT.img_size),
+        "ratio_range": (0.75, 1.5),
+        "crop_size": SHAPES_SEGMENT.img_size,
+        "cat_max_ratio": 0.75,
+        "photometric": True,
+        "eval_iters": 250,
+        "clip_grad": 10.0,
+    },
+}
+RECIPE_FIELDS = tuple(RECIPES["paper"])
+RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
+
+
+@dataclass(frozen=True)
+class SegmentTrainConfig:
+    """A segmentation training run. None fields come from the recipe: ``paper`` (default with ``data``) or
+    ``shapes`` (default without). ``iters`` (total optimizer steps, rounded up to whole epochs) wins over
+    ``epochs``; ``eval_iters`` likewise sets how often to validate. ``lr`` is used as given."""
+
+    model: str = "poolformer_s12"
+    data: str | None = None
+    layout: str = "auto"
+    classes: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    recipe: str | None = None
+    output: str | None = None
+    iters: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_iters: int | None = None
+    power: float = 0.9
+    scale: tuple[int, int] | None = None
+    ratio_range: tuple[float, float] | None = None
+    crop_size: int | None = None
+    cat_max_ratio: float | None = None
+    photometric: bool | None = None
+    eval_iters: int | None = None
+    clip_grad: float | None = None
+    fpn_channels: int = 256
+    head_channels: int = 128
+    dropout: float = 0.1
+    frozen_stages: int = -1
+    backbone_checkpoint: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    accum_steps: int = 1
+    amp: str = "off"
+    seed: int = 0
+    num_workers: int | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_epoch: int | None = None
+    eval_every: int | None = None
+    device: str | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        get_variant(self.model)
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
+        for name in (
+            "iters",
+            "epochs",
+            "batch_size",
+            "lr",
+            "crop_size",
+            "accum_steps",
+            "eval_iters",
+            "eval_every",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name in ("weight_decay", "warmup_iters", "limit_train", "limit_val", "num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
+        if self.resume and self.overwrite:
+            raise ConfigError("pass either --resume or --overwrite, not both")
+        if self.resume and self.output is None:
+            raise ConfigError("--resume needs --output naming the run folder to continue")
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or ("shapes" if self.data is None else "paper")
+
+    def resolve(self) -> SegmentTrainConfig:
+        values = RECIPES[self.recipe_name]
+        filled = {n: getattr(self, n) if getattr(self, n) is not None else values[n] for n in RECIPE_FIELDS}
+        if self.epochs is not None and self.iters is None:
+            filled["iters"] = None  # an explicit --epochs replaces the recipe's iteration count
+        workers = (
+            self.num_workers
+            if self.num_workers is not None
+            else (0 if self.data is None else default_workers())
+        )
+        return dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+
+    def augment(self) -> SegAugment:
+        crop = int(self.crop_size or 512)
+        return SegAugment(
+            scale=tuple(self.scale or (2048, 512)),  # type: ignore[arg-type]
+            ratio_range=tuple(self.ratio_range or (0.5, 2.0)),  # type: ignore[arg-type]
+            crop_size=(crop, crop),
+            cat_max_ratio=float(self.cat_max_ratio if self.cat_max_ratio is not None else 0.75),
+            photometric=bool(self.photometric),
+        )
+
+    def segmenter_config(self, num_classes: int) -> SegmenterConfig:
+        return SegmenterConfig(
+            num_classes=num_classes,
+            backbone=self.model,
+            backbone_overrides=dict(self.model_kwargs),
+            frozen_stages=self.frozen_stages,
+            fpn_channels=self.fpn_channels,
+            head_channels=self.head_channels,
+            dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+
+def segmentation_splits(config: SegmentTrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, val) of the data folder, or of the shapes set when ``data`` is None."""
+    root = config.data if config.data is not None else make_shapes(config=SHAPES_SEGMENT)
+    augment = config.augment()
+    kwargs = {"layout": config.layout, "classes": config.classes, "augment": augment}
+    train = open_segmentation(root, config.train_split, train=True, **kwargs)  # type: ignore[arg-type]
+    val = open_segmentation(root, config.val_split, train=False, **kwargs)  # type: ignore[arg-type]
+    return train, val
+
+
+# --------------------------------------------------------------------------- train
+def train_segmenter(config: SegmentTrainConfig) -> dict[str, Any]:
+    """Train (or resume) a Semantic FPN and return the run summary (also summary.json). torchrun-aware."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.device)
+    try:
+        return _train(config, info)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
+    resolved = config.resolve()
+    output = resolved.output or str(broadcast_object(default_output("segment", resolved.model)))
+    resolved = dataclasses.replace(resolved, output=output)
+    current = {**resolved.to_dict(), "world_size": info.world_size}
+
+    def prepare() -> None:
+        out = run_state.prepare_run_dir(output, resume=resolved.resume, overwrite=resolved.overwrite)
+        if resolved.resume and (out / run_state.CONFIG_FILE).exists():
+            saved = run_state.read_json(out / run_state.CONFIG_FILE)
+            for key in ("class_names", "epochs_run", "iters_run"):
+                saved.pop(key, None)
+            run_state.check_resume_config(saved, current, may_differ=RESUME_MAY_DIFFER)
+
+    run_on_main(prepare, info)
+    if resolved.data is None:
+        run_on_main(lambda: make_shapes(config=SHAPES_SEGMENT), info)
+        barrier()
+    train_set, val_set = segmentation_splits(resolved)
+    run_state.seed_everything(resolved.seed + info.rank)
+    train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
+    val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
+    batch_size = int(resolved.batch_size or 1)
+    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
+    if per_rank < batch_size:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {per_rank} training images per process; "
+            "lower --batch-size"
+        )
+    workers = int(resolved.num_workers or 0)
+    loader_args = {
+        "num_workers": workers,
+        "pin_memory": info.device.type == "cuda",
+        "persistent_workers": workers > 0,
+    }
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=train_sampler(train, info, resolved.seed),
+        drop_last=True,
+        **loader_args,
+    )
+    val_loader = DataLoader(val, batch_size=1, sampler=eval_sampler(val, info), **loader_args)
+    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
+    epochs = int(resolved.epochs or 1)
+    if resolved.iters is not None:
+        epochs = math.ceil(resolved.iters / updates_per_epoch)
+    eval_every = resolved.eval_every or (
+        max(1, round(resolved.eval_iters / updates_per_epoch)) if resolved.eval_iters else 1
+    )
+    model = create_segmenter(
+        resolved.segmenter_config(train_set.num_classes), backbone_checkpoint=resolved.backbone_checkpoint
+    )
+    if info.distributed and info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
+    model = model.to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
+    )
+    scheduler = poly_scheduler(
+        optimizer,
+        total_updates=epochs * updates_per_epoch,
+        power=resolved.power,
+        warmup_iters=int(resolved.warmup_iters or 0),
+        lr=float(resolved.lr),
+    )
+    augment = resolved.augment()
+    task = SegmentationTask(train_set.class_names, augment)
+    if info.is_main:
+        logger.info(
+            "Semantic FPN %s on %s: %d train / %d val images, %d classes, %d epochs x %d iterations, "
+            "recipe '%s', %d process(es), output %s",
+            resolved.model,
+            resolved.data or "the shapes data set",
+            len(train),  # type: ignore[arg-type]
+            len(val),  # type: ignore[arg-type]
+            train_set.num_classes,
+            epochs,
+            updates_per_epoch,
+            resolved.recipe,
+            info.world_size,
+            output,
+        )
+        if not resolved.resume:
+            run_state.write_json(
+                Path(output) / run_state.CONFIG_FILE,
+                {
+                    **current,
+                    "class_names": train_set.class_names,
+                    "epochs_run": epochs,
+                    "iters_run": epochs * updates_per_epoch,
+                },
+            )
+    run = RunConfig(
+        epochs=epochs,
+        output_dir=output,
+        accum_steps=resolved.accum_steps,
+        amp=resolved.amp,
+        clip_grad=resolved.clip_grad,
+        resume=resolved.resume,
+        stop_after_epoch=resolved.stop_after_epoch,
+        eval_every=eval_every,
+        progress=resolved.progress,
+    )
+    extra = {
+        "task": "segment",
+        "model": resolved.model,
+        "recipe": resolved.recipe,
+        "data": resolved.data or "generated:shapes",
+        "num_classes": train_set.num_classes,
+        "train_images": len(train),  # type: ignore[arg-type]
+        "val_images": len(val),  # type: ignore[arg-type]
+        "iterations": epochs * updates_per_epoch,
+        "output": output,
+    }
+    summary = fit(
+        task, model, optimizer, scheduler, train_loader, val_loader, run, dist_info=info, summary_extra=extra
+    )
+    if info.is_main:
+        summary["per_class_IoU"] = task.per_class_iou  # of the last evaluation
+        run_state.write_json(Path(output) / run_state.SUMMARY_FILE, summary)
+        last = summary.get("last") or {}
+        logger.info(
+            "mIoU %.3f (last epoch), best %s at epoch %s; weights in %s",
+            last.get("mIoU", float("nan")),
+            "n/a" if summary["best_mIoU"] is None else f"{summary['best_mIoU']:.3f}",
+            summary["best_epoch"],
+            Path(output) / run_state.BEST_WEIGHTS,
+        )
+    return summary
+
+
+def poly_scheduler(
+    optimizer: torch.optim.Optimizer, *, total_updates: int, power: float, warmup_iters: int, lr: float
+) -> Any:
+    """mmseg's poly schedule per iteration: lr x (1 - t/T)^power down to 0, after an optional warmup."""
+    from timm.scheduler import PolyLRScheduler
+
+    return PolyLRScheduler(
+        optimizer,
+        t_initial=total_updates,
+        power=power,
+        lr_min=0.0,
+        warmup_t=warmup_iters,
+        warmup_lr_init=lr * 1e-3 if warmup_iters else 0.0,
+        t_in_epochs=False,
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class SegmentEvalConfig:
+    """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split)."""
+
+    checkpoint: str
+    data: str | None = None
+    layout: str = "auto"
+    classes: str | None = None
+    split: str | None = None
+    num_workers: int = 0
+    limit: int | None = None
+    device: str | None = None
+    progress: bool | None = None
+
+
+def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
+    """mIoU, mAcc, pixel accuracy and per-class IoU of a checkpoint, with the eval resize it trained with."""
+    model, class_names, augment = load_segmenter(config.checkpoint)
+    root = config.data if config.data is not None else make_shapes(config=SHAPES_SEGMENT)
+    dataset = open_segmentation(
+        root, config.split, layout=config.layout, classes=config.classes, train=False, augment=augment
+    )
+    check_classes(config.checkpoint, class_names, dataset.class_names, str(root))
+    device = pick_device(config.device)
+    task = SegmentationTask(class_names, augment)
+    subset = seeded_subset(dataset, config.limit, 1)
+    loader = DataLoader(subset, batch_size=1, num_workers=config.num_workers)
+    start = time.perf_counter()
+    metrics = evaluate(
+        task, model.to(device), loader, device=device, progress=show_progress(config.progress, DistInfo())
+    )
+    return {
+        "checkpoint": str(config.checkpoint),
+        "data": str(root),
+        "images": len(subset),  # type: ignore[arg-type]
+        "seconds": time.perf_counter() - start,
+        **metrics,
+        "per_class_IoU": task.per_class_iou,
+    }
+
+
+# --------------------------------------------------------------------------- predict
+@dataclass(frozen=True)
+class SegmentPredictConfig:
+    """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
+
+    inputs: str
+    checkpoint: str
+    output: str = "predictions"
+    alpha: float = 0.5
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be between 0 and 1, got {self.alpha}")
+
+
+def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
+    """``<output>/<stem>_overlay.png`` (classes painted over the image) and ``<output>/<stem>_labels.png``
+    (class ids 0..K-1 at the image's size)."""
+    model, class_names, augment = load_segmenter(config.checkpoint)
+    device = pick_device(config.device)
+    model = model.to(device)
+    out = Path(config.output)
+    written = []
+    for path in image_paths(config.inputs):
+        image = read_rgb(path)
+        labels = predict_labels(model, eval_resize(image, augment).to(device), image.shape[-2:]).cpu()
+        overlay, label_png = out / f"{path.stem}_overlay.png", out / f"{path.stem}_labels.png"
+        save_png(draw_segmentation(image, labels, len(class_names), alpha=config.alpha), overlay)
+        save_png(labels.to(torch.uint8), label_png)
+        counts = torch.bincount(labels.flatten(), minlength=len(class_names))
+        present = {
+            class_names[c]: round(float(counts[c]) / labels.numel(), 4)
+            for c in counts.nonzero().flatten().tolist()
+        }
+        written.append(
+            {"path": str(path), "overlay": str(overlay), "labels": str(label_png), "classes": present}
+        )
+    return {"images": written, "class_names": class_names}

@@ -1,0 +1,55 @@
+"""Each benchmark script runs end to end with --quick (so it doesn't rot) and checks its own rows."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run(script: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def row(output: str, label: str) -> list[str]:
+    lines = [line for line in output.splitlines() if line.startswith(label)]
+    assert lines, f"no '{label}' row in:\n{output}"
+    return lines[0][len(label) :].split()
+
+
+@pytest.mark.timeout(300)
+def test_inference_benchmark_quick():
+    out = run("inference.py")
+    assert "matmul peak" in out
+    for label in (
+        "timm (NCHW)",
+        "timm channels_last",
+        "ours (default)",
+        "ours fast path",
+        "onnxruntime (folded graph)",
+    ):
+        cells = row(out, label)
+        assert float(cells[0]) > 0  # img/s
+        assert float(cells[-1]) <= 1e-5  # max relative difference to timm's logits
+
+
+@pytest.mark.timeout(300)
+def test_training_benchmark_quick():
+    out = run("training.py")
+    for label in ("timm (NCHW)", "ours (NCHW)", "ours channels_last", "ours + grad checkpointing"):
+        cells = row(out, label)
+        assert float(cells[0]) > 0  # img/s
+        assert float(cells[3]) <= 1e-4  # |first-step loss - timm's|
+    assert re.search(r"gradient checkpointing: peak memory \d+ MiB vs \d+ MiB", out)

@@ -1,0 +1,185 @@
+"""The shared loop, driven by a detection-shaped toy task: targets are lists of dicts, the model
+returns a loss dict in train mode. Classification runs the same loop in tests/tasks/test_classify.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metaformer.engine.loop import RunConfig, amp_dtype, fit, to_device
+from metaformer.errors import ConfigError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on 2 shared cores extra OpenMP threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ToyDetector(nn.Module):
+    """Predicts a scalar per image; train mode returns a loss dict like torchvision detectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.2), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, images, targets=None):
+        out = self.net(images).squeeze(1)
+        if self.training:
+            goal = torch.stack([t["value"] for t in targets])
+            return {"loss_value": ((out - goal) ** 2).mean(), "loss_reg": 1e-4 * out.abs().mean()}
+        return out
+
+
+class DictLossTask:
+    primary_metric = "neg_mse"
+
+    def train_step(self, model, batch):
+        images, targets = batch
+        losses = model(images, targets)
+        return sum(losses.values()), len(images)
+
+    def evaluate(self, model, loader):
+        total = count = 0.0
+        for images, targets in loader:
+            goal = torch.stack([t["value"] for t in targets])
+            total += float(((model(images) - goal) ** 2).sum())
+            count += len(images)
+        return {"loss": total / count, "neg_mse": -total / count}
+
+    def save_weights(self, model, path):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _data(n=48):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, 2, 2, generator=gen)
+    return [(images[i], {"value": images[i].sum() * 0.5, "boxes": torch.zeros(0, 4)}) for i in range(n)]
+
+
+def _collate(items):
+    return torch.stack([i for i, _ in items]), [t for _, t in items]
+
+
+def _run(tmp_path, name, epochs=3, **overrides):
+    torch.manual_seed(0)
+    model = ToyDetector()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=overrides.pop("lr", 0.02))
+    batch = overrides.pop("batch_size", 8)
+    train = DataLoader(_data(), batch_size=batch, shuffle=True, collate_fn=_collate)
+    val = DataLoader(_data(16), batch_size=8, collate_fn=_collate)
+    config = RunConfig(epochs=epochs, output_dir=str(tmp_path / name), **overrides)
+    summary = fit(DictLossTask(), model, optimizer, None, train, val, config)
+    return model, summary
+
+
+def test_dict_loss_task_trains_and_writes_the_run_folder(tmp_path):
+    model, summary = _run(tmp_path, "run")
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "neg_mse", "lr", "seconds", "images_per_s"} <= set(records[0])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert summary["best_neg_mse"] == max(r["neg_mse"] for r in records)
+    assert summary["epochs"] == 3 and summary["world_size"] == 1
+    assert json.loads((out / "summary.json").read_text())["best_epoch"] == summary["best_epoch"]
+    for name in ("last.pt", "last.safetensors", "best.safetensors", "curves.png"):
+        assert (out / name).is_file()
+    last = load_file(str(out / "last.safetensors"))
+    assert torch.equal(last["net.4.weight"], model.state_dict()["net.4.weight"])
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, _ = _run(tmp_path, "straight", epochs=4)
+    _run(tmp_path, "split", epochs=4, stop_after_epoch=2)
+    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
+    torch.manual_seed(123)  # a different global RNG state: resume must restore the saved one
+    resumed, summary = _run(tmp_path, "split", epochs=4, resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [
+        r["epoch"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
+    ] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert summary["epochs"] == 4
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    def one_epoch(batch, accum):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        class Task(DictLossTask):
+            def train_step(self, m, b):
+                images, targets = b
+                goal = torch.stack([t["value"] for t in targets])
+                return ((m(images).squeeze(1) - goal) ** 2).mean(), len(images)
+
+            def evaluate(self, m, loader):
+                return {"neg_mse": 0.0}
+
+        loader = DataLoader(_data(8), batch_size=batch, collate_fn=_collate)
+        fit(Task(), model, optimizer, None, loader, None, RunConfig(epochs=1, accum_steps=accum))
+        return model[1].weight.detach().clone()
+
+    assert torch.allclose(one_epoch(4, 2), one_epoch(8, 1), atol=1e-6)
+    assert not torch.allclose(one_epoch(4, 1), one_epoch(8, 1), atol=1e-6)
+
+
+def test_ema_is_evaluated_and_its_weights_are_the_ones_saved(tmp_path):
+    model, summary = _run(tmp_path, "ema", epochs=2, ema_decay=0.5)
+    record = json.loads((tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"ema_val_loss", "ema_neg_mse"} <= set(record)
+    assert summary["best_from_ema"] and summary["best_neg_mse"] == max(
+        json.loads(line)["ema_neg_mse"]
+        for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()
+    )
+    saved = load_file(str(tmp_path / "ema" / "last.safetensors"))
+    assert not torch.equal(saved["net.4.weight"], model.state_dict()["net.4.weight"])  # EMA lags the model
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda(tmp_path):
+    _, summary = _run(tmp_path, "bf16", epochs=1, amp="bf16")
+    assert summary["epochs"] == 1
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    with pytest.raises(ConfigError, match="fp16 AMP needs a CUDA device"):
+        amp_dtype("fp16", torch.device("cpu"))
+
+
+def test_diverging_loss_stops_with_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match="training loss became (nan|inf).*lower --lr"):
+        _run(tmp_path, "diverge", epochs=1, lr=1e30)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"epochs": 2, "accum_steps": 0}, "accum_steps"),
+        ({"epochs": 2, "amp": "fp8"}, "amp must be one of"),
+        ({"epochs": 2, "stop_after_epoch": 3}, "stop_after_epoch"),
+        ({"epochs": 2, "ema_decay": 1.5}, "ema_decay"),
+        ({"epochs": 2, "resume": True}, "resume needs an output_dir"),
+    ],
+)
+def test_run_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**kwargs)
+
+
+def test_to_device_keeps_nested_structure():
+    batch = (torch.zeros(1, 3, 4, 4), [{"boxes": torch.zeros(2, 4), "id": 7}])
+    moved = to_device(batch, torch.device("cpu"), channels_last=True)
+    assert isinstance(moved, tuple) and isinstance(moved[1], list) and moved[1][0]["id"] == 7
+    assert moved[0].is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,143 @@
+"""The inference fast path gives the plain model's outputs, for every mixer family and input size."""
+
+import pytest
+import torch
+from torch import nn
+
+from metaformer import ConfigError, create_model, optimize_for_inference
+from metaformer.models import fast
+from metaformer.models.layers import StarReLU
+
+SMALL = {"depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64), "num_classes": 10}
+# name -> the folded block type every block must become (so the test checks folds, not fallbacks)
+FAMILIES = {
+    "poolformer_s12": {"FoldedPoolBlock"},
+    "poolformerv2_s12": {"FoldedPoolBlock"},  # bias-free GroupNorm, StarReLU, ResScale
+    "convformer_s18": {"FoldedSepConv"},
+    "caformer_s18": {"FoldedSepConv", "FoldedAttention"},
+    "identityformer_s12": {"FoldedGenericBlock"},
+    "randformer_s12": {"FoldedGenericBlock"},
+    "metaformer_pppa_s12_224": {"FoldedGenericBlock", "FoldedAttention"},  # LayerNorm + attention
+    "metaformer_ppff_s12_224": {"FoldedPoolBlock", "FoldedGenericBlock"},  # spatial MLP
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_small_chunks(monkeypatch):
+    """One thread (tiny ops on a shared 2-core machine); chunks of 256 rows so chunking runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(fast, "CHUNK_ROWS", 256)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Every parameter random (layer scales too: at 1e-5 a broken fold would hide under 1e-5)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            centre = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "scale")) else 0.0
+            p.copy_(centre + 0.3 * torch.randn_like(p))
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def folded_types(model: nn.Module) -> set[str]:
+    return {type(block).__name__ for stage in model.stages for block in stage.blocks}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("size", [64, 96])
+def test_fast_path_equals_plain_model(name, size):
+    model = randomize(create_model(name, img_size=size, **SMALL)).eval()
+    faster = optimize_for_inference(model)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected, got = model(x), faster(x)
+    assert rel_diff(got, expected) <= 1e-5
+    assert folded_types(faster) == FAMILIES[name]
+
+
+def test_negative_starrelu_scale_keeps_sepconv_exact():
+    # s * relu(z)^2 only folds into the weights for s >= 0; s < 0 takes the explicit multiply
+    model = randomize(create_model("convformer_s18", **SMALL)).eval()
+    for module in model.modules():
+        if isinstance(module, StarReLU):
+            with torch.no_grad():
+                module.scale.fill_(-0.7)
+    faster = optimize_for_inference(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(faster(x), model(x)) <= 1e-5
+    assert folded_types(faster) == {"FoldedSepConv"}
+
+
+def test_batchnorm_folds_into_the_mlp():
+    model = randomize(create_model("poolformer_s12", norms="batchnorm", **SMALL)).eval()
+    faster = optimize_for_inference(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(faster(x), model(x)) <= 1e-5
+    assert faster.stages[0].blocks[0].mlp.norm_kind == "none"  # no normalisation left at all
+
+
+def test_features_backbone_gives_the_same_maps():
+    model = randomize(create_model("poolformer_s12", features_only=True, **SMALL)).eval()
+    faster = optimize_for_inference(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = model(x), faster(x)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape
+        assert rel_diff(a, b) <= 1e-5
+
+
+def test_chunked_stages_equal_whole_batch(monkeypatch):
+    model = randomize(create_model("poolformer_s12", **SMALL)).eval()
+    x = torch.randn(5, 3, 64, 64)
+    chunked = optimize_for_inference(model)
+    assert isinstance(chunked.stages[0].blocks, fast.ChunkedBlocks)
+    monkeypatch.setattr(fast, "CHUNK_ROWS", 10**9)
+    whole = optimize_for_inference(model)
+    with torch.no_grad():
+        assert torch.allclose(chunked(x), whole(x), rtol=0, atol=1e-6)
+
+
+def test_input_model_is_left_unchanged():
+    model = randomize(create_model("poolformer_s12", **SMALL)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize_for_inference(model)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(b).__name__ == "MetaFormerBlock" for s in model.stages for b in s.blocks)
+
+
+def test_fast_path_keeps_channels_last_and_logits_shape():
+    faster = optimize_for_inference(create_model("poolformer_s12", **SMALL))
+    with torch.no_grad():
+        maps = faster.forward_intermediates(torch.randn(2, 3, 64, 64))
+        logits = faster(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 10)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps)
+    assert not any(p.requires_grad for p in faster.parameters())
+
+
+def test_rejects_other_modules():
+    with pytest.raises(ConfigError, match="MetaFormer or MetaFormerFeatures"):
+        optimize_for_inference(nn.Linear(2, 2))
+
+
+def test_compile_option_returns_a_compiled_module():
+    compiled = optimize_for_inference(create_model("poolformer_s12", **SMALL), compile=True)
+    assert hasattr(compiled, "_orig_mod")  # torch.compile's wrapper; compiling happens on first call
+    assert folded_types(compiled._orig_mod) == {"FoldedPoolBlock"}
