@@ -56,9 +56,12 @@ def test_poolformer_s12_onnx_round_trip_with_dynamic_batch(tmp_path, size):
 def test_groupnorm_is_exported_as_plain_reductions(tmp_path, fold):
     path = tmp_path / "m.onnx"
     export_model(randomize(create_model("poolformer_s12", **TINY)), path, img_size=(64, 64), fold=fold)
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
     assert not ops & {"GroupNormalization", "InstanceNormalization"}
     assert "ReduceMean" in ops
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 64, 64]  # a fixed-batch file takes single images
 
 
 def test_portable_groupnorm_matches_torch_groupnorm():
@@ -106,7 +109,7 @@ def test_export_from_saved_weights_uses_those_weights(tmp_path):
             "poolformer_s12", tmp_path / "m.onnx", checkpoint=tmp_path / "w.safetensors", img_size=(64, 64)
         )
     )
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64)  # a fixed-batch file takes single images
     with torch.no_grad():
         assert (onnx_run(report.path, x) - model(x)).abs().max().item() <= 1e-4
 

@@ -158,8 +158,8 @@ def export_model(
 ) -> ExportReport:
     """Write ``model`` as ONNX or TorchScript, atomically, after checking it against PyTorch.
 
-    The check runs a seeded batch of 2 (and batches 1 and 3 with ``dynamic_batch``) through both
-    and requires the max absolute difference to be at most ``atol``.
+    A fixed-batch file takes batches of 1. The check runs seeded random batches through both (of 1,
+    or of 2, 1 and 3 with ``dynamic_batch``) and requires a max absolute difference <= ``atol``.
     """
     from metaformer.weights.io import atomic_write
 
@@ -168,26 +168,26 @@ def export_model(
     h, w = int(img_size[0]), int(img_size[1])
     in_chans = getattr(model, "in_chans", 3)
     start = time.perf_counter()
-    model = model.cpu().float().eval()
+    model = copy.deepcopy(model).cpu().float().eval()  # the caller's model keeps its device and mode
     exported = portable_model(model, fold=fold).cpu()
     generator = torch.Generator().manual_seed(0)
-    batches = (2, 1, 3) if dynamic_batch else (2,)
+    batches = (2, 1, 3) if dynamic_batch else (1,)  # the first is traced: a fixed-batch file takes 1
     inputs = {b: torch.randn(b, in_chans, h, w, generator=generator) for b in batches}
     with torch.no_grad():
         if hasattr(model, "check_input"):
-            model.check_input(inputs[2])
+            model.check_input(inputs[batches[0]])
         expected = {b: _outputs(model(x)) for b, x in inputs.items()}
     path = Path(path)
     worst = 0.0
     with atomic_write(path) as tmp, torch.no_grad():
         if format == "onnx":
-            _export_onnx(exported, inputs[2], tmp, len(expected[2]), dynamic_batch)
+            _export_onnx(exported, inputs[batches[0]], tmp, len(expected[batches[0]]), dynamic_batch)
             for b, x in inputs.items():
                 worst = max(worst, _max_abs_diff(expected[b], _run_onnx(tmp, x)))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit deprecation notes
-                traced = torch.jit.trace(exported, (inputs[2],), check_trace=False, strict=False)
+                traced = torch.jit.trace(exported, (inputs[batches[0]],), check_trace=False, strict=False)
                 torch.jit.save(traced, str(tmp))
                 loaded = torch.jit.load(str(tmp), map_location="cpu")
             for b, x in inputs.items():

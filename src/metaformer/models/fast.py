@@ -5,14 +5,16 @@ Folds (exact in real arithmetic; fp32 outputs agree with the plain model to abou
 
 - Pooling blocks: with the padding not counted, a per-channel constant pools to itself, so in
   ``pool(GN(x)) - GN(x)`` GroupNorm's mean and bias cancel and ``1/sigma`` factors out:
-  ``x + ls1 * (pool(GN(x)) - GN(x)) == lerp(x, pool(x), ls1 * w / sigma)``. No normalised map is
-  ever written.
+  ``x + ls1 * (pool(GN(x)) - GN(x)) == lerp(x, pool(x), ls1 * w / sigma)``: the mixer half is one
+  statistics pass, one pool and one lerp.
 - The affine of the norm before a linear layer folds into that layer (``W diag(w)``, ``c + W b``):
   norm2 into fc1, and norm1 into SepConv's first pointwise conv or attention's qkv.
 - LayerScale folds into the layer that ends its branch (fc2, SepConv's pwconv2, attention's proj),
   and so do StarReLU's scalar scale and bias (``fc2(s*r + b) = (s W) r + (c + b W 1)``).
 - On CPU, fc1 runs with its activation and fc2 with the residual add fused into the GEMM (oneDNN
-  post-ops); elsewhere (GPU, tracing, export) the same folded weights run through plain ops.
+  post-ops); elsewhere (GPU, tracing, export, torch.compile) the same folded weights run through
+  plain ops. Also on CPU, each stage runs a few samples at a time (``ChunkedBlocks``), so the
+  intermediates stay in cache instead of being allocated afresh for the whole batch per op.
 
 Parts no fold applies to (spatial MLP, random mixing, positional embeddings, the head) are kept as
 they are, so every model still gives the plain model's outputs. The folded model is for inference
@@ -89,18 +91,23 @@ class FusedLinear(nn.Module):
             if self.act == "squaredrelu":
                 y = y.square_()
         else:
-            y = F.linear(x, self.weight, self.bias)
-            if self.act == "gelu":
-                y = F.gelu(y)
-            elif self.act == "gelu_tanh":
-                y = F.gelu(y, approximate="tanh")
-            elif self.act == "relu":
-                y = F.relu(y)
-            elif self.act == "silu":
-                y = F.silu(y)
-            elif self.act == "squaredrelu":
-                y = F.relu(y).square()
+            y = self._activate(F.linear(x, self.weight, self.bias))
         return y if residual is None else y + residual
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer as a 1x1 convolution of a (B, C, H, W) map, in plain ops."""
+        return self._activate(F.conv2d(x, self.weight[:, :, None, None], self.bias))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.act in ("gelu", "gelu_tanh"):
+            return F.gelu(y, approximate="none" if self.act == "gelu" else "tanh")
+        if self.act == "relu":
+            return F.relu(y)
+        if self.act == "silu":
+            return F.silu(y)
+        if self.act == "squaredrelu":
+            return F.relu(y).square()
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, act={self.act}"
@@ -242,6 +249,19 @@ class FoldedMlp(nn.Module):
             return self.fc2(h, residual=rows).view(x.shape)
         return self.fc2(h).addcmul_(rows, self.res_scale).view(x.shape)
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> same, with the folded weights as 1x1 convolutions (portable graphs)."""
+        if self.norm_kind == "sample":
+            centred = x - x.mean((1, 2, 3), keepdim=True)
+            xn = centred / torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + self.eps)
+        elif self.norm_kind == "channel":
+            xn = F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), eps=self.eps).permute(0, 3, 1, 2)
+        else:
+            xn = x
+        h = self.fc1.forward_map(xn)
+        y = self.fc2.forward_map(h)
+        return x + y if self.res_scale is None else x * self.res_scale.view(1, -1, 1, 1) + y
+
 
 class FoldedPoolBlock(nn.Module):
     """A PoolFormer block (GroupNorm-1, pooling) with its norm folded away: see the module docstring."""
@@ -269,14 +289,21 @@ class FoldedPoolBlock(nn.Module):
         scale = self.mix_scale * _sample_rstd(x, self.eps)
         pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
         if self.res_scale is None:
-            x = torch.lerp(x, pooled, scale)
+            # lerp is one kernel in eager mode; exporters write it as a Where over two branches
+            x = x + scale * (pooled - x) if _portable() else torch.lerp(x, pooled, scale)
         else:  # rs * x + s * (p - x)
             x = pooled.mul_(scale).addcmul_(x, self.res_scale - scale)
         return _map_mlp(self.mlp, x)
 
 
 def _map_mlp(mlp: FoldedMlp, x: torch.Tensor) -> torch.Tensor:
-    """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows; free for channels-last maps."""
+    """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows; free for channels-last maps.
+
+    Traced for export (or compiled), it stays a map with 1x1 convolutions instead: runtimes such as
+    onnxruntime lay convolutions out and fuse them themselves, and row GEMMs would add transposes.
+    """
+    if _portable():
+        return mlp.forward_map(x)
     b, c, h, w = x.shape
     return mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c)).view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -392,15 +419,18 @@ def fold_block(block: MetaFormerBlock, tokens: bool) -> nn.Module:
         return block
 
 
-# Positions (rows of the channel GEMMs) per chunk: one 56x56 sample of the first stage. On one core,
+# Positions (rows of the channel GEMMs) per chunk: one 56x56 sample of the first stage. On one thread,
 # running stages chunk by chunk was 12-13% faster than whole batches (1024-12544 rows all within 3%).
+# With more threads every small op pays an OpenMP fork/join, and on our shared 2-core machine that
+# made PoolFormer-S12 0.8x timm instead of ~2x, so chunking is used on a single thread only.
 CHUNK_ROWS = 3136
 _PER_SAMPLE_MIXERS = (Identity, Pooling, RandomMixing, SepConv, SpatialMlp, Attention)
 
 
 class ChunkedBlocks(nn.Module):
     """Runs a stage's blocks a few samples at a time, so each intermediate stays in cache and no
-    large buffer is allocated (and page-faulted in) per op. Exact: every folded block is per sample."""
+    large buffer is allocated (and page-faulted in) per op. Exact: every folded block is per sample.
+    CPU and one thread only (see CHUNK_ROWS); GPUs want big kernels."""
 
     def __init__(self, blocks: nn.Sequential, tokens: bool, rows: int | None = None):
         super().__init__()
@@ -420,7 +450,7 @@ class ChunkedBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         positions = x.shape[1] if self.tokens else x.shape[2] * x.shape[3]
         step = max(1, self.rows // positions)
-        if step >= x.shape[0] or _portable():
+        if step >= x.shape[0] or x.device.type != "cpu" or torch.get_num_threads() > 1 or _portable():
             return self.blocks(x)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], step):

@@ -187,7 +187,7 @@ def confusion_matrix(
     """(K, K) int64 counts, rows = true class, columns = predicted class, over pixels not ignored."""
     valid = target != ignore_index
     index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -320,9 +320,7 @@ class SegmentationTask:
                     totals += torch.stack(
                         [loss.double(), torch.tensor(float(labelled), device=device).double()]
                     )
-                conf += confusion_matrix(logits.argmax(1)[0], target, self.num_classes, self.ignore_index).to(
-                    device
-                )
+                conf += confusion_matrix(logits.argmax(1)[0], target, self.num_classes, self.ignore_index)
         conf = all_reduce_sum(conf).cpu()
         totals = all_reduce_sum(totals).cpu()
         self.confusion = conf
