@@ -34,7 +34,7 @@ def test_boxes_labels_and_polygon_and_rle_masks(tmp_path):
     rle_mask[2:6, 20:30] = 1
     rle = mask_utils.encode(np.asfortranarray(rle_mask))
     anns = [
-        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [4, 4, 8, 10], "segmentation": _square_polygon(4, 4, 12, 14)},
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [4, 4, 8, 10], "segmentation": _square_polygon(4, 4, 12, 14)},  # noqa: E501
         {"id": 2, "image_id": 1, "category_id": 3, "bbox": [20, 2, 10, 4],
          "segmentation": {"size": [24, 32], "counts": rle["counts"].decode()}},
     ]  # fmt: skip

@@ -96,6 +96,6 @@ def test_train_transform_crops_pads_with_ignore_and_is_seeded():
     x2, y2 = train_transform(image, mask, aug)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert x1.shape == (3, 48, 48) and y1.shape == (48, 48)
-    # the rescaled image is at most 32 px high, so rows past it are padding: 0 in the image, ignore in the mask
+    # the rescaled image is at most 32 px high, so rows past it are padding: 0 in the image, ignore in the mask  # noqa: E501
     assert (y1[32:] == IGNORE_INDEX).all() and (x1[:, 32:] == 0).all()
     assert eval_resize(image, SegAugment(scale=(2048, 50))).shape == (3, 64, 128)  # 50x100 -> multiples of 32

@@ -219,3 +219,14 @@ def test_reset_classifier_replaces_only_the_classifier():
     model.reset_classifier(3)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     assert torch.equal(norm, model.head.norm.weight)
+
+
+def test_equal_adjacent_widths_still_downsample_so_grids_match_the_formula():
+    model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 16, 32, 32)).eval()
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64))
+    assert (
+        [tuple(m.shape[-2:]) for m in maps]
+        == stage_grid_sizes((64, 64))
+        == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    )

@@ -134,6 +134,7 @@ class MetaFormerStage(nn.Module):
         downsample_norm: str | None,
         drop_path_rates: Sequence[float],
         pos_embed: bool = False,
+        downsample: bool = True,
         **block_kwargs: Any,
     ):
         super().__init__()
@@ -144,7 +145,8 @@ class MetaFormerStage(nn.Module):
         self.fixed_grid = bool(getattr(mixer_cls, "fixed_grid", False))
         if self.fixed_grid:
             kwargs.setdefault("grid_size", grid_size)
-        self.downsample = Downsampling(in_dim, dim, downsample_norm) if in_dim != dim else nn.Identity()
+        # every stage after the first downsamples (by position, as timm does), even when widths are equal
+        self.downsample = Downsampling(in_dim, dim, downsample_norm) if downsample else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid_size)) if pos_embed else None
         self.blocks = nn.Sequential(
             *[
@@ -312,6 +314,7 @@ class MetaFormer(nn.Module):
                     downsample_norm,
                     rates[start : start + depths[i]],
                     pos_embed=pos_embeds[i],
+                    downsample=i > 0,
                     norm=norms[i],
                     act=act,
                     mlp_ratio=mlp_ratio,
