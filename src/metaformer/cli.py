@@ -644,6 +644,27 @@ def _run_parent(kind: str) -> argparse.ArgumentParser:
     return p
 
 
+def _dense_run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The backbone and run flags that detect train and segment train share, as config fields."""
+    return {
+        "frozen_stages": args.frozen_stages,
+        "backbone_checkpoint": args.backbone_checkpoint,
+        "model_kwargs": _model_kwargs_json(args.model_kwargs),
+        "accum_steps": args.accum_steps,
+        "amp": args.amp,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "limit_train": args.limit_train,
+        "limit_val": args.limit_val,
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "stop_after_epoch": args.stop_after_epoch,
+        "eval_every": args.eval_every,
+        "device": args.device,
+        "progress": args.progress,
+    }
+
+
 def cmd_detect_train(args: argparse.Namespace) -> int:
     from metaformer.tasks.detect import DetectTrainConfig, train_detector
 
@@ -670,21 +691,7 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
             head_norm=args.head_norm,
             anchor_sizes=_tuple(args.anchor_sizes),
             clip_grad=args.clip_grad,
-            frozen_stages=args.frozen_stages,
-            backbone_checkpoint=args.backbone_checkpoint,
-            model_kwargs=_model_kwargs_json(args.model_kwargs),
-            accum_steps=args.accum_steps,
-            amp=args.amp,
-            seed=args.seed,
-            num_workers=args.workers,
-            limit_train=args.limit_train,
-            limit_val=args.limit_val,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            stop_after_epoch=args.stop_after_epoch,
-            eval_every=args.eval_every,
-            device=args.device,
-            progress=args.progress,
+            **_dense_run_kwargs(args),
         )
     )
     if _rank() == 0:
@@ -860,21 +867,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
             fpn_channels=args.fpn_channels,
             head_channels=args.head_channels,
             dropout=args.dropout,
-            frozen_stages=args.frozen_stages,
-            backbone_checkpoint=args.backbone_checkpoint,
-            model_kwargs=_model_kwargs_json(args.model_kwargs),
-            accum_steps=args.accum_steps,
-            amp=args.amp,
-            seed=args.seed,
-            num_workers=args.workers,
-            limit_train=args.limit_train,
-            limit_val=args.limit_val,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            stop_after_epoch=args.stop_after_epoch,
-            eval_every=args.eval_every,
-            device=args.device,
-            progress=args.progress,
+            **_dense_run_kwargs(args),
         )
     )
     if _rank() == 0:
