@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -158,3 +159,15 @@ def eval_sampler(dataset: Dataset, info: DistInfo) -> Sampler[int]:
     if info.distributed:
         return ShardSampler(dataset, info.rank, info.world_size)
     return SequentialSampler(dataset)
+
+
+@contextmanager
+def distributed_run(device: str | None) -> Iterator[DistInfo]:
+    """Join (or start) the torchrun process group for one run; leave only a group this call created."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owns_group:
+            cleanup_distributed()

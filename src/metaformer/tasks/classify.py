@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -39,9 +38,8 @@ from metaformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_object,
-    cleanup_distributed,
+    distributed_run,
     eval_sampler,
-    init_distributed,
     pick_device,
     run_on_main,
     train_sampler,
@@ -561,13 +559,8 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
 
     Under torchrun every process calls this; rank 0 alone writes the run folder.
     """
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(config.device)
-    try:
+    with distributed_run(config.device) as info:
         return _train(config, info)
-    finally:
-        if owns_group:
-            cleanup_distributed()
 
 
 def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:

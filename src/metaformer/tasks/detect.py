@@ -44,9 +44,8 @@ from metaformer.engine.distributed import (
     DistInfo,
     barrier,
     broadcast_object,
-    cleanup_distributed,
+    distributed_run,
     eval_sampler,
-    init_distributed,
     pick_device,
     run_on_main,
     train_sampler,
@@ -622,13 +621,8 @@ def make_scheduler(
 # --------------------------------------------------------------------------- train
 def train_detector(config: DetectTrainConfig) -> dict[str, Any]:
     """Train (or resume) a detector and return the run summary (also summary.json). torchrun-aware."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(config.device)
-    try:
+    with distributed_run(config.device) as info:
         return _train(config, info)
-    finally:
-        if owns_group:
-            cleanup_distributed()
 
 
 def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:

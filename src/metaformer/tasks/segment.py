@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -39,9 +38,8 @@ from metaformer.engine.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
-    cleanup_distributed,
+    distributed_run,
     eval_sampler,
-    init_distributed,
     pick_device,
     run_on_main,
     train_sampler,
@@ -500,13 +498,8 @@ def segmentation_splits(config: SegmentTrainConfig) -> tuple[SegmentationDataset
 # --------------------------------------------------------------------------- train
 def train_segmenter(config: SegmentTrainConfig) -> dict[str, Any]:
     """Train (or resume) a Semantic FPN and return the run summary (also summary.json). torchrun-aware."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(config.device)
-    try:
+    with distributed_run(config.device) as info:
         return _train(config, info)
-    finally:
-        if owns_group:
-            cleanup_distributed()
 
 
 def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
