@@ -38,8 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--latency-runs", type=int, default=5, help="batch-1 calls per round (their mean)")
+    p.add_argument(
+        "--runs", type=int, help="throughput calls per round, their mean (default 1 on CPU, 20 on CUDA)"
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), nargs="+", help="default: float32 on CPU, both on CUDA"
+    )
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to start)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     p.add_argument("--quick", action="store_true", help="smoke test: poolformer_s12, 64x64, batch 2, 1 round")
@@ -48,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models = args.models or ["poolformer_s12"]
         args.batch, args.img_size, args.repeats, args.latency_runs = 2, 64, 1, 1
         args.threads = args.threads or 1  # tiny ops: a second thread only adds barrier waits
+    if args.runs is None:  # a GPU batch takes milliseconds: average several calls per timing
+        args.runs = 20 if args.device == "cuda" else 1
+    if args.device == "cuda":
+        args.latency_runs = max(args.latency_runs, 20)
     args.models = args.models or (POOLFORMERS + EXTRA if args.all else POOLFORMERS)
     if args.all and args.models != POOLFORMERS + EXTRA:
         args.models = list(dict.fromkeys(args.models + EXTRA))
@@ -161,7 +171,7 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
         for _ in range(args.repeats):
             peaks.append(matmul_peak_once(device, dtype))
             for k, fn in rows.items():
-                times32[k].append(timed(lambda fn=fn: fn(x32), device))
+                times32[k].append(timed(lambda fn=fn: fn(x32), device, runs=args.runs))
             for k, fn in rows.items():
                 times1[k].append(timed(lambda fn=fn: fn(x1), device, runs=args.latency_runs))
     peak = statistics.median(peaks)
@@ -218,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(0)
-    dtypes = [torch.float32] if args.device == "cpu" else [torch.float32, torch.bfloat16]
+    default = ["float32"] if args.device == "cpu" else ["float32", "bfloat16"]
+    dtypes = [getattr(torch, name) for name in args.dtype or default]
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -439,6 +439,15 @@ _TRAIN_FLAGS: dict[str, tuple[Any, Any, str | None, str]] = {
 }
 
 
+def _add_channels_last_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format (default: on for CPU, where it is faster; off for CUDA)",
+    )
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for dest, (kind, nargs, metavar, text) in _TRAIN_FLAGS.items():
         p.add_argument(
@@ -504,7 +513,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
     )
     p.add_argument("--pretrained", action="store_true", help="start from the released ImageNet weights")
     p.add_argument("--model-kwargs", metavar="JSON", help="model overrides, e.g. '{\"depths\": [1,1,1,1]}'")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    _add_channels_last_flag(p)
     p.add_argument(
         "--workers", type=int, metavar="N", help="data-loading processes (digits 0, folders up to 8)"
     )
@@ -545,7 +554,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
     p.add_argument("--img-size", type=int, metavar="PX", help="override the eval input size")
     p.add_argument("--crop-pct", type=float, metavar="F", help="override the eval centre-crop fraction")
     p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"), help="autocast dtype")
-    p.add_argument("--channels-last", action="store_true")
+    _add_channels_last_flag(p)
     p.add_argument(
         "--confusion", metavar="PNG", help="confusion-matrix image (default: next to the checkpoint)"
     )
@@ -640,6 +649,7 @@ def _run_parent(kind: str) -> argparse.ArgumentParser:
         "--limit-val", type=int, metavar="N", help="validate on a seeded random subset of N images"
     )
     p.add_argument("--stop-after-epoch", type=int, metavar="N", help="stop (resumably) after epoch N")
+    _add_channels_last_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
@@ -659,6 +669,7 @@ def _dense_run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "resume": args.resume,
         "overwrite": args.overwrite,
         "stop_after_epoch": args.stop_after_epoch,
+        "channels_last": args.channels_last,
         "eval_every": args.eval_every,
         "device": args.device,
         "progress": args.progress,
@@ -983,8 +994,8 @@ def add_segment_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument(
         "--eval-every", type=int, metavar="N", help="validate every N epochs (overrides --eval-iters)"
     )
-    p.add_argument("--fpn-channels", type=int, default=256, metavar="C", help="FPN width (256)")
-    p.add_argument("--head-channels", type=int, default=128, metavar="C", help="head width (128)")
+    p.add_argument("--fpn-channels", type=int, metavar="C", help="FPN width (paper 256, shapes 128)")
+    p.add_argument("--head-channels", type=int, metavar="C", help="head width (paper 128, shapes 64)")
     p.add_argument(
         "--dropout", type=float, default=0.1, metavar="P", help="dropout before the classifier (0.1)"
     )

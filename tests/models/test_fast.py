@@ -141,3 +141,23 @@ def test_compile_option_returns_a_compiled_module():
     compiled = optimize_for_inference(create_model("poolformer_s12", **SMALL), compile=True)
     assert hasattr(compiled, "_orig_mod")  # torch.compile's wrapper; compiling happens on first call
     assert folded_types(compiled._orig_mod) == {"FoldedPoolBlock"}
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+        ),
+    ],
+)
+@pytest.mark.parametrize("name", ["poolformer_s12", "caformer_s18"])
+def test_bfloat16_fast_path_follows_the_plain_model(name, device):
+    """bf16 statistics and scales stay bf16 (CUDA's layer-norm kernel returns fp32 statistics)."""
+    model = randomize(create_model(name, **SMALL)).eval().to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, got = model(x).float(), optimize_for_inference(model)(x)
+    assert got.dtype == torch.bfloat16
+    assert rel_diff(got.float(), expected) < 0.1  # bf16 rounding (8-bit mantissa); a wrong fold is O(1)

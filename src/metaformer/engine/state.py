@@ -120,6 +120,24 @@ def check_resume_config(
         )
 
 
+def open_run_dir(
+    output_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    config: Mapping[str, Any],
+    may_differ: Sequence[str] = (),
+) -> Path:
+    """``prepare_run_dir``, then on resume the check that ``config`` is the one the run was started with.
+
+    Every task opens its run folder this way (on rank 0): classify, detect and segment.
+    """
+    out = prepare_run_dir(output_dir, resume=resume, overwrite=overwrite)
+    if resume and (out / CONFIG_FILE).exists():
+        check_resume_config(read_json(out / CONFIG_FILE), config, may_differ=may_differ)
+    return out
+
+
 # --------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """This process's torch, CUDA, numpy and Python RNG states as tensors and plain values."""

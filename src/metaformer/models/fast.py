@@ -192,12 +192,13 @@ def _sample_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
 
     ``native_layer_norm`` on the (B, H*W*C) view of a channels-last map is about 6x faster than
     ``torch.var`` on CPU (it also writes the normalised map, which is cheaper than var's reduction).
+    The result has ``x``'s dtype: CUDA's kernel returns fp32 statistics for bf16/fp16 inputs.
     """
     if _portable():
         centred = x - x.mean((1, 2, 3), keepdim=True)
         return 1.0 / torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + eps)
     rows = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-    return torch.native_layer_norm(rows, rows.shape[1:], None, None, eps)[2].view(-1, 1, 1, 1)
+    return torch.native_layer_norm(rows, rows.shape[1:], None, None, eps)[2].view(-1, 1, 1, 1).to(x.dtype)
 
 
 def _normalize(x: torch.Tensor, kind: str, eps: float, dim: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,15 @@ from metaformer.engine.distributed import (
     run_on_main,
     train_sampler,
 )
-from metaformer.engine.loop import AMP_MODES, RunConfig, amp_dtype, evaluate, fit, show_progress
+from metaformer.engine.loop import (
+    AMP_MODES,
+    RunConfig,
+    amp_dtype,
+    evaluate,
+    fit,
+    show_progress,
+    use_channels_last,
+)
 from metaformer.errors import CheckpointError, ConfigError, DataError
 from metaformer.models import create_model, get_variant
 
@@ -239,7 +248,7 @@ class TrainConfig:
     accum_steps: int | None = None
     amp: str | None = None
     seed: int | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: channels-last on CPU, NCHW on CUDA
     num_workers: int | None = None
     init_checkpoint: str | None = None
     pretrained: bool = False
@@ -569,11 +578,14 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     resolved = dataclasses.replace(resolved, output=output)
     current = {**resolved.to_dict(), "world_size": info.world_size}
 
-    def prepare() -> None:
-        out = run_state.prepare_run_dir(output, resume=resolved.resume, overwrite=resolved.overwrite)
-        if resolved.resume and (out / run_state.CONFIG_FILE).exists():
-            saved = run_state.read_json(out / run_state.CONFIG_FILE)
-            run_state.check_resume_config(saved, current, may_differ=RESUME_MAY_DIFFER)
+    prepare = partial(
+        run_state.open_run_dir,
+        output,
+        resume=resolved.resume,
+        overwrite=resolved.overwrite,
+        config=current,
+        may_differ=RESUME_MAY_DIFFER,
+    )
 
     if resolved.data is not None:
         check_layout(resolved.data)  # before the output folder is created
@@ -792,7 +804,7 @@ class EvalConfig:
     crop_pct: float | None = None
     device: str | None = None
     amp: str = "off"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: channels-last on CPU, NCHW on CUDA
     confusion_png: str | None = None
     limit: int | None = None
     progress: bool | None = None
@@ -839,7 +851,8 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     dataset = _subset(dataset, config.limit, 0)
     device = pick_device(config.device)
     model = model.to(device)
-    if config.channels_last:
+    channels_last = use_channels_last(config.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(
         dataset,
@@ -855,7 +868,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         loader,
         device=device,
         dtype=amp_dtype(config.amp, device),
-        channels_last=config.channels_last,
+        channels_last=channels_last,
         progress=show_progress(config.progress, DistInfo()),
     )
     seconds = time.perf_counter() - start

@@ -413,7 +413,7 @@ def _gather_lists(items: list[Any]) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- recipes
-SHAPES_DETECT = ShapesConfig(num_train=400, num_val=100, img_size=128)
+SHAPES_DETECT = ShapesConfig(num_train=600, num_val=100, img_size=96)
 
 RECIPES: dict[str, dict[str, Any]] = {
     # PAPER.md 5.1: mmdetection 1x schedule, AdamW, batch 2 per GPU x 8 GPUs, 1333x800 inputs.
@@ -437,11 +437,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "val_split": "val2017",
         "eval_every": 1,
     },
-    # The synthetic shapes (128 px): small anchors and FPN, GroupNorm head, cosine schedule, trained from
+    # The synthetic shapes (96 px): small anchors and FPN, GroupNorm head, cosine schedule, trained from
     # scratch on a 2-core CPU in minutes (README "Detection" gives the measured figures).
     "shapes": {
         "arch": "retinanet",
-        "epochs": 24,
+        "epochs": 20,
         "batch_size": 8,
         "lr": 1e-3,
         "weight_decay": 1e-4,
@@ -505,6 +505,7 @@ class DetectTrainConfig:
     resume: bool = False
     overwrite: bool = False
     stop_after_epoch: int | None = None
+    channels_last: bool | None = None  # None: channels-last on CPU, NCHW on CUDA
     eval_every: int | None = None
     device: str | None = None
     progress: bool | None = None
@@ -631,12 +632,14 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
     resolved = dataclasses.replace(resolved, output=output)
     current = {**resolved.to_dict(), "world_size": info.world_size}
 
-    def prepare() -> None:
-        out = run_state.prepare_run_dir(output, resume=resolved.resume, overwrite=resolved.overwrite)
-        if resolved.resume and (out / run_state.CONFIG_FILE).exists():
-            saved = run_state.read_json(out / run_state.CONFIG_FILE)
-            saved.pop("class_names", None)
-            run_state.check_resume_config(saved, current, may_differ=RESUME_MAY_DIFFER)
+    prepare = partial(
+        run_state.open_run_dir,
+        output,
+        resume=resolved.resume,
+        overwrite=resolved.overwrite,
+        config=current,
+        may_differ=(*RESUME_MAY_DIFFER, "class_names"),
+    )
 
     run_on_main(prepare, info)
     masks = resolved.arch == "maskrcnn"
@@ -715,6 +718,7 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
         clip_grad=resolved.clip_grad,
         resume=resolved.resume,
         stop_after_epoch=resolved.stop_after_epoch,
+        channels_last=resolved.channels_last,
         eval_every=int(resolved.eval_every or 1),
         progress=resolved.progress,
     )
