@@ -641,7 +641,11 @@ def _run_parent(kind: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup-iters", type=int, metavar="N", help="linear warmup steps")
     p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm (paper: off)")
     p.add_argument("--accum-steps", type=int, default=1, metavar="N", help="gradient accumulation steps")
-    p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"), help="autocast dtype")
+    p.add_argument(
+        "--amp",
+        choices=("off", "auto", "bf16", "fp16"),
+        help="autocast dtype (default: the recipe's; off, except bf16 for the shapes segmentation)",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--workers", type=int, metavar="N", help="data-loading processes (shapes 0, folders 4)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on a seeded random subset of N images")
@@ -997,7 +1001,7 @@ def add_segment_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--fpn-channels", type=int, metavar="C", help="FPN width (paper 256, shapes 128)")
     p.add_argument("--head-channels", type=int, metavar="C", help="head width (paper 128, shapes 64)")
     p.add_argument(
-        "--dropout", type=float, default=0.1, metavar="P", help="dropout before the classifier (0.1)"
+        "--dropout", type=float, metavar="P", help="dropout before the classifier (paper 0.1, shapes 0)"
     )
     p.set_defaults(handler=cmd_segment_train)
 

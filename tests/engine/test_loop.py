@@ -9,7 +9,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from metaformer.engine.loop import RunConfig, amp_dtype, fit, to_device
+from metaformer.engine.loop import (
+    RunConfig,
+    amp_dtype,
+    create_optimizer,
+    fit,
+    to_device,
+    use_channels_last,
+)
 from metaformer.errors import ConfigError
 
 
@@ -183,3 +190,56 @@ def test_to_device_keeps_nested_structure():
     moved = to_device(batch, torch.device("cpu"), channels_last=True)
     assert isinstance(moved, tuple) and isinstance(moved[1], list) and moved[1][0]["id"] == 7
     assert moved[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layout_defaults_to_channels_last_on_cpu_only():
+    assert use_channels_last(None, torch.device("cpu")) is True
+    assert use_channels_last(None, torch.device("cuda")) is False
+    assert use_channels_last(False, torch.device("cpu")) is False
+    assert use_channels_last(True, torch.device("cuda")) is True
+
+
+class ToyConvTask(DictLossTask):
+    """The toy task, but checking the layout of every training batch the loop hands over."""
+
+    def __init__(self):
+        self.layouts = set()
+
+    def train_step(self, model, batch):
+        self.layouts.add(batch[0].is_contiguous(memory_format=torch.channels_last))
+        return super().train_step(model, batch)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, True), (False, False)])
+def test_cpu_training_runs_channels_last_unless_turned_off(tmp_path, setting, expected):
+    torch.manual_seed(0)
+    model = ToyDetector()
+    model.net.insert(0, nn.Conv2d(3, 3, 3, padding=1))
+    task = ToyConvTask()
+    train = DataLoader(_data(16), batch_size=8, collate_fn=_collate)
+    config = RunConfig(epochs=1, channels_last=setting)
+    fit(task, model, torch.optim.AdamW(model.parameters()), None, train, None, config)
+    assert task.layouts == {expected}
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last) is expected
+
+
+def test_adamw_is_fused_and_steps_like_the_foreach_version():
+    torch.manual_seed(0)
+    fused_model, plain_model = ToyDetector(), ToyDetector()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = create_optimizer(fused_model, lr=0.01, weight_decay=0.05)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.01, weight_decay=0.05, foreach=True)
+    assert all(group["fused"] for group in fused.param_groups)
+    plain.param_groups[0]["weight_decay"] = 0.0  # timm's groups: no decay on biases...
+    for group in fused.param_groups:  # ...so compare with decay off everywhere
+        group["weight_decay"] = 0.0
+    images = torch.randn(4, 3, 2, 2)
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model.eval()
+            model(images).pow(2).mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not create_optimizer(ToyDetector(), opt="sgd", lr=0.1, weight_decay=0).defaults.get("fused")

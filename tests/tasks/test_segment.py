@@ -8,6 +8,7 @@ from metaformer.data.segmentation import IGNORE_INDEX, SegAugment
 from metaformer.tasks.segment import (
     SegmentationTask,
     SegmenterConfig,
+    SegmentTrainConfig,
     confusion_matrix,
     create_segmenter,
     load_segmenter,
@@ -129,3 +130,17 @@ def test_backbone_starts_from_an_official_classification_checkpoint(tmp_path):
     assert torch.equal(body.stem.conv.weight, classifier.stem.conv.weight)
     assert torch.equal(body.stages[3].blocks[0].mlp.fc2.weight, classifier.stages[3].blocks[0].mlp.fc2.weight)
     assert torch.equal(body.out_norms[0].weight, torch.ones(8))  # the new output norms start at 1 / 0
+
+
+def test_shapes_recipe_defaults_yield_to_the_users_flags():
+    shapes = SegmentTrainConfig().resolve()
+    assert (shapes.amp, shapes.dropout, dict(shapes.model_kwargs)) == (
+        "bf16",
+        0.0,
+        {"layer_scale_init": None},
+    )
+    mine = SegmentTrainConfig(amp="off", dropout=0.2, model_kwargs={"layer_scale_init": 1e-5}).resolve()
+    assert (mine.amp, mine.dropout, dict(mine.model_kwargs)) == ("off", 0.2, {"layer_scale_init": 1e-5})
+    paper = SegmentTrainConfig(data="ade").resolve()
+    assert (paper.amp, paper.dropout, dict(paper.model_kwargs)) == ("off", 0.1, {})
+    assert paper.segmenter_config(150).fpn_channels == 256

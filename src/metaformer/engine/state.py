@@ -239,7 +239,8 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | Path, metric_n
         if any(name in r for r in records):
             axes[1].plot(epochs, [r.get(name) for r in records], marker="o", label=name)
     axes[1].set_title("validation metrics")
-    axes[1].legend()
+    if axes[1].get_lines():  # no validation yet: no legend (matplotlib would warn)
+        axes[1].legend()
     axes[2].plot(epochs, [r.get("lr") for r in records], marker="o")
     axes[2].set_title("learning rate (start of epoch)")
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -49,6 +49,7 @@ from metaformer.engine.loop import (
     AMP_MODES,
     RunConfig,
     amp_dtype,
+    create_optimizer,
     evaluate,
     fit,
     show_progress,
@@ -607,10 +608,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     train_loader, val_loader = _loaders(resolved, train, val, info)
     model = _build_model(resolved, len(classes)).to(info.device)
 
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    optimizer = create_optimizer_v2(
+    optimizer = create_optimizer(
         model,
         opt=resolved.opt,
         lr=resolved.lr,

@@ -50,7 +50,7 @@ from metaformer.engine.distributed import (
     run_on_main,
     train_sampler,
 )
-from metaformer.engine.loop import RunConfig, evaluate, fit, show_progress
+from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
 from metaformer.errors import CheckpointError, ConfigError, DataError
 from metaformer.models import get_variant
 from metaformer.tasks.fpn import (
@@ -436,6 +436,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train_split": "train2017",
         "val_split": "val2017",
         "eval_every": 1,
+        "amp": "off",
     },
     # The synthetic shapes (96 px): small anchors and FPN, GroupNorm head, cosine schedule, trained from
     # scratch on a 2-core CPU in minutes (README "Detection" gives the measured figures).
@@ -458,6 +459,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train_split": "train",
         "val_split": "val",
         "eval_every": 5,
+        "amp": "off",
     },
 }
 RECIPE_FIELDS = tuple(RECIPES["paper"])
@@ -497,7 +499,7 @@ class DetectTrainConfig:
     backbone_checkpoint: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     accum_steps: int = 1
-    amp: str = "off"
+    amp: str | None = None
     seed: int = 0
     num_workers: int | None = None
     limit_train: int | None = None
@@ -676,7 +678,7 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
     detector = resolved.detector_config(train_set.num_classes)
     model = create_detector(detector, backbone_checkpoint=resolved.backbone_checkpoint).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    optimizer = create_optimizer(
         params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
     )
     updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)

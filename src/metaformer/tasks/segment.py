@@ -45,7 +45,7 @@ from metaformer.engine.distributed import (
     run_on_main,
     train_sampler,
 )
-from metaformer.engine.loop import RunConfig, evaluate, fit, show_progress
+from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
 from metaformer.errors import CheckpointError, ConfigError
 from metaformer.models import get_variant
 from metaformer.tasks.fpn import (
@@ -334,7 +334,7 @@ class SegmentationTask:
 # --------------------------------------------------------------------------- recipes
 # The segmentation variant: larger shapes, at most three an image (more labelled pixels per class).
 SHAPES_SEGMENT = ShapesConfig(
-    num_train=600, num_val=100, img_size=96, min_size=0.35, max_size=0.7, max_objects=3
+    num_train=1200, num_val=100, img_size=96, min_size=0.35, max_size=0.7, max_objects=3
 )
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -355,14 +355,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "clip_grad": None,
         "fpn_channels": 256,
         "head_channels": 128,
+        "dropout": 0.1,
+        "amp": "off",
+        "model_kwargs": {},
     },
     # The synthetic shapes (96 px), trained from scratch on a 2-core CPU in minutes: a narrower FPN and head,
-    # no rescaling or colour jitter (the generator already varies size and colour), a higher lr.
+    # no rescaling or colour jitter (the generator already varies size and colour), a high lr, no dropout,
+    # bf16 autocast (about 1.3x the fp32 step rate on CPU) and no layer scale: from scratch and this short,
+    # blocks that start at 1e-5 of the residual learn too slowly (6-epoch probes: mIoU 0.36 without it,
+    # 0.31 with it).
     "shapes": {
         "iters": None,
         "epochs": 26,
         "batch_size": 8,
-        "lr": 2e-3,
+        "lr": 8e-3,
         "weight_decay": 1e-4,
         "warmup_iters": 50,
         "scale": (4 * SHAPES_SEGMENT.img_size, SHAPES_SEGMENT.img_size),
@@ -370,10 +376,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         "crop_size": SHAPES_SEGMENT.img_size,
         "cat_max_ratio": 0.75,
         "photometric": False,
-        "eval_iters": 375,
+        "eval_iters": 600,
         "clip_grad": 10.0,
         "fpn_channels": 128,
         "head_channels": 64,
+        "dropout": 0.0,
+        "amp": "bf16",
+        "model_kwargs": {"layer_scale_init": None},
     },
 }
 RECIPE_FIELDS = tuple(RECIPES["paper"])
@@ -410,12 +419,12 @@ class SegmentTrainConfig:
     clip_grad: float | None = None
     fpn_channels: int | None = None
     head_channels: int | None = None
-    dropout: float = 0.1
+    dropout: float | None = None
     frozen_stages: int = -1
     backbone_checkpoint: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     accum_steps: int = 1
-    amp: str = "off"
+    amp: str | None = None
     seed: int = 0
     num_workers: int | None = None
     limit_train: int | None = None
@@ -461,6 +470,7 @@ class SegmentTrainConfig:
     def resolve(self) -> SegmentTrainConfig:
         values = RECIPES[self.recipe_name]
         filled = {n: getattr(self, n) if getattr(self, n) is not None else values[n] for n in RECIPE_FIELDS}
+        filled["model_kwargs"] = {**values["model_kwargs"], **self.model_kwargs}  # the user's win
         if self.epochs is not None and self.iters is None:
             filled["iters"] = None  # an explicit --epochs replaces the recipe's iteration count
         workers = (
@@ -488,7 +498,7 @@ class SegmentTrainConfig:
             frozen_stages=self.frozen_stages,
             fpn_channels=int(self.fpn_channels or 256),
             head_channels=int(self.head_channels or 128),
-            dropout=self.dropout,
+            dropout=float(self.dropout if self.dropout is not None else 0.1),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -570,7 +580,7 @@ def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
     model = model.to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    optimizer = create_optimizer(
         params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
     )
     scheduler = poly_scheduler(
