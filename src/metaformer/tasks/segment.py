@@ -366,7 +366,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 0.31 with it).
     "shapes": {
         "iters": None,
-        "epochs": 26,
+        "epochs": 22,
         "batch_size": 8,
         "lr": 8e-3,
         "weight_decay": 1e-4,
