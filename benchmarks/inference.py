@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from metaformer.models.kernels import native_library
+
 POOLFORMERS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 EXTRA = ["convformer_s18", "caformer_s18"]
 
@@ -92,6 +94,21 @@ def matmul_peak_once(device: str, dtype: torch.dtype) -> float:
     return 2 * 2048**3 / timed(lambda: a @ b, device, runs=3) / 1e9
 
 
+def without_native(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fast path with its native pooling kernel switched off (what it runs without a C compiler)."""
+    from metaformer.models import fast
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        real = fast.pool_mix_supported
+        fast.pool_mix_supported = lambda _: False
+        try:
+            return model(x)
+        finally:
+            fast.pool_mix_supported = real
+
+    return run
+
+
 def build_candidates(
     name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Path
 ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, str]]:
@@ -121,6 +138,8 @@ def build_candidates(
         "ours (default)": ours,
         "ours fast path": fast,
     }
+    if device == "cpu" and dtype == torch.float32 and native_library() is not None:
+        rows["ours fast path, torch ops only"] = without_native(fast)
     if args.compile:
         rows["timm channels_last + compile"] = channels_last(torch.compile(timm_cl))
         rows["ours fast path + compile"] = optimize_for_inference(ours, compile=True)

@@ -1,8 +1,9 @@
 """Training speed and memory: timm vs metaformer, forward + backward + AdamW step, interleaved.
 
-Rows: timm default (NCHW), timm channels_last, ours NCHW, ours channels_last, ours as ``classify
-train`` runs it on CPU by default (channels_last and torch's fused AdamW), and ours with gradient
-checkpointing. All start from the same weights (timm's, ours with ``final_norm="pooled"``)
+Rows: timm default (NCHW), timm channels_last, ours NCHW, ours channels_last, the same with the
+native pooling kernel switched off (torch ops only: what runs without a C compiler), ours as
+``classify train`` runs it on CPU by default (channels_last and torch's fused AdamW), and ours with
+gradient checkpointing. All start from the same weights (timm's, ours with ``final_norm="pooled"``)
 with drop path and dropout off, and train on the same fixed batch, so their losses must agree: the
 first-step loss difference to timm and the largest difference over all steps are printed.
 
@@ -37,6 +38,7 @@ ROWS = (
     "timm channels_last",
     "ours (NCHW)",
     "ours channels_last",
+    "ours channels_last, torch ops",
     "ours default (+ fused AdamW)",
     "ours + grad checkpointing",
 )
@@ -107,7 +109,24 @@ def build_row(
         optimizer.step()
         return loss.item()
 
+    if row.endswith("torch ops"):
+        return without_native(step)
     return step
+
+
+def without_native(step: Callable[[], float]) -> Callable[[], float]:
+    """Run ``step`` with the blocks' native pooling kernel switched off."""
+    from metaformer.models import metaformer as blocks
+
+    def run() -> float:
+        real = blocks._native_ok
+        blocks._native_ok = lambda x: False
+        try:
+            return step()
+        finally:
+            blocks._native_ok = real
+
+    return run
 
 
 def _status_kib(field: str) -> int:
@@ -198,7 +217,7 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     memory = "peak RSS growth" if args.device == "cpu" else "max_memory_allocated"
     print(f"\n{results[0]['model']}: train step (fwd + bwd + AdamW), batch {args.batch}, {args.img_size}px")
     header = (
-        f"{'implementation':<28}{'img/s':>8}{'x timm':>8}{'loss step 1':>13}{'|d| step 1':>12}"
+        f"{'implementation':<32}{'img/s':>8}{'x timm':>8}{'loss step 1':>13}{'|d| step 1':>12}"
         f"{'max |d| all steps':>19}{memory + ' MiB':>27}"
     )
     print(header)
@@ -206,7 +225,7 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     for r in results:
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(
-            f"{r['impl']:<28}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{r['first_loss']:>13.6f}"
+            f"{r['impl']:<32}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{r['first_loss']:>13.6f}"
             f"{r['first_loss_diff']:>12.1e}{r['max_loss_diff']:>19.1e}{mem:>27}"
         )
     by_row = {r["impl"]: r["peak_mib"] for r in results}

@@ -241,3 +241,9 @@ def test_segmenter_checkpoint_with_another_class_count_is_refused(segment_run, s
     args = ["segment", "eval", "--checkpoint", str(segment_run / "best.safetensors"), "--data", str(root)]
     assert main(args) == 1
     assert "was trained for 4 classes but" in _error(capsys)
+
+
+def test_class_weights_that_do_not_fit_the_classes_are_refused(shapes, tmp_path, capsys):
+    args = ["segment", "train", "--data", str(shapes), "--output", str(tmp_path / "out"), "--epochs", "1"]
+    assert main([*args, *SEGMENT, "--class-weight", "1", "2"]) == 1
+    assert "--class-weight gives 2 weights but the data set has 4 classes" in _error(capsys)

@@ -882,6 +882,7 @@ def cmd_segment_train(args: argparse.Namespace) -> int:
             fpn_channels=args.fpn_channels,
             head_channels=args.head_channels,
             dropout=args.dropout,
+            class_weight=_tuple(args.class_weight),
             **_dense_run_kwargs(args),
         )
     )
@@ -1002,6 +1003,13 @@ def add_segment_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--head-channels", type=int, metavar="C", help="head width (paper 128, shapes 64)")
     p.add_argument(
         "--dropout", type=float, metavar="P", help="dropout before the classifier (paper 0.1, shapes 0)"
+    )
+    p.add_argument(
+        "--class-weight",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="cross-entropy weight per class, in class order (paper: none; shapes 0.4 1 1.2 1.2)",
     )
     p.set_defaults(handler=cmd_segment_train)
 

@@ -7,7 +7,8 @@ from metaformer.models.layers import Mlp
 
 
 @pytest.mark.parametrize("act", ["gelu", "starrelu"])
-def test_channels_last_mlp_equals_nchw_mlp_with_gradients(act):
+def test_gemm_route_equals_the_convolutions_with_gradients(act, monkeypatch):
+    monkeypatch.setattr(Mlp, "_gemm_layout", lambda self, x: not x.is_contiguous())  # in fp32 too
     mlp = Mlp(8, 32, act=act)
     x = torch.randn(2, 8, 5, 7)
     x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -22,3 +23,17 @@ def test_channels_last_mlp_equals_nchw_mlp_with_gradients(act):
     assert torch.allclose(out_cl, out, atol=1e-6)
     for a, b in zip(g_cl, g, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_mlp_runs_gemms_on_channels_last_maps_under_autocast_only(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    assert not mlp._gemm_layout(x)  # fp32: oneDNN's 1x1 convolutions
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mlp._gemm_layout(x)
+        gemm = mlp(x)
+        monkeypatch.setattr(Mlp, "_gemm_layout", lambda self, x: False)
+        conv = mlp(x)
+    assert gemm.shape == conv.shape == x.shape
+    torch.testing.assert_close(gemm.float(), conv.float(), rtol=3e-2, atol=3e-2)

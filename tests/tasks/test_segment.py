@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from metaformer.data.segmentation import IGNORE_INDEX, SegAugment
+from metaformer.errors import ConfigError
 from metaformer.tasks.segment import (
     SegmentationTask,
     SegmenterConfig,
@@ -14,6 +15,7 @@ from metaformer.tasks.segment import (
     load_segmenter,
     poly_scheduler,
     save_segmenter,
+    segmentation_loss,
     segmentation_metrics,
 )
 
@@ -144,3 +146,29 @@ def test_shapes_recipe_defaults_yield_to_the_users_flags():
     paper = SegmentTrainConfig(data="ade").resolve()
     assert (paper.amp, paper.dropout, dict(paper.model_kwargs)) == ("off", 0.1, {})
     assert paper.segmenter_config(150).fpn_channels == 256
+
+
+def test_class_weights_weigh_each_pixel_by_its_true_class():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0, 0] = IGNORE_INDEX
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    per_pixel = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = target != IGNORE_INDEX
+    w = weight[target.clamp(max=2)] * valid
+    expected = (per_pixel * w).sum() / w.sum()
+    assert torch.allclose(segmentation_loss(logits, target, class_weight=weight), expected, atol=1e-6)
+    assert torch.allclose(
+        segmentation_loss(logits, target, class_weight=torch.ones(3)), segmentation_loss(logits, target)
+    )
+
+
+def test_class_weights_come_from_the_recipe_and_are_checked():
+    assert SegmentTrainConfig().resolve().class_weight == (0.4, 1.0, 1.2, 1.2)
+    assert SegmentTrainConfig(data="ade").resolve().class_weight is None
+    assert SegmentTrainConfig(class_weight=[1, 2]).resolve().class_weight == (1.0, 2.0)
+    with pytest.raises(ConfigError, match="non-negative with at least one positive"):
+        SegmentTrainConfig(class_weight=[1, -1])
+    with pytest.raises(ConfigError, match="gives 2 weights but the data set has 4 classes"):
+        SegmentationTask(["a", "b", "c", "d"], SegAugment(), class_weight=[1, 2])

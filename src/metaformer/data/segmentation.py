@@ -208,10 +208,12 @@ def train_transform(
     """Random rescale, random crop (cat_max_ratio), flip, photometric distortion, pad to the crop size."""
     ratio = float(torch.empty(()).uniform_(*aug.ratio_range))
     h, w = rescale_size(image.shape[1], image.shape[2], (aug.scale[0] * ratio, aug.scale[1] * ratio))
-    image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
-    mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    if (h, w) != tuple(image.shape[1:]):  # a same-size resize is the identity: skip it
+        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+        mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
     ch, cw = min(aug.crop_size[0], h), min(aug.crop_size[1], w)
-    for _ in range(10):
+    top = left = 0
+    for _ in range(10 if (ch, cw) != (h, w) else 0):  # a crop of the whole image has one position
         top = int(torch.randint(0, h - ch + 1, ()))
         left = int(torch.randint(0, w - cw + 1, ()))
         crop = mask[top : top + ch, left : left + cw]

@@ -11,7 +11,9 @@ Folds (exact in real arithmetic; fp32 outputs agree with the plain model to abou
   norm2 into fc1, and norm1 into SepConv's first pointwise conv or attention's qkv.
 - LayerScale folds into the layer that ends its branch (fc2, SepConv's pwconv2, attention's proj),
   and so do StarReLU's scalar scale and bias (``fc2(s*r + b) = (s W) r + (c + b W 1)``).
-- On CPU, fc1 runs with its activation and fc2 with the residual add fused into the GEMM (oneDNN
+- On CPU, a PoolFormer block's statistics, pooling, mixing and second norm run as one native kernel
+  (``models.kernels``, three passes over the map instead of seven; torch ops when no C compiler is
+  at hand), fc1 runs with its activation and fc2 with the residual add fused into the GEMM (oneDNN
   post-ops); elsewhere (GPU, tracing, export, torch.compile) the same folded weights run through
   plain ops. Also on CPU, each stage runs a few samples at a time (``ChunkedBlocks``), so the
   intermediates stay in cache instead of being allocated afresh for the whole batch per op.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError
+from metaformer.models.kernels import pool_mix, pool_mix_supported
 from metaformer.models.layers import (
     BatchNormTokens,
     GroupNorm1Tokens,
@@ -241,11 +244,14 @@ class FoldedMlp(nn.Module):
         rs = _scale_of(block.res_scale2)
         self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) tokens or channels-last rows -> same shape."""
+    def forward(self, x: torch.Tensor, normalized: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, C) tokens or channels-last rows -> same shape; ``normalized`` is ``norm2(x)`` (without
+        its affine) when the caller already computed it."""
         c = x.shape[-1]
         rows = x.reshape(-1, c)
-        h = self.fc1(_normalize(x, self.norm_kind, self.eps, self.dim).reshape(-1, c))
+        if normalized is None:
+            normalized = _normalize(x, self.norm_kind, self.eps, self.dim)
+        h = self.fc1(normalized.reshape(-1, c))
         if self.res_scale is None:
             return self.fc2(h, residual=rows).view(x.shape)
         return self.fc2(h).addcmul_(rows, self.res_scale).view(x.shape)
@@ -285,8 +291,22 @@ class FoldedPoolBlock(nn.Module):
         self.eps = eps
         self.kernel_size, self.padding = pool.kernel_size, pool.padding
         self.mlp = FoldedMlp(block, tokens=False)
+        # the native kernel takes square odd windows centred on each position (PoolFormer's 3x3, pad 1)
+        size = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        square = pool.kernel_size in (size, (size, size)) and pool.padding in (size // 2, (size // 2,) * 2)
+        self.native_radius = size // 2 if square and size % 2 == 1 and pool.stride in (1, (1, 1)) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.native_radius is not None
+            and self.res_scale is None
+            and self.mlp.norm_kind in ("sample", "none")
+            and not _portable()
+            and pool_mix_supported(x)
+        ):
+            norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" else None
+            y, normed = pool_mix(x, self.mix_scale, self.native_radius, self.eps, norm_eps)
+            return _map_mlp(self.mlp, y, normed)
         scale = self.mix_scale * _sample_rstd(x, self.eps)
         pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
         if self.res_scale is None:
@@ -297,7 +317,7 @@ class FoldedPoolBlock(nn.Module):
         return _map_mlp(self.mlp, x)
 
 
-def _map_mlp(mlp: FoldedMlp, x: torch.Tensor) -> torch.Tensor:
+def _map_mlp(mlp: FoldedMlp, x: torch.Tensor, normalized: torch.Tensor | None = None) -> torch.Tensor:
     """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows; free for channels-last maps.
 
     Traced for export (or compiled), it stays a map with 1x1 convolutions instead: runtimes such as
@@ -306,7 +326,8 @@ def _map_mlp(mlp: FoldedMlp, x: torch.Tensor) -> torch.Tensor:
     if _portable():
         return mlp.forward_map(x)
     b, c, h, w = x.shape
-    return mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c)).view(b, h, w, c).permute(0, 3, 1, 2)
+    rows = None if normalized is None else normalized.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c), rows).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class FoldedSepConv(nn.Module):

@@ -17,16 +17,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from metaformer.errors import ConfigError, InputSizeError
+from metaformer.models.kernels import native_available, pool_mix_train, pool_mix_train_supported
 from metaformer.models.layers import (
     ACTIVATIONS,
     DropPath,
+    GroupNorm1,
     LayerNorm2d,
     Mlp,
     Scale,
     make_activation,
     make_norm,
 )
-from metaformer.models.mixers import resolve_mixer
+from metaformer.models.mixers import Pooling, resolve_mixer
 
 MIN_INPUT_SIZE = 32
 FINAL_NORMS = ("map", "pooled")
@@ -111,9 +113,47 @@ class MetaFormerBlock(nn.Module):
         self.layer_scale2 = _optional_scale(dim, layer_scale_init, tokens)
         self.res_scale2 = _optional_scale(dim, res_scale_init, tokens)
 
+        self.native_pool_radius = self._native_pool_radius()
+
+    def _native_pool_radius(self) -> int | None:
+        """The pooling window's radius when the mixer half can run as one native kernel (a PoolFormer
+        block: GroupNorm with one group, pooling, optional layer scale and stochastic depth)."""
+        mixer, norm = self.token_mixer, self.norm1
+        plain_norm = type(norm) in (nn.GroupNorm, GroupNorm1) and norm.num_groups == 1
+        if type(mixer) is not Pooling or not plain_norm or not isinstance(self.res_scale1, nn.Identity):
+            return None
+        return mixer.pool.padding
+
+    def _pool_half_native(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + ls * drop(pool(gn(x)) - gn(x))`` in one kernel each way; the same values and gradients."""
+        k = self.norm1.weight if self.norm1.weight is not None else x.new_ones(x.shape[1])
+        if isinstance(self.layer_scale1, Scale):
+            k = k * self.layer_scale1.scale
+        multiplier = None
+        drop = self.drop_path1
+        if isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0:
+            keep = 1.0 - drop.drop_prob
+            multiplier = x.new_empty((x.shape[0], 1, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep)
+        return pool_mix_train(
+            x.float(), k.float(), radius=self.native_pool_radius, eps=self.norm1.eps,
+            bias=self.norm1.bias, multiplier=multiplier,
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        if self.native_pool_radius is not None and _native_ok(x):
+            x = self._pool_half_native(x)
+        else:
+            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    """CPU fp32 channels-last maps in eager mode (bf16 ones under autocast, where the norm runs in fp32)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and native_available()
+    return pool_mix_train_supported(x)
 
 
 class MetaFormerStage(nn.Module):

@@ -1,0 +1,206 @@
+"""Optional native CPU kernels for the inference fast path, built on first use with the system's C compiler.
+
+The fast path's remaining element-wise work (a PoolFormer block's statistics, pooling, mixing and the
+second norm) is memory-bound; torch runs it as seven passes over the map, ``pool_mix.c`` as three.
+It is plain C (no torch headers, so it compiles in about a second), loaded with ctypes and parallel
+with OpenMP: the dynamic loader resolves its ``libgomp.so.1`` to the one torch already loaded, so
+both share one thread pool.
+
+Nothing here is required: with no compiler, a failed build, ``METAFORMER_NATIVE=0``, or a tensor the
+kernel does not take (not fp32, not channels-last, autograd), callers use the torch ops instead.
+The build goes to ``$METAFORMER_HOME/kernels`` (or ``~/.cache/metaformer/kernels``), keyed by the
+source, the flags and the CPU, and is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("pool_mix.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+
+
+def _cpu_signature() -> str:
+    """The CPU model and flags: ``-march=native`` code must not be reused on a different CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("METAFORMER_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "metaformer") / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"pool_mix-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@cache
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they are switched off or cannot be built here."""
+    if os.environ.get("METAFORMER_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.debug("no C compiler found; the fast path uses torch ops for the pooling half")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        logger.debug("native kernels unavailable (%s %s)", error, detail.decode(errors="replace")[-500:])
+        return None
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "metaformer_pool_mix": [ptr] * 4 + [i32] * 5 + [f32] * 2 + [i32],
+        "metaformer_pool_mix_train_forward": [ptr] * 6 + [i32] * 5 + [f32, i32],
+        "metaformer_pool_mix_train_backward": [ptr] * 8 + [i32] * 6,
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i32, argtypes
+    return lib
+
+
+def native_available() -> bool:
+    return native_library() is not None
+
+
+def _native_map(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and native_library() is not None
+    )
+
+
+def pool_mix_supported(x: torch.Tensor) -> bool:
+    """Whether ``pool_mix`` takes this map: CPU fp32 channels-last, no autograd, kernels available."""
+    return _native_map(x) and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise MemoryError(f"{name} could not allocate its work buffers")
+
+
+def pool_mix(
+    x: torch.Tensor, scale: torch.Tensor, radius: int, eps: float, norm_eps: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = lerp(x, avgpool(x), scale / std(x))`` per sample (padding not counted, window 2r+1) and,
+    if ``norm_eps`` is given, ``y`` normalised per sample; channels-last (B, C, H, W) fp32 maps."""
+    lib = native_library()
+    assert lib is not None
+    b, c, h, w = x.shape
+    scale = scale.reshape(c).contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    normed = None if norm_eps is None else torch.empty_like(x, memory_format=torch.channels_last)
+    status = lib.metaformer_pool_mix(
+        x.data_ptr(),
+        y.data_ptr(),
+        None if normed is None else normed.data_ptr(),
+        scale.data_ptr(),
+        b,
+        h,
+        w,
+        c,
+        radius,
+        eps,
+        0.0 if norm_eps is None else norm_eps,
+        torch.get_num_threads(),
+    )
+    _check(status, "pool_mix")
+    return y, normed
+
+
+def pool_mix_train_supported(x: torch.Tensor) -> bool:
+    """Whether ``pool_mix_train`` takes this map: CPU fp32 channels-last and the kernels available."""
+    return _native_map(x)
+
+
+class _PoolMixTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k, bias, mult, radius, eps):  # type: ignore[override]
+        lib = native_library()
+        b, c, h, w = x.shape
+        k = k.detach().float().contiguous()
+        mult = None if mult is None else mult.detach().float().reshape(b).contiguous()
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        mean, rstd = x.new_empty(b), x.new_empty(b)
+        status = lib.metaformer_pool_mix_train_forward(  # type: ignore[union-attr]
+            x.data_ptr(), y.data_ptr(), k.data_ptr(), None if mult is None else mult.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        _check(status, "pool_mix_train")
+        ctx.save_for_backward(x, k, mult, mean, rstd)
+        ctx.radius, ctx.bias_shape = radius, None if bias is None else bias.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, k, mult, mean, rstd = ctx.saved_tensors
+        b, c, h, w = x.shape
+        grad = grad.float().contiguous(memory_format=torch.channels_last)
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        dk = k.new_empty(c)
+        backward = native_library().metaformer_pool_mix_train_backward  # type: ignore[union-attr]
+        status = backward(
+            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), dk.data_ptr(), k.data_ptr(),
+            None if mult is None else mult.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            b, h, w, c, ctx.radius, torch.get_num_threads(),
+        )  # fmt: skip
+        _check(status, "pool_mix_train backward")
+        # GroupNorm's bias cancels in pool(y) - y (a constant pools to itself): its gradient is exactly 0
+        dbias = None if ctx.bias_shape is None else dk.new_zeros(ctx.bias_shape)
+        return dx, dk, dbias, None, None, None
+
+
+def pool_mix_train(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    radius: int,
+    eps: float,
+    bias: torch.Tensor | None = None,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x + m * k * (avgpool(x) - x) / std(x)`` per sample, differentiable in ``x`` and ``k``: a pooling
+    block's first half, ``x + ls * (pool(gn(x)) - gn(x))`` with ``k = ls * gn.weight``. ``bias`` (the
+    norm's, which cancels) gets a zero gradient, so data-parallel training sees every parameter used;
+    ``multiplier`` is stochastic depth's per-sample factor."""
+    return _PoolMixTrain.apply(x, k, bias, multiplier, radius, eps)

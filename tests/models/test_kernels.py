@@ -1,0 +1,173 @@
+"""The optional native pooling kernel equals the torch ops it replaces, and is skipped cleanly when absent."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaformer import create_model, optimize_for_inference
+from metaformer.models import fast, kernels
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """Build into an empty cache folder, and forget any library loaded before or by the test."""
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    kernels.native_library.cache_clear()
+    yield tmp_path
+    kernels.native_library.cache_clear()
+
+
+def reference(x, scale, radius, eps, norm_eps):
+    rstd = torch.rsqrt(x.double().var((1, 2, 3), unbiased=False, keepdim=True) + eps).float()
+    pooled = F.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
+    y = torch.lerp(x, pooled, scale.view(1, -1, 1, 1) * rstd)
+    return y, None if norm_eps is None else F.group_norm(y, 1, eps=norm_eps)
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("shape", "radius"), [((2, 16, 9, 7), 1), ((3, 5, 6, 11), 2), ((1, 64, 1, 1), 1)])
+@pytest.mark.parametrize("norm_eps", [1e-5, None])
+def test_pool_mix_equals_torch_ops(fresh_build, shape, radius, norm_eps, threads):
+    torch.manual_seed(0)
+    x = (3 * torch.randn(shape) + 1).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(shape[1]) - 0.3
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, normed = kernels.pool_mix(x, scale, radius, 1e-5, norm_eps)
+    finally:
+        torch.set_num_threads(old)
+    want_y, want_norm = reference(x, scale, radius, 1e-5, norm_eps)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    if norm_eps is None:
+        assert normed is None
+    else:
+        torch.testing.assert_close(normed, want_norm, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_build_is_cached_and_leaves_no_temporaries(fresh_build):
+    lib = kernels.native_library()
+    assert lib is not None
+    built = sorted((fresh_build / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    kernels.native_library.cache_clear()
+    stamp = built[0].stat().st_mtime_ns
+    assert kernels.native_library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@needs_compiler
+def test_fast_path_runs_the_kernel_and_matches_torch_ops(fresh_build, monkeypatch):
+    model = create_model("poolformer_s12", depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=10)
+    faster = optimize_for_inference(model.eval())
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    real = fast.pool_mix
+    monkeypatch.setattr(fast, "pool_mix", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        native = faster(x)
+        assert len(calls) == 5  # every pooling block
+        monkeypatch.setattr(fast, "pool_mix_supported", lambda x: False)
+        torch_ops = faster(x)
+    torch.testing.assert_close(native, torch_ops, rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_or_without_compiler_falls_back(fresh_build, monkeypatch):
+    monkeypatch.setenv("METAFORMER_NATIVE", "0")
+    assert kernels.native_library() is None
+    kernels.native_library.cache_clear()
+    monkeypatch.delenv("METAFORMER_NATIVE")
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    assert kernels.native_library() is None
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert not kernels.pool_mix_supported(x)
+    model = optimize_for_inference(create_model("poolformer_s12", depths=(1, 1, 1, 1), num_classes=3).eval())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_only_inference_maps_are_taken():
+    x = torch.randn(1, 8, 4, 4)
+    assert not kernels.pool_mix_supported(x)  # NCHW
+    assert not kernels.pool_mix_supported(x.double().contiguous(memory_format=torch.channels_last))
+    grad = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert not kernels.pool_mix_supported(grad)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("shape", "radius"), [((3, 16, 9, 7), 1), ((2, 5, 6, 11), 2), ((2, 8, 1, 3), 1)])
+def test_training_kernel_values_and_gradients_match_autograd(fresh_build, shape, radius):
+    """Against float64 autograd of the block's own ops: GroupNorm, pool - x, layer scale, drop path."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = (2 * torch.randn(shape) + 0.5).double().contiguous(memory_format=torch.channels_last)
+    weight, scale, bias = torch.rand(c) + 0.5, torch.rand(c) - 0.3, torch.randn(c)
+    multiplier = torch.tensor([0.0, 1.25, 1.25][: shape[0]])
+    grad_out = torch.randn(shape)
+
+    leaves = [t.double().requires_grad_() for t in (x, weight, scale, bias)]
+    xd, wd, sd, bd = leaves
+    normed = F.group_norm(xd, 1, wd, bd, eps=1e-5)
+    pooled = F.avg_pool2d(normed, 2 * radius + 1, 1, radius, count_include_pad=False)
+    want = xd + multiplier.double().view(-1, 1, 1, 1) * sd.view(1, -1, 1, 1) * (pooled - normed)
+    (want * grad_out.double()).sum().backward()
+
+    xf, wf, sf, bf = (t.detach().float().requires_grad_() for t in leaves)
+    xf = xf.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    got = kernels.pool_mix_train(xf, sf * wf, radius=radius, eps=1e-5, bias=bf, multiplier=multiplier)
+    (got * grad_out).sum().backward()
+
+    def close(a, b):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+
+    close(got, want)
+    for mine, theirs in zip((xf, wf, sf), (xd, wd, sd), strict=True):
+        close(mine.grad, theirs.grad)
+    assert bd.grad.abs().max() < 1e-12  # the bias cancels ...
+    assert torch.equal(bf.grad, torch.zeros(c))  # ... and gets an exact zero
+
+
+@needs_compiler
+@pytest.mark.parametrize("amp", [False, True])
+def test_training_step_equals_the_torch_ops_path(fresh_build, monkeypatch, amp):
+    from metaformer.models import metaformer as blocks
+
+    torch.manual_seed(0)
+    model = create_model(
+        "poolformer_s12", depths=(2, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=10, drop_path_rate=0.3
+    ).train()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    calls = []
+    real = blocks.pool_mix_train
+
+    def step(native: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(blocks, "pool_mix_train", (lambda *a, **k: calls.append(1) or real(*a, **k)))
+        if not native:
+            monkeypatch.setattr(blocks, "_native_ok", lambda x: False)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path draws
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = step(True)
+    assert len(calls) == 5
+    ref_loss, ref_grads = step(False)
+    assert len(calls) == 5
+    assert abs(loss - ref_loss) < 1e-4
+    if not amp:  # bf16 rounds the matmuls differently on each path; fp32 must agree
+        for name, grad in grads.items():
+            if not name.endswith("norm1.bias"):  # exactly 0 natively, rounding noise in torch ops
+                torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
