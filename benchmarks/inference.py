@@ -96,15 +96,11 @@ def matmul_peak_once(device: str, dtype: torch.dtype) -> float:
 
 def without_native(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The fast path with its native pooling kernel switched off (what it runs without a C compiler)."""
-    from metaformer.models import fast
+    from metaformer.models.kernels import native_kernels
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        real = fast.pool_mix_supported
-        fast.pool_mix_supported = lambda _: False
-        try:
+        with native_kernels(False):
             return model(x)
-        finally:
-            fast.pool_mix_supported = real
 
     return run
 

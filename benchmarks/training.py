@@ -116,15 +116,11 @@ def build_row(
 
 def without_native(step: Callable[[], float]) -> Callable[[], float]:
     """Run ``step`` with the blocks' native pooling kernel switched off."""
-    from metaformer.models import metaformer as blocks
+    from metaformer.models.kernels import native_kernels
 
     def run() -> float:
-        real = blocks._native_ok
-        blocks._native_ok = lambda x: False
-        try:
+        with native_kernels(False):
             return step()
-        finally:
-            blocks._native_ok = real
 
     return run
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from metaformer.models.kernels import native_kernels
 from metaformer.models.layers import GroupNorm1Tokens
 from metaformer.models.mixers import Attention
 
@@ -55,7 +56,7 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, native_kernels(False):  # count torch's ops
             model(x)
     finally:
         model.train(was_training)

@@ -171,3 +171,17 @@ def test_training_step_equals_the_torch_ops_path(fresh_build, monkeypatch, amp):
         for name, grad in grads.items():
             if not name.endswith("norm1.bias"):  # exactly 0 natively, rounding noise in torch ops
                 torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_switching_the_kernels_off_for_a_block_of_code(fresh_build):
+    with kernels.native_kernels(False):
+        assert not kernels.native_available()
+    assert kernels.native_available() == (kernels.native_library() is not None)
+
+
+def test_mac_count_is_the_same_for_channels_last_models():
+    from metaformer.complexity import count_macs
+
+    model = create_model("poolformer_s12")
+    plain = count_macs(model)
+    assert count_macs(model.to(memory_format=torch.channels_last)) == plain  # the norms' hooks still fire

@@ -14,6 +14,7 @@ source, the flags and the CPU, and is written to a temporary name and renamed in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -22,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -95,8 +97,22 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool) -> Iterator[None]:
+    """Switch the native kernels on or off inside a block (op counting, benchmarks of the torch path)."""
+    previous = _ENABLED[0]
+    _ENABLED[0] = enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = previous
+
+
 def native_available() -> bool:
-    return native_library() is not None
+    return _ENABLED[0] and native_library() is not None
 
 
 def _native_map(x: torch.Tensor) -> bool:
@@ -105,7 +121,7 @@ def _native_map(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and native_library() is not None
+        and native_available()
     )
 
 
