@@ -1009,7 +1009,7 @@ def add_segment_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
         type=float,
         nargs="+",
         metavar="W",
-        help="cross-entropy weight per class, in class order (paper: none; shapes 0.4 1 1.2 1.2)",
+        help="cross-entropy weight per class, in class order (default: none, as the paper)",
     )
     p.set_defaults(handler=cmd_segment_train)
 
