@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from metaformer.models.kernels import native_available
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -43,12 +45,17 @@ def test_inference_benchmark_quick():
         cells = row(out, label)
         assert float(cells[0]) > 0  # img/s
         assert float(cells[-1]) <= 1e-5  # max relative difference to timm's logits
+    if native_available():  # the fast path without its native kernel is a row of its own
+        assert float(row(out, "ours fast path, torch ops only")[-1]) <= 1e-5
 
 
 @pytest.mark.timeout(300)
 def test_training_benchmark_quick():
     out = run("training.py")
-    for label in ("timm (NCHW)", "ours (NCHW)", "ours channels_last", "ours + grad checkpointing"):
+    labels = ["timm (NCHW)", "ours (NCHW)", "ours channels_last", "ours + grad checkpointing"]
+    if native_available():
+        labels.append("ours channels_last, torch ops")
+    for label in labels:
         cells = row(out, label)
         assert float(cells[0]) > 0  # img/s
         assert float(cells[3]) <= 1e-4  # |first-step loss - timm's|
