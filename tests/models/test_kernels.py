@@ -185,3 +185,31 @@ def test_mac_count_is_the_same_for_channels_last_models():
     model = create_model("poolformer_s12")
     plain = count_macs(model)
     assert count_macs(model.to(memory_format=torch.channels_last)) == plain  # the norms' hooks still fire
+
+
+@needs_compiler
+def test_hooks_and_swapped_mixers_are_respected(fresh_build):
+    from metaformer.models.mixers import Pooling
+
+    model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    block = model.stages[0].blocks[0]
+    assert block._native_pool_radius() == 1
+    seen = []
+    handle = block.token_mixer.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert seen == [1]  # the hooked mixer ran as a module, not inside the kernel
+
+    class Doubled(Pooling):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with torch.no_grad():
+        before = model(x)
+        block.token_mixer = Doubled(8)
+        after = model(x)
+    assert block._native_pool_radius() is None
+    assert not torch.allclose(before, after)

@@ -113,18 +113,20 @@ class MetaFormerBlock(nn.Module):
         self.layer_scale2 = _optional_scale(dim, layer_scale_init, tokens)
         self.res_scale2 = _optional_scale(dim, res_scale_init, tokens)
 
-        self.native_pool_radius = self._native_pool_radius()
-
     def _native_pool_radius(self) -> int | None:
         """The pooling window's radius when the mixer half can run as one native kernel (a PoolFormer
-        block: GroupNorm with one group, pooling, optional layer scale and stochastic depth)."""
+        block: GroupNorm with one group, pooling, optional layer scale and stochastic depth), else
+        None. Checked per call: a swapped-in module or a hook on one of the parts means torch ops."""
         mixer, norm = self.token_mixer, self.norm1
         plain_norm = type(norm) in (nn.GroupNorm, GroupNorm1) and norm.num_groups == 1
         if type(mixer) is not Pooling or not plain_norm or not isinstance(self.res_scale1, nn.Identity):
             return None
+        parts = (norm, mixer, mixer.pool, self.layer_scale1, self.drop_path1)
+        if any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks for p in parts):
+            return None
         return mixer.pool.padding
 
-    def _pool_half_native(self, x: torch.Tensor) -> torch.Tensor:
+    def _pool_half_native(self, x: torch.Tensor, radius: int) -> torch.Tensor:
         """``x + ls * drop(pool(gn(x)) - gn(x))`` in one kernel each way; the same values and gradients."""
         k = self.norm1.weight if self.norm1.weight is not None else x.new_ones(x.shape[1])
         if isinstance(self.layer_scale1, Scale):
@@ -135,13 +137,14 @@ class MetaFormerBlock(nn.Module):
             keep = 1.0 - drop.drop_prob
             multiplier = x.new_empty((x.shape[0], 1, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep)
         return pool_mix_train(
-            x.float(), k.float(), radius=self.native_pool_radius, eps=self.norm1.eps,
+            x.float(), k.float(), radius=radius, eps=self.norm1.eps,
             bias=self.norm1.bias, multiplier=multiplier,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_pool_radius is not None and _native_ok(x):
-            x = self._pool_half_native(x)
+        radius = self._native_pool_radius() if _native_ok(x) else None
+        if radius is not None:
+            x = self._pool_half_native(x, radius)
         else:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
