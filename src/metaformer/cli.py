@@ -999,8 +999,8 @@ def add_segment_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument(
         "--eval-every", type=int, metavar="N", help="validate every N epochs (overrides --eval-iters)"
     )
-    p.add_argument("--fpn-channels", type=int, metavar="C", help="FPN width (paper 256, shapes 128)")
-    p.add_argument("--head-channels", type=int, metavar="C", help="head width (paper 128, shapes 64)")
+    p.add_argument("--fpn-channels", type=int, metavar="C", help="FPN width (paper 256, shapes 64)")
+    p.add_argument("--head-channels", type=int, metavar="C", help="head width (paper and shapes 128)")
     p.add_argument(
         "--dropout", type=float, metavar="P", help="dropout before the classifier (paper 0.1, shapes 0)"
     )
