@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError
-from metaformer.models.kernels import pool_mix, pool_mix_supported
+from metaformer.models.kernels import pool_mix, pool_mix_supported, portable
 from metaformer.models.layers import (
     BatchNormTokens,
     GroupNorm1Tokens,
@@ -63,9 +63,7 @@ def _has_mkldnn_linear() -> bool:
 _MKLDNN = _has_mkldnn_linear()
 
 
-def _portable() -> bool:
-    """Tracing, scripting or compiling: use ops every exporter and compiler understands."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+_portable = portable  # tracing, scripting or compiling: ops every exporter and compiler understands
 
 
 def _use_mkldnn(x: torch.Tensor) -> bool:
@@ -301,7 +299,6 @@ class FoldedPoolBlock(nn.Module):
             self.native_radius is not None
             and self.res_scale is None
             and self.mlp.norm_kind in ("sample", "none")
-            and not _portable()
             and pool_mix_supported(x)
         ):
             norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" else None

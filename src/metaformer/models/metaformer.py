@@ -152,8 +152,6 @@ class MetaFormerBlock(nn.Module):
 
 def _native_ok(x: torch.Tensor) -> bool:
     """CPU fp32 channels-last maps in eager mode (bf16 ones under autocast, where the norm runs in fp32)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and native_available()
     return pool_mix_train_supported(x)

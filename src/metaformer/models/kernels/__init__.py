@@ -1,7 +1,8 @@
-"""Optional native CPU kernels for the inference fast path, built on first use with the system's C compiler.
+"""Optional native CPU kernels for a PoolFormer block's pooling half, built on first use with the C compiler.
 
-The fast path's remaining element-wise work (a PoolFormer block's statistics, pooling, mixing and the
-second norm) is memory-bound; torch runs it as seven passes over the map, ``pool_mix.c`` as three.
+That element-wise work (statistics, pooling, mixing and, in the inference fast path, the second norm)
+is memory-bound; torch runs it as seven passes over the map, ``pool_mix.c`` as three, and in training
+its backward as one kernel too.
 It is plain C (no torch headers, so it compiles in about a second), loaded with ctypes and parallel
 with OpenMP: the dynamic loader resolves its ``libgomp.so.1`` to the one torch already loaded, so
 both share one thread pool.
@@ -87,8 +88,7 @@ def native_library() -> ctypes.CDLL | None:
         return None
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     signatures = {
-        "metaformer_pool_mix": [ptr] * 4 + [i32] * 5 + [f32] * 2 + [i32],
-        "metaformer_pool_mix_train_forward": [ptr] * 6 + [i32] * 5 + [f32, i32],
+        "metaformer_pool_mix_forward": [ptr] * 7 + [i32] * 5 + [f32] * 2 + [i32],
         "metaformer_pool_mix_train_backward": [ptr] * 8 + [i32] * 6,
     }
     for name, argtypes in signatures.items():
@@ -111,8 +111,14 @@ def native_kernels(enabled: bool) -> Iterator[None]:
         _ENABLED[0] = previous
 
 
+def portable() -> bool:
+    """Tracing, scripting or compiling: the graph must hold ops every exporter and compiler knows."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def native_available() -> bool:
-    return _ENABLED[0] and native_library() is not None
+    """Whether the kernels may run here: switched on, built, and not inside a traced or compiled graph."""
+    return _ENABLED[0] and not portable() and native_library() is not None
 
 
 def _native_map(x: torch.Tensor) -> bool:
@@ -146,20 +152,11 @@ def pool_mix(
     scale = scale.reshape(c).contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     normed = None if norm_eps is None else torch.empty_like(x, memory_format=torch.channels_last)
-    status = lib.metaformer_pool_mix(
-        x.data_ptr(),
-        y.data_ptr(),
-        None if normed is None else normed.data_ptr(),
-        scale.data_ptr(),
-        b,
-        h,
-        w,
-        c,
-        radius,
-        eps,
-        0.0 if norm_eps is None else norm_eps,
+    status = lib.metaformer_pool_mix_forward(
+        x.data_ptr(), y.data_ptr(), None if normed is None else normed.data_ptr(), scale.data_ptr(),
+        None, None, None, b, h, w, c, radius, eps, 0.0 if norm_eps is None else norm_eps,
         torch.get_num_threads(),
-    )
+    )  # fmt: skip
     _check(status, "pool_mix")
     return y, normed
 
@@ -178,9 +175,9 @@ class _PoolMixTrain(torch.autograd.Function):
         mult = None if mult is None else mult.detach().float().reshape(b).contiguous()
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean, rstd = x.new_empty(b), x.new_empty(b)
-        status = lib.metaformer_pool_mix_train_forward(  # type: ignore[union-attr]
-            x.data_ptr(), y.data_ptr(), k.data_ptr(), None if mult is None else mult.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, torch.get_num_threads(),
+        status = lib.metaformer_pool_mix_forward(  # type: ignore[union-attr]
+            x.data_ptr(), y.data_ptr(), None, k.data_ptr(), None if mult is None else mult.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, 0.0, torch.get_num_threads(),
         )  # fmt: skip
         _check(status, "pool_mix_train")
         ctx.save_for_backward(x, k, mult, mean, rstd)

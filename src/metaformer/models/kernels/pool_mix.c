@@ -1,11 +1,20 @@
-/* The pooling half of a folded PoolFormer block, fused, on channels-last fp32 maps (B, H, W, C).
+/* The pooling half of a PoolFormer block, fused, on channels-last fp32 maps (B, H, W, C).
 
-   y  = x + s_b * (avgpool_k(x) - x),  s_b[c] = scale[c] / sqrt(var(x_b) + eps1)   (padding not counted)
-   yn = (y - mean(y_b)) / sqrt(var(y_b) + eps2)                                       (if yn != NULL)
+   forward:  y  = x + m_b * k_c * r_b * (avgpool(x) - x),  r_b = 1 / sqrt(var(x_b) + eps1)
+             (window 2 * radius + 1, padding not counted). In a plain block k = layer_scale *
+             norm1.weight and m_b is stochastic depth's per-sample multiplier (GroupNorm's mean and
+             bias cancel in pool(n) - n); in the folded inference block k is the folded scale.
+             Optionally also yn = (y - mean(y_b)) / sqrt(var(y_b) + eps2) (the next norm, inference)
+             and each sample's mean and r_b (for the backward).
+   backward: with t = g * m_b k_c r_b and d = avgpool(x) - x,
+             dx = g - t + avgpool^T(t) - r_b^3 (x - mean_b) / N * S_b,   S_b = m_b sum_c k_c G_bc,
+             dk_c = sum_b m_b r_b G_bc,                                   G_bc = sum_hw g * d.
+   avgpool^T(t) at i sums t_j / count_j over the windows j that hold i (the windows are symmetric).
 
-   Three passes over the map (statistics of x; pool, mix and statistics of y; normalise y) instead of
-   the seven that separate ops take. Statistics are accumulated per image row in double precision.
-   Parallel over (sample, row) with OpenMP; it shares the process's libgomp with torch. */
+   The forward is three passes over the map (statistics of x; pool, mix and statistics of y;
+   normalise y) instead of the seven that separate ops take. Statistics are accumulated per image row
+   in double precision. Parallel over (sample, row) with OpenMP; it shares the process's libgomp
+   with torch. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,109 +42,6 @@ static void sample_moments(const double *rows, int h, long count, double *mean, 
     *mean = m;
     *var = v > 0.0 ? v : 0.0;
 }
-
-int metaformer_pool_mix(const float *x, float *y, float *yn, const float *scale, int B, int H, int W,
-                        int C, int radius, float eps1, float eps2, int threads) {
-    long plane = (long)W * C, sample = (long)H * plane;
-    double *stats = (double *)malloc(sizeof(double) * 2 * (size_t)B * H);
-    float *coef = (float *)malloc(sizeof(float) * (size_t)B * C);
-    double *ystats = (double *)malloc(sizeof(double) * 2 * (size_t)B * H);
-    double *ymoments = (double *)malloc(sizeof(double) * 2 * (size_t)B);
-    if (!stats || !coef || !ystats || !ymoments) {
-        free(stats), free(coef), free(ystats), free(ymoments);
-        return 1;
-    }
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *colsum = (float *)malloc(sizeof(float) * (size_t)plane);
-        if (!colsum) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        /* pass 1: statistics of x per (sample, row) */
-#pragma omp for schedule(static)
-        for (long br = 0; br < (long)B * H; ++br)
-            row_stats(x + br * plane, plane, &stats[2 * br], &stats[2 * br + 1]);
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b) {
-            double mean, var;
-            sample_moments(stats + 2L * b * H, H, sample, &mean, &var);
-            float rstd = (float)(1.0 / sqrt(var + (double)eps1));
-            for (int c = 0; c < C; ++c) coef[(long)b * C + c] = scale[c] * rstd;
-        }
-        /* pass 2: pool (vertical sums, then horizontal), mix, statistics of y */
-#pragma omp for schedule(static)
-        for (long br = 0; br < (long)B * H; ++br) {
-            if (!colsum) continue;
-            int b = (int)(br / H), h = (int)(br % H);
-            int h0 = h - radius < 0 ? 0 : h - radius, h1 = h + radius >= H ? H - 1 : h + radius;
-            const float *xs = x + (long)b * sample;
-            memcpy(colsum, xs + (long)h0 * plane, sizeof(float) * (size_t)plane);
-            for (int r = h0 + 1; r <= h1; ++r) {
-                const float *src = xs + (long)r * plane;
-                for (long i = 0; i < plane; ++i) colsum[i] += src[i];
-            }
-            const float *xr = xs + (long)h * plane;
-            float *yr = y + (long)b * sample + (long)h * plane;
-            const float *cf = coef + (long)b * C;
-            float rows = (float)(h1 - h0 + 1);
-            double s = 0.0, q = 0.0;
-            for (int w = 0; w < W; ++w) {
-                int w0 = w - radius < 0 ? 0 : w - radius, w1 = w + radius >= W ? W - 1 : w + radius;
-                float inv = 1.0f / (rows * (float)(w1 - w0 + 1));
-                const float *xp = xr + (long)w * C;
-                float *yp = yr + (long)w * C;
-                const float *first = colsum + (long)w0 * C;
-                for (int c = 0; c < C; ++c) yp[c] = first[c];
-                for (int k = w0 + 1; k <= w1; ++k) {
-                    const float *col = colsum + (long)k * C;
-                    for (int c = 0; c < C; ++c) yp[c] += col[c];
-                }
-#pragma omp simd reduction(+ : s, q)
-                for (int c = 0; c < C; ++c) {
-                    float v = xp[c] + cf[c] * (yp[c] * inv - xp[c]);
-                    yp[c] = v;
-                    s += v;
-                    q += (double)v * v;
-                }
-            }
-            ystats[2 * br] = s;
-            ystats[2 * br + 1] = q;
-        }
-        if (yn) {
-#pragma omp for schedule(static)
-            for (int b = 0; b < B; ++b) {
-                double mean, var;
-                sample_moments(ystats + 2L * b * H, H, sample, &mean, &var);
-                ymoments[2 * b] = mean;
-                ymoments[2 * b + 1] = 1.0 / sqrt(var + (double)eps2);
-            }
-            /* pass 3: normalise y */
-#pragma omp for schedule(static)
-            for (long br = 0; br < (long)B * H; ++br) {
-                long b = br / H;
-                float mean = (float)ymoments[2 * b], rstd = (float)ymoments[2 * b + 1];
-                const float *src = y + br * plane;
-                float *dst = yn + br * plane;
-                for (long i = 0; i < plane; ++i) dst[i] = (src[i] - mean) * rstd;
-            }
-        }
-        free(colsum);
-    }
-    free(stats), free(coef), free(ystats), free(ymoments);
-    return failed;
-}
-
-/* Training: the same pooling half of an unfolded block, with autograd's two halves.
-
-   forward:  y = x + m_b * k_c * r_b * (avgpool(x) - x),  r_b = 1 / sqrt(var(x_b) + eps)
-             where k = layer_scale * norm1.weight and m_b is stochastic depth's per-sample multiplier;
-             writes y and each sample's mean and r_b for the backward.
-   backward: with t = g * m_b k_c r_b and d = avgpool(x) - x,
-             dx = g - t + avgpool^T(t) - r_b^3 (x - mean_b) / N * S_b,   S_b = m_b sum_c k_c G_bc,
-             dk_c = sum_b m_b r_b G_bc,                                   G_bc = sum_hw g * d.
-   avgpool^T(t) at i sums t_j / count_j over the windows j that hold i (the windows are symmetric). */
 
 static inline int lo(int i, int r) { return i - r < 0 ? 0 : i - r; }
 static inline int hi(int i, int r, int n) { return i + r >= n ? n - 1 : i + r; }
@@ -167,14 +73,16 @@ static void pool_minus_row(const float *xs, int h, int H, int W, int C, int radi
     }
 }
 
-int metaformer_pool_mix_train_forward(const float *x, float *y, const float *k, const float *mult,
-                                      float *mean_out, float *rstd_out, int B, int H, int W, int C,
-                                      int radius, float eps, int threads) {
+int metaformer_pool_mix_forward(const float *x, float *y, float *yn, const float *k, const float *mult,
+                                float *mean_out, float *rstd_out, int B, int H, int W, int C, int radius,
+                                float eps1, float eps2, int threads) {
     long plane = (long)W * C, sample = (long)H * plane;
     double *stats = (double *)malloc(sizeof(double) * 2 * (size_t)B * H);
+    double *ystats = (double *)malloc(sizeof(double) * 2 * (size_t)B * H);
+    double *ymoments = (double *)malloc(sizeof(double) * 2 * (size_t)B);
     float *coef = (float *)malloc(sizeof(float) * (size_t)B * C);
-    if (!stats || !coef) {
-        free(stats), free(coef);
+    if (!stats || !ystats || !ymoments || !coef) {
+        free(stats), free(ystats), free(ymoments), free(coef);
         return 1;
     }
     int failed = 0;
@@ -185,6 +93,7 @@ int metaformer_pool_mix_train_forward(const float *x, float *y, const float *k, 
 #pragma omp atomic write
             failed = 1;
         }
+        /* pass 1: statistics of x per (sample, row) */
 #pragma omp for schedule(static)
         for (long br = 0; br < (long)B * H; ++br)
             row_stats(x + br * plane, plane, &stats[2 * br], &stats[2 * br + 1]);
@@ -192,30 +101,61 @@ int metaformer_pool_mix_train_forward(const float *x, float *y, const float *k, 
         for (int b = 0; b < B; ++b) {
             double mean, var;
             sample_moments(stats + 2L * b * H, H, sample, &mean, &var);
-            double rstd = 1.0 / sqrt(var + (double)eps);
-            mean_out[b] = (float)mean;
-            rstd_out[b] = (float)rstd;
+            double rstd = 1.0 / sqrt(var + (double)eps1);
+            if (mean_out) mean_out[b] = (float)mean;
+            if (rstd_out) rstd_out[b] = (float)rstd;
             float m = mult ? mult[b] : 1.0f;
             for (int c = 0; c < C; ++c) coef[(long)b * C + c] = m * k[c] * (float)rstd;
         }
+        /* pass 2: pool, mix and (for yn) the statistics of y */
 #pragma omp for schedule(static)
         for (long br = 0; br < (long)B * H; ++br) {
             if (!scratch) continue;
             int b = (int)(br / H), h = (int)(br % H);
             float *d = scratch + plane;
             pool_minus_row(x + (long)b * sample, h, H, W, C, radius, scratch, d);
-            const float *xr = x + br * plane;
+            const float *xr = x + br * plane, *cf = coef + (long)b * C;
             float *yr = y + br * plane;
-            const float *cf = coef + (long)b * C;
-            for (int w = 0; w < W; ++w)
-                for (int c = 0; c < C; ++c) {
-                    long i = (long)w * C + c;
-                    yr[i] = xr[i] + cf[c] * d[i];
+            double s = 0.0, q = 0.0;
+            for (int w = 0; w < W; ++w) {
+                const float *xp = xr + (long)w * C, *dp = d + (long)w * C;
+                float *yp = yr + (long)w * C;
+                if (!yn) {
+                    for (int c = 0; c < C; ++c) yp[c] = xp[c] + cf[c] * dp[c];
+                    continue;
                 }
+#pragma omp simd reduction(+ : s, q)
+                for (int c = 0; c < C; ++c) {
+                    float v = xp[c] + cf[c] * dp[c];
+                    yp[c] = v;
+                    s += v;
+                    q += (double)v * v;
+                }
+            }
+            ystats[2 * br] = s;
+            ystats[2 * br + 1] = q;
+        }
+        if (yn) {
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
+                double mean, var;
+                sample_moments(ystats + 2L * b * H, H, sample, &mean, &var);
+                ymoments[2 * b] = mean;
+                ymoments[2 * b + 1] = 1.0 / sqrt(var + (double)eps2);
+            }
+            /* pass 3: normalise y */
+#pragma omp for schedule(static)
+            for (long br = 0; br < (long)B * H; ++br) {
+                long b = br / H;
+                float mean = (float)ymoments[2 * b], rstd = (float)ymoments[2 * b + 1];
+                const float *src = y + br * plane;
+                float *dst = yn + br * plane;
+                for (long i = 0; i < plane; ++i) dst[i] = (src[i] - mean) * rstd;
+            }
         }
         free(scratch);
     }
-    free(stats), free(coef);
+    free(stats), free(ystats), free(ymoments), free(coef);
     return failed;
 }
 
