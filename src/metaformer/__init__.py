@@ -15,7 +15,7 @@ from metaformer.errors import (
 from metaformer.models import MetaFormer, MetaFormerFeatures, create_model, list_models, register_mixer
 from metaformer.models.fast import optimize_for_inference
 from metaformer.weights import load_weights as load_checkpoint
-from metaformer.weights import save_weights
+from metaformer.weights import save_pretrained, save_weights
 
 try:
     __version__ = version("metaformer")
@@ -39,5 +39,6 @@ __all__ = [
     "load_checkpoint",
     "optimize_for_inference",
     "register_mixer",
+    "save_pretrained",
     "save_weights",
 ]

@@ -72,20 +72,19 @@ def create_model(
     rate = variant.drop_path_rate if drop_path_rate is None else drop_path_rate
     kwargs = model_kwargs(name, **overrides)
     kwargs.update(num_classes=0 if features_only else num_classes, in_chans=in_chans, drop_path_rate=rate)
-    model = MetaFormer(**kwargs)
+    model: nn.Module = MetaFormer(**kwargs)
     model.model_name = name  # type: ignore[assignment]
     model.model_config = kwargs  # type: ignore[assignment]
+    if features_only:  # wrap first, so a dense checkpoint's output norms load into out_norms
+        norm = "groupnorm1" if out_norm is True else (out_norm or None)
+        model = MetaFormerFeatures(model, out_indices=out_indices, out_norm=norm)  # type: ignore[arg-type]
+        model.model_name = name  # type: ignore[assignment]
+        model.model_config = kwargs  # type: ignore[assignment]
     if pretrained or checkpoint_path is not None:
         from metaformer.weights import load_pretrained, load_weights
 
         if pretrained:
             load_pretrained(model, name)
         else:
-            load_weights(model, checkpoint_path)
-    if features_only:
-        norm = "groupnorm1" if out_norm is True else (out_norm or None)
-        features = MetaFormerFeatures(model, out_indices=out_indices, out_norm=norm)
-        features.model_name = name  # type: ignore[assignment]
-        features.model_config = kwargs  # type: ignore[assignment]
-        return features
+            load_weights(model, checkpoint_path)  # type: ignore[arg-type]
     return model

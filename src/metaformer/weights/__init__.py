@@ -5,6 +5,7 @@ module level (``create_model`` imports it when asked for weights).
 """
 
 from metaformer.weights.download import cache_dir, download_weights, sha256_of
+from metaformer.weights.folder import save_pretrained
 from metaformer.weights.io import (
     atomic_write,
     load_state,
@@ -25,7 +26,11 @@ from metaformer.weights.layouts import (
     matching_models,
     model_from_weights,
     remap_baselines_keys,
+    remap_mmdet_mmseg_keys,
+    remap_mmpretrain_keys,
     remap_official_keys,
+    remap_transformers_keys,
+    rename_keys,
     to_baselines_keys,
     to_official_keys,
     to_ours,
@@ -61,8 +66,13 @@ __all__ = [
     "read_metadata",
     "read_state_dict",
     "remap_baselines_keys",
+    "remap_mmdet_mmseg_keys",
+    "remap_mmpretrain_keys",
     "remap_official_keys",
+    "remap_transformers_keys",
+    "rename_keys",
     "resolve_tag",
+    "save_pretrained",
     "save_state",
     "save_weights",
     "sha256_of",

@@ -70,6 +70,59 @@ def _check_exists(path: Path) -> None:
         raise CheckpointError(f"checkpoint path '{path}' is not a file; pass the checkpoint file itself")
 
 
+# Weight files of a hub-style folder (transformers' save_pretrained, ours), in the order they are tried.
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+FOLDER_CONFIG = "config.json"
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a hub-style folder its model.safetensors (else pytorch_model.bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in FOLDER_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    if any(path.glob("*.index.json")):
+        raise CheckpointError(
+            f"folder '{path}' holds a sharded checkpoint; metaformer reads one weights file, so merge the "
+            "shards (or re-save with a larger max_shard_size) first"
+        )
+    raise CheckpointError(
+        f"folder '{path}' has neither {' nor '.join(FOLDER_WEIGHTS)}; pass a save_pretrained folder or "
+        "the checkpoint file itself"
+    )
+
+
+def read_folder_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config.json of a hub-style folder as a dict; None when ``path`` is a file or has none."""
+    path = Path(path)
+    config = path / FOLDER_CONFIG
+    if not path.is_dir() or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read '{config}' ({err}); check that it is valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{config}' holds a {type(data).__name__}, not a JSON object; check the file")
+    return data
+
+
+def read_checkpoint_extras(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` entry OpenMMLab training scripts save next to the state dict (CLASSES, PALETTE...).
+
+    Empty for safetensors files and for checkpoints without one. Loaded with weights_only=True.
+    """
+    path = weights_file(path)
+    _check_exists(path)
+    if _is_safetensors(path):
+        return {}
+    obj = _torch_load(path)
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only=True; an unsafe pickle is refused, never retried unsafely."""
     try:
@@ -128,8 +181,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict and safetensors metadata (empty for .pth files) of a checkpoint file."""
-    path = Path(path)
+    """State dict and safetensors metadata (empty for .pth files) of a checkpoint file or hub-style folder."""
+    path = weights_file(path)
     _check_exists(path)
     if _is_safetensors(path):
         from safetensors import SafetensorError, safe_open

@@ -8,6 +8,16 @@ Layouts (PAPER.md 3.2-3.5):
   ``Linear`` weights that become 1x1 convs in our NCHW stages; ``norm``; ``head``).
 - ``"timm"``: timm's ``metaformer.py`` names, which are ours.
 - ``"metaformer"``: our safetensors files (timm names plus metadata to rebuild the model).
+- ``"transformers"``: HF transformers ``PoolFormerForImageClassification`` / ``PoolFormerModel``
+  (``poolformer.encoder.patch_embeddings.i.projection``, ``poolformer.encoder.block.i.j.*``, ``norm``,
+  ``classifier``); its head is GroupNorm on the map then the mean, our ``final_norm="map"``.
+- ``"mmpretrain"``: mmpretrain classifiers (the official v1 names under ``backbone.``, the last stage's
+  norm named after its network index, ``backbone.norm6``, and ``head.fc``).
+- ``"mmdet_mmseg"``: the official detection / segmentation checkpoints (mmdet v2, mmseg v0.x): the v1
+  backbone under ``backbone.`` with one output norm per stage, ``backbone.norm0/2/4/6`` (RetinaNet files
+  have no ``norm0``: it was an Identity under ``FORK_LAST3=1``), plus ``neck.*`` and head keys.
+  Output norms map to ``stage_norms.{stage}``, which a ``MetaFormerFeatures`` backbone loads into the
+  ``out_norms`` of its ``out_indices``.
 
 Renaming is a short table of regex -> template pairs applied to parsed indices, never chained string
 replacement (``network.1`` is a prefix of ``network.10``).
@@ -31,11 +41,35 @@ from torch import nn
 
 from metaformer.errors import CheckpointError, ConfigError
 from metaformer.models import VARIANTS, MetaFormer, MetaFormerFeatures, create_model
-from metaformer.weights.io import FORMAT, read_checkpoint, read_metadata, write_weights
+from metaformer.weights.folder import (
+    check_transformers_config,
+    is_metaformer_config,
+    is_transformers_config,
+    transformers_class_names,
+    transformers_model,
+    transformers_preprocessing,
+    write_config,
+)
+from metaformer.weights.io import (
+    FORMAT,
+    read_checkpoint,
+    read_folder_config,
+    read_metadata,
+    weights_file,
+    write_weights,
+)
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("metaformer", "timm", "official", "official_baselines")
+LAYOUTS = (
+    "metaformer",
+    "timm",
+    "official",
+    "official_baselines",
+    "transformers",
+    "mmpretrain",
+    "mmdet_mmseg",
+)
 Rules = tuple[tuple[re.Pattern[str], str], ...]
 
 
@@ -91,6 +125,27 @@ _OURS_TO_BASELINES = _rules(
     (r"head\.norm\.(?P<p>weight|bias)", "norm.{p}"),
     (r"head\.fc\.(?P<rest>.+)", "head.{rest}"),
 )
+# HF transformers PoolFormer -> ours (``poolformer.`` is absent in a bare PoolFormerModel's files).
+_HF = r"(?:poolformer\.)?encoder\."
+_TRANSFORMERS_TO_OURS = _rules(
+    (_HF + r"patch_embeddings\.0\.projection\.(?P<p>weight|bias)", "stem.conv.{p}"),
+    (_HF + r"patch_embeddings\.(?P<stage>\d+)\.projection\.(?P<p>weight|bias)",
+     "stages.{stage}.downsample.conv.{p}"),
+    (_HF + r"block\.(?P<stage>\d+)\.(?P<block>\d+)\.before_norm\.(?P<p>weight|bias)",
+     "stages.{stage}.blocks.{block}.norm1.{p}"),
+    (_HF + r"block\.(?P<stage>\d+)\.(?P<block>\d+)\.after_norm\.(?P<p>weight|bias)",
+     "stages.{stage}.blocks.{block}.norm2.{p}"),
+    (_HF + r"block\.(?P<stage>\d+)\.(?P<block>\d+)\.output\.conv(?P<n>[12])\.(?P<p>weight|bias)",
+     "stages.{stage}.blocks.{block}.mlp.fc{n}.{p}"),
+    (_HF + r"block\.(?P<stage>\d+)\.(?P<block>\d+)\.layer_scale_(?P<n>[12])",
+     "stages.{stage}.blocks.{block}.layer_scale{n}.scale"),
+    (r"norm\.(?P<p>weight|bias)", "head.norm.{p}"),
+    (r"classifier\.(?P<p>weight|bias)", "head.fc.{p}"),
+)  # fmt: skip
+_HF_SENTINEL = re.compile(_HF + r"patch_embeddings\.0\.projection\.weight")
+# Keys of the necks and heads around an OpenMMLab backbone (not backbone weights).
+_OPENMMLAB_PARTS = ("neck.", "bbox_head.", "rpn_head.", "roi_head.", "decode_head.", "auxiliary_head.")
+_MM_NORM = re.compile(r"norm(?P<net>\d+)\.(?P<p>weight|bias)")
 # Channels-last Linear weights of the baselines that are 1x1 convs in our NCHW (non-attention) stages.
 _POINTWISE = re.compile(r"stages\.(?P<stage>\d+)\.blocks\.\d+\.(mlp\.fc[12]|token_mixer\.pwconv[12])\.weight")
 _ATTENTION = re.compile(r"stages\.(?P<stage>\d+)\.blocks\.\d+\.token_mixer\.qkv\.weight")
@@ -177,20 +232,93 @@ def to_baselines_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return _rename(out, _OURS_TO_BASELINES, lambda g: {})
 
 
+def remap_transformers_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF transformers PoolFormer keys -> ours; shapes are unchanged (its MLP is 1x1 convs too)."""
+    return _rename(state, _TRANSFORMERS_TO_OURS, lambda g: {})
+
+
+def _mm_backbone(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the ``backbone.`` keys without the prefix, every other key)."""
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    return backbone, rest
+
+
+def _mm_norm_indices(backbone: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(m["net"]) for k in backbone if (m := _MM_NORM.fullmatch(k))})
+
+
+def remap_mmpretrain_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmpretrain PoolFormer classifier keys -> ours: ``backbone.norm{last}`` is the final norm."""
+    backbone, rest = _mm_backbone(state)
+    norms = _mm_norm_indices(backbone)
+    last = max(_v1_stages(backbone), default=-1)
+    renamed = {}
+    for key, value in backbone.items():
+        match = _MM_NORM.fullmatch(key)
+        if match and int(match["net"]) == last:
+            key = f"norm.{match['p']}"
+        renamed[key] = value
+    if norms and norms != [last]:  # dense output norms in a classifier: leave them to the strict check
+        logger.debug("mmpretrain checkpoint with output norms at network indices %s", norms)
+    out = remap_official_keys(renamed)
+    for key, value in rest.items():  # head.fc.* is already our name; anything else is reported unexpected
+        if key in out:
+            raise CheckpointError(
+                f"checkpoint key '{key}' appears twice after remapping; the file is malformed"
+            )
+        out[key] = value
+    return out
+
+
+def remap_mmdet_mmseg_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official dense-model keys -> ours: backbone as official v1, ``norm{2s}`` -> ``stage_norms.{s}``.
+
+    Neck and head keys (``neck.*``, ``bbox_head.*``, ``decode_head.*``...) pass through unchanged.
+    """
+    backbone, rest = _mm_backbone(state)
+    stage_of = _v1_stages({k: v for k, v in backbone.items() if not _MM_NORM.fullmatch(k)})
+    renamed, norms = {}, {}
+    for key, value in backbone.items():
+        match = _MM_NORM.fullmatch(key)
+        if match:
+            net = int(match["net"])
+            if net not in stage_of or stage_of[net] != net // 2 or net % 2:
+                raise CheckpointError(
+                    f"checkpoint key 'backbone.{key}' is an output norm at network index {net}, which is not "
+                    "a stage; expected norm0/norm2/norm4/norm6"
+                )
+            norms[f"stage_norms.{stage_of[net]}.{match['p']}"] = value
+        else:
+            renamed[key] = value
+    return {**remap_official_keys(renamed), **norms, **rest}
+
+
 def detect_layout(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
     """One of LAYOUTS, from safetensors metadata or sentinel keys (as timm's checkpoint_filter_fn does)."""
     if metadata and metadata.get("format") == FORMAT:
         return "metaformer"
     if "stem.conv.weight" in state:
         return "timm"
+    if "backbone.patch_embed.proj.weight" in state:
+        backbone, rest = _mm_backbone(state)
+        norms = _mm_norm_indices(backbone)
+        last = max(_v1_stages(backbone), default=-1)
+        dense = any(k.startswith(_OPENMMLAB_PARTS) for k in rest) or (norms and norms != [last])
+        return "mmdet_mmseg" if dense and "head.fc.weight" not in state else "mmpretrain"
     if "patch_embed.proj.weight" in state or any(k.startswith("network.") for k in state):
         return "official"
     if "downsample_layers.0.conv.weight" in state:
         return "official_baselines"
+    if any(_HF_SENTINEL.fullmatch(k) for k in state):
+        return "transformers"
     first = ", ".join(list(state)[:3])
     raise CheckpointError(
         f"unrecognised checkpoint layout (first keys: {first}); expected official PoolFormer "
-        "(patch_embed.*, network.*), MetaFormer-baselines (downsample_layers.*) or timm (stem.conv.*) keys"
+        "(patch_embed.*, network.*), MetaFormer-baselines (downsample_layers.*), timm (stem.conv.*), "
+        "transformers (poolformer.encoder.*) or OpenMMLab (backbone.patch_embed.*) keys"
     )
 
 
@@ -199,7 +327,20 @@ def to_ours(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.T
         return remap_official_keys(state)
     if layout == "official_baselines":
         return remap_baselines_keys(state)
+    if layout == "transformers":
+        return remap_transformers_keys(state)
+    if layout == "mmpretrain":
+        return remap_mmpretrain_keys(state)
+    if layout == "mmdet_mmseg":
+        return remap_mmdet_mmseg_keys(state)
     return dict(state)
+
+
+def rename_keys(
+    state: Mapping[str, torch.Tensor], pairs: tuple[tuple[str, str], ...]
+) -> dict[str, torch.Tensor]:
+    """Rename keys by (regex, template) pairs, first full match wins; keys no pair matches pass through."""
+    return _rename(state, _rules(*pairs), lambda g: {})
 
 
 def compare_state_dict(
@@ -291,7 +432,7 @@ def _span(values: tuple[int, ...]) -> str:
     return f"{values[0]}..{values[-1]}" if values else "none"
 
 
-def _guess_fix(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+def _guess_fix(state: Mapping[str, torch.Tensor], model: nn.Module, layout: str = "") -> str:
     """A likely cause and fix for a checkpoint that does not fit ``model``."""
     dims, depths, in_chans = _architecture(state)
     model_dims = tuple(getattr(model, "dims", ()) or ())
@@ -299,7 +440,16 @@ def _guess_fix(state: Mapping[str, torch.Tensor], model: nn.Module) -> str:
     if not model_dims:  # a MetaFormerFeatures backbone: read the wrapped stages' shapes
         model_dims, model_depths, _ = _architecture(model.state_dict())
     model_in = getattr(model, "in_chans", in_chans)
-    candidates = [n for n in matching_models(state) if n != getattr(model, "model_name", None)][:3]
+    if any(k.startswith("stage_norms.") for k in state) and not isinstance(model, MetaFormerFeatures):
+        return (
+            "it is a detection/segmentation backbone (output norms norm0/2/4/6, no classifier): load it "
+            "with create_backbone(...) or create_model(..., features_only=True, out_norm=True)"
+        )
+    state = {k: v for k, v in state.items() if not k.startswith("stage_norms.")}
+    candidates = [n for n in matching_models(state) if n != getattr(model, "model_name", None)]
+    if layout in _POOLFORMER_ONLY:
+        candidates = [n for n in candidates if set(VARIANTS[n].config.mixers) == {"pooling"}]
+    candidates = candidates[:3]
     guess = f"a {' or '.join(candidates)} checkpoint? pass the matching model name" if candidates else ""
     if in_chans and in_chans != model_in:
         return (
@@ -351,7 +501,7 @@ def _mismatch_error(
     name = getattr(model, "model_name", None) or type(model).__name__
     return CheckpointError(
         f"checkpoint '{source}' ({layout} layout) does not fit {name}: {', '.join(parts)} keys; "
-        f"{_guess_fix(state, model)}"
+        f"{_guess_fix(state, model, layout)}"
     )
 
 
@@ -367,8 +517,16 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], layout: str, so
             report.unexpected.append(key)
             del state[key]
 
+    if layout == "mmdet_mmseg":
+        parts = sorted({k.split(".", 1)[0] for k in state if k.startswith(_OPENMMLAB_PARTS)})
+        drop(lambda k: not k.startswith(_OPENMMLAB_PARTS))
+        if parts:
+            logger.info(
+                "%s: using the backbone only; its %s weights are not loaded", source, ", ".join(parts)
+            )
     if isinstance(model, MetaFormerFeatures):
         num_stages = len(model.stages)
+        _place_stage_norms(model, state, report, source)
         drop(lambda k: not k.startswith("head.") and not _stage_at_least(k, num_stages))
         tolerated = {k for k in shapes if k.startswith("out_norms.")}  # fresh layers of the backbone
     elif not any(k.startswith("head.fc.") for k in shapes):  # num_classes == 0
@@ -407,19 +565,60 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], layout: str, so
     return report
 
 
+def _place_stage_norms(
+    model: MetaFormerFeatures, state: dict[str, torch.Tensor], report: LoadReport, source: str
+) -> None:
+    """Move a dense checkpoint's ``stage_norms.{s}`` onto the ``out_norms`` of the backbone's outputs.
+
+    A norm for a stage the backbone does not output is reported and logged, never dropped silently; an
+    output with no norm in the checkpoint (stage 0 of a RetinaNet file) keeps its fresh init, logged too.
+    """
+    found = {int(m.group(1)) for k in state if (m := re.match(r"stage_norms\.(\d+)\.", k))}
+    if not found:
+        return
+    has_norms = model.out_norm is not None
+    for key in [k for k in state if k.startswith("stage_norms.")]:
+        _, stage, param = key.split(".", 2)
+        value = state.pop(key)
+        if has_norms and int(stage) in model.out_indices:
+            state[f"out_norms.{model.out_indices.index(int(stage))}.{param}"] = value
+        else:
+            report.unexpected.append(key)
+    unused = sorted(found - set(model.out_indices)) if has_norms else sorted(found)
+    if unused:
+        why = "the backbone has no output norms (pass out_norm=True)" if not has_norms else "not an output"
+        logger.warning(
+            "%s: output norms of stage(s) %s are not loaded (%s)", source, ", ".join(map(str, unused)), why
+        )
+    fresh = sorted(set(model.out_indices) - found) if has_norms else []
+    if fresh:
+        logger.warning(
+            "%s has no output norm for stage(s) %s (a RetinaNet checkpoint: FORK_LAST3 made norm0 an "
+            "Identity); those norms keep their fresh init",
+            source,
+            ", ".join(map(str, fresh)),
+        )
+
+
 def _stage_at_least(key: str, num_stages: int) -> bool:
     match = re.match(r"stages\.(\d+)\.", key)
     return bool(match) and int(match.group(1)) >= num_stages
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Load an official, timm or metaformer checkpoint into ``model`` after a strict key-and-shape check.
+    """Load a checkpoint file or hub-style folder of any layout in LAYOUTS into ``model`` after a strict
+    key-and-shape check.
 
     A classifier of another size is not an error: it is re-initialised (and logged). For a
-    ``MetaFormerFeatures`` backbone the checkpoint's head is ignored and new ``out_norms`` keep their init.
+    ``MetaFormerFeatures`` backbone the checkpoint's head is ignored and its ``out_norms`` load from a
+    dense checkpoint's output norms, or keep their fresh init. A transformers folder's config.json must
+    agree with the model on what the shapes cannot show (mixer, pool size, activation).
     """
     state, metadata = read_checkpoint(path)
     layout = detect_layout(state, metadata)
+    folder_config = read_folder_config(path)
+    if layout == "transformers" and is_transformers_config(folder_config):
+        check_transformers_config(folder_config, model, path)  # type: ignore[arg-type]
     return _load_into(model, to_ours(state, layout), layout, str(path))
 
 
@@ -433,15 +632,34 @@ def _tuples(value: Any) -> Any:
 
 
 def model_from_weights(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild the model a ``save_weights`` file came from and load its weights.
+    """Rebuild the model a ``save_weights`` file or ``save_pretrained`` folder came from, with its weights.
 
-    The file stores the full ``MetaFormer`` keyword arguments, so ``MetaFormer(**config)`` rebuilds it
-    exactly. ``overrides`` change any of them (e.g. ``drop_path_rate=0.1`` to fine-tune, or
-    ``num_classes=10``, which re-initialises the classifier). Returns a ``MetaFormer``, or a
-    ``MetaFormerFeatures`` backbone when that is what was saved.
+    Our files store the full ``MetaFormer`` keyword arguments, so ``MetaFormer(**config)`` rebuilds it
+    exactly. A transformers ``save_pretrained`` folder is rebuilt from its config.json (model name from
+    the depths and widths). ``overrides`` change any option (e.g. ``drop_path_rate=0.1`` to fine-tune,
+    or ``num_classes=10``, which re-initialises the classifier). Returns a ``MetaFormer``, or a
+    ``MetaFormerFeatures`` backbone when that is what was saved; ``model.class_names`` and
+    ``model.preprocessing`` hold what the file recorded (None where it recorded nothing).
     """
-    meta = read_metadata(path)
-    config = {k: _tuples(v) for k, v in meta["config"].items()}
+    folder_config = read_folder_config(path)
+    if is_transformers_config(folder_config):
+        name, kwargs = transformers_model(folder_config, path)  # type: ignore[arg-type]
+        model = create_model(name, **{**kwargs, **overrides})
+        load_weights(model, path)
+        model.class_names = transformers_class_names(folder_config)  # type: ignore[arg-type,assignment]
+        model.preprocessing = transformers_preprocessing(path)  # type: ignore[assignment]
+        return model
+    if folder_config is not None and not is_metaformer_config(folder_config):
+        raise CheckpointError(
+            f"config.json in '{path}' is neither metaformer's nor a transformers PoolFormer's "
+            f"(model_type {folder_config.get('model_type')!r}); build the model and call load_weights"
+        )
+    meta = folder_config if folder_config is not None else read_metadata(path)
+    path = weights_file(path)
+    preprocessing = meta.get("preprocessing")
+    if isinstance(preprocessing, str):
+        preprocessing = json.loads(preprocessing)
+    config = {k: _tuples(v) for k, v in (meta.get("config") or {}).items()}
     if not config:
         raise CheckpointError(
             f"'{path}' stores no model config; build the model yourself and call load_weights"
@@ -469,57 +687,141 @@ def model_from_weights(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         model.model_config = config  # type: ignore[assignment]
     state, _ = read_checkpoint(path)
     _load_into(model, state, "metaformer", str(path))
+    model.class_names = meta.get("class_names")  # type: ignore[assignment]
+    model.preprocessing = preprocessing  # type: ignore[assignment]
     return model
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, *, model_name: str | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    to: str = "file",
 ) -> str:
-    """Read an official / timm / metaformer checkpoint, remap it and write metaformer safetensors.
+    """Read a checkpoint file or folder of any layout in LAYOUTS, remap it and write ours.
 
-    The model name is inferred when not given, by matching the key set and every shape against the
-    model table; the checkpoint's classifier size (num_classes) and input channels are kept.
-    Returns the model name written into the file.
+    ``to="file"`` writes metaformer safetensors, ``to="folder"`` a ``save_pretrained`` folder. The model
+    name is inferred when not given: from a transformers config.json, else by matching the key set and
+    every shape against the model table. The classifier size and input channels are kept; a dense
+    (mmdet / mmseg) checkpoint becomes a backbone with the output norms it has.
+    Returns the model name written.
     """
+    if to not in ("file", "folder"):
+        raise ConfigError(f"unknown output kind '{to}'; choose 'file' or 'folder'")
     state, metadata = read_checkpoint(src)
     layout = detect_layout(state, metadata)
     state = to_ours(state, layout)
-    if model_name is None and layout == "metaformer":
-        model_name = metadata.get("model_name") or None
+    folder_config = read_folder_config(src)
+    class_names = None
+    overrides: dict[str, Any] = {}
+    if layout == "metaformer":
+        model_name = model_name or metadata.get("model_name") or None
+        class_names = json.loads(metadata.get("class_names") or "null")
+    if layout == "transformers" and is_transformers_config(folder_config):
+        name, overrides = transformers_model(folder_config, src)  # type: ignore[arg-type]
+        model_name = model_name or name
+        class_names = transformers_class_names(folder_config)  # type: ignore[arg-type]
+        for key in ("num_classes", "in_chans"):
+            overrides.pop(key)
+    features = None
+    if layout == "mmdet_mmseg":
+        parts = sorted({k.split(".", 1)[0] for k in state if k.startswith(_OPENMMLAB_PARTS)})
+        if parts:
+            logger.info(
+                "%s: converting the backbone only; its %s weights are left out", src, ", ".join(parts)
+            )
+        state = {k: v for k, v in state.items() if not k.startswith(_OPENMMLAB_PARTS)}
+        stages = sorted({int(k.split(".")[1]) for k in state if k.startswith("stage_norms.")})
+        if not stages:
+            raise CheckpointError(
+                f"'{src}' has no output norms (backbone.norm0/2/4/6); pass a dense checkpoint's backbone"
+            )
+        features = {"out_indices": stages, "out_norm": "groupnorm1"}
+        state = {_stage_norm_to_output(k, stages): v for k, v in state.items()}
     if model_name is None:
-        model_name = _infer_model_name(state, Path(src))
+        backbone = {k: v for k, v in state.items() if not k.startswith("out_norms.")}
+        model_name = _infer_model_name(backbone, Path(src), pooling_only=layout in _POOLFORMER_ONLY)
     num_classes = _num_classes(state)
     in_chans = _architecture(state)[2] or 3
     with torch.device("meta"):
-        model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+        if features:
+            model = create_model(
+                model_name,
+                in_chans=in_chans,
+                features_only=True,
+                out_indices=features["out_indices"],
+                out_norm=True,
+                **overrides,
+            )
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        else:
+            model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **overrides)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if any(compare_state_dict(state, shapes)):
         raise _mismatch_error(state, shapes, model, layout, str(src))
-    class_names = None
     extra: dict[str, Any] = {"converted_from": Path(src).name, "source_layout": layout}
-    if layout == "metaformer":
-        class_names = json.loads(metadata.get("class_names") or "null")
-    write_weights(
-        {k: state[k] for k in shapes},
-        dst,
+    kwargs = dict(
         model_name=model_name,
         config=model.model_config,  # type: ignore[arg-type]
-        num_classes=num_classes,
+        num_classes=0 if features else num_classes,
         class_names=class_names,
-        metadata=extra,
+        features=features,
     )
+    if to == "folder":
+        from metaformer.weights.folder import WEIGHTS_NAME, default_preprocessing
+
+        preprocessing = (
+            json.loads(metadata.get("preprocessing") or "null")
+            or (folder_config and transformers_preprocessing(src))
+            or default_preprocessing(model)
+        )
+        write_weights(
+            {k: state[k] for k in shapes},
+            Path(dst) / WEIGHTS_NAME,
+            metadata={**extra, "preprocessing": preprocessing},
+            **kwargs,  # type: ignore[arg-type]
+        )
+        write_config(
+            dst,
+            {
+                "format": FORMAT,
+                "architecture": type(model).__name__,
+                **kwargs,
+                "preprocessing": preprocessing,
+                **extra,
+            },
+        )
+    else:
+        write_weights({k: state[k] for k in shapes}, dst, metadata=extra, **kwargs)  # type: ignore[arg-type]
     logger.info("converted %s (%s layout) to %s as %s", src, layout, dst, model_name)
     return model_name
 
 
-def _infer_model_name(state: Mapping[str, torch.Tensor], src: Path) -> str:
+def _stage_norm_to_output(key: str, stages: list[int]) -> str:
+    """``stage_norms.{s}.p`` -> ``out_norms.{position of s}.p``; other keys unchanged."""
+    if not key.startswith("stage_norms."):
+        return key
+    _, stage, param = key.split(".", 2)
+    return f"out_norms.{stages.index(int(stage))}.{param}"
+
+
+# Layouts only PoolFormer v1 is published in: a pooling mixer is implied, whatever the shapes allow.
+_POOLFORMER_ONLY = ("transformers", "mmpretrain", "mmdet_mmseg")
+
+
+def _infer_model_name(state: Mapping[str, torch.Tensor], src: Path, *, pooling_only: bool = False) -> str:
     candidates = matching_models(state)
+    if pooling_only:
+        candidates = [c for c in candidates if set(VARIANTS[c].config.mixers) == {"pooling"}]
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:
         # Weight-free mixers (pooling, identity) make e.g. poolformerv2_s12 and identityformer_s12
-        # indistinguishable; released files are named after their model, so let the file name decide.
-        named = [c for c in candidates if c in src.name]
+        # indistinguishable; released files are named after their model, so let the file name decide
+        # (OpenMMLab writes "poolformer-s12_...").
+        file_name = src.name.replace("-", "_")
+        named = [c for c in candidates if c in file_name]
         named = [c for c in named if not any(c != o and c in o for o in named)]
         if len(named) == 1:
             logger.info("the tensors fit %s; picked %s from the file name", ", ".join(candidates), named[0])
@@ -537,6 +839,10 @@ def _infer_model_name(state: Mapping[str, torch.Tensor], src: Path) -> str:
 
 __all__ = [
     "LAYOUTS",
+    "rename_keys",
+    "remap_mmdet_mmseg_keys",
+    "remap_mmpretrain_keys",
+    "remap_transformers_keys",
     "LoadReport",
     "compare_state_dict",
     "convert_checkpoint",
