@@ -1,8 +1,13 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+# Route probes time candidates, which only costs time in a test run: each test takes every route's
+# portable choice unless it asks for another (tests/models/test_routes.py measures for real).
+os.environ.setdefault("METAFORMER_ROUTE_PROBE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -103,6 +103,7 @@ def test_features_backbone_gives_the_same_maps():
 
 
 def test_chunked_stages_equal_whole_batch(monkeypatch):
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_CHUNK", "chunked")
     model = randomize(create_model("poolformer_s12", **SMALL)).eval()
     x = torch.randn(5, 3, 64, 64)
     chunked = optimize_for_inference(model)
@@ -153,11 +154,61 @@ def test_compile_option_returns_a_compiled_module():
     ],
 )
 @pytest.mark.parametrize("name", ["poolformer_s12", "caformer_s18"])
-def test_bfloat16_fast_path_follows_the_plain_model(name, device):
-    """bf16 statistics and scales stay bf16 (CUDA's layer-norm kernel returns fp32 statistics)."""
+@pytest.mark.parametrize("mlp_route", ["gemm", "onednn"])
+def test_bfloat16_fast_path_follows_the_plain_model(name, device, mlp_route, monkeypatch):
+    """bf16 statistics and scales stay bf16 (CUDA's layer-norm kernel returns fp32 statistics). On a CPU
+    without native bf16, oneDNN cannot create the fused bf16 primitive: the route falls back."""
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", mlp_route)
     model = randomize(create_model(name, **SMALL)).eval().to(device=device, dtype=torch.bfloat16)
     x = torch.randn(2, 3, 64, 64, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         expected, got = model(x).float(), optimize_for_inference(model)(x)
     assert got.dtype == torch.bfloat16
     assert rel_diff(got.float(), expected) < 0.1  # bf16 rounding (8-bit mantissa); a wrong fold is O(1)
+
+
+@pytest.mark.parametrize("mlp_route", ["gemm", "onednn", "conv"])
+@pytest.mark.parametrize("pool_route", ["torch", "native"])
+@pytest.mark.parametrize("name", ["poolformer_s12", "caformer_s18"])
+def test_every_fast_route_gives_the_plain_models_outputs(name, mlp_route, pool_route, monkeypatch):
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", mlp_route)
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_POOL_MIX", pool_route)
+    model = randomize(create_model(name, **SMALL)).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(optimize_for_inference(model)(x), model(x)) <= 1e-5
+
+
+def test_a_onednn_primitive_this_cpu_lacks_falls_back_to_torch_ops(monkeypatch):
+    """As bf16 inner products do on a CPU without AVX512-BF16: the same outputs, through F.linear."""
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", "onednn")
+    monkeypatch.setattr(fast, "_ONEDNN_FAILED", set())
+
+    def unsupported(self, x, residual):
+        raise RuntimeError(
+            "could not create a primitive descriptor for the inner product forward propagation"
+        )
+
+    monkeypatch.setattr(fast.FusedLinear, "_onednn", unsupported)
+    model = randomize(create_model("poolformer_s12", **SMALL)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(optimize_for_inference(model)(x), model(x)) <= 1e-5
+    assert fast._ONEDNN_FAILED == {torch.float32}  # tried once, then never again for that dtype
+
+
+def test_measured_fast_routes_never_keep_the_slower_candidate(monkeypatch, tmp_path):
+    from metaformer.models import routes
+
+    monkeypatch.delenv("METAFORMER_ROUTE_PROBE", raising=False)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    routes.reset()
+    model = randomize(create_model("poolformer_s12", **SMALL)).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_diff(optimize_for_inference(model)(x), model(x)) <= 1e-5
+    made = [d for d in routes.decisions(include_cached=False) if d.route.startswith("fast_")]
+    assert {d.route for d in made} >= {"fast_mlp", "fast_chunk"}
+    for decision in made:
+        assert decision.choice == min(decision.times_ms, key=decision.times_ms.get)
+    routes.reset()

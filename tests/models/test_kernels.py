@@ -14,6 +14,13 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _native_routes(monkeypatch):
+    """These tests check the native kernels: take them wherever a route offers them."""
+    monkeypatch.setenv("METAFORMER_ROUTE_TRAIN_POOL_MIX", "native")
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_POOL_MIX", "native")
+
+
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """Build into an empty cache folder, and forget any library loaded before or by the test."""

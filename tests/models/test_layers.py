@@ -1,21 +1,28 @@
-"""Layers whose forward takes a different route by memory layout must not change the result."""
+"""Layers whose forward takes a different route by layout or measurement must not change the result."""
 
 import pytest
 import torch
 
+from metaformer.models import routes
 from metaformer.models.layers import Mlp
 
 
 @pytest.mark.parametrize("act", ["gelu", "starrelu"])
-def test_gemm_route_equals_the_convolutions_with_gradients(act, monkeypatch):
-    monkeypatch.setattr(Mlp, "_gemm_layout", lambda self, x: not x.is_contiguous())  # in fp32 too
+@pytest.mark.parametrize("route", ["conv", "gemm"])
+def test_every_mlp_route_equals_the_convolutions_with_gradients(act, route, monkeypatch):
+    monkeypatch.setenv("METAFORMER_ROUTE_TRAIN_MLP", route)
     mlp = Mlp(8, 32, act=act)
     x = torch.randn(2, 8, 5, 7)
     x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
     x.requires_grad_()
     grad = torch.randn(2, 8, 5, 7)
-    assert mlp._gemm_layout(x_cl) and not mlp._gemm_layout(x)  # the two routes really differ
+    assert mlp._rows_layout(x_cl) and not mlp._rows_layout(x)  # only channels-last maps have a choice
+    calls = []
+    monkeypatch.setattr(
+        Mlp, "_forward_rows", lambda self, t, real=Mlp._forward_rows: calls.append(1) or real(self, t)
+    )
     out, out_cl = mlp(x), mlp(x_cl)
+    assert len(calls) == (route == "gemm")  # the forced route really ran
     weights = [p for p in mlp.parameters()]
     g = torch.autograd.grad(out, [x, *weights], grad)
     g_cl = torch.autograd.grad(out_cl, [x_cl, *weights], grad)
@@ -25,15 +32,38 @@ def test_gemm_route_equals_the_convolutions_with_gradients(act, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_mlp_runs_gemms_on_channels_last_maps_under_autocast_only(monkeypatch):
+@pytest.mark.parametrize("route", ["conv", "gemm", "fp32"])
+def test_mlp_routes_under_autocast_agree_to_bf16_precision(route, monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
     x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
-    assert not mlp._gemm_layout(x)  # fp32: oneDNN's 1x1 convolutions
+    with torch.no_grad():
+        want = mlp(x)
+        monkeypatch.setenv("METAFORMER_ROUTE_TRAIN_MLP", route)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mlp(x.bfloat16())
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+
+
+def test_the_mlp_route_is_measured_once_per_shape_class(monkeypatch, tmp_path):
+    monkeypatch.delenv("METAFORMER_ROUTE_PROBE", raising=False)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    routes.reset()
+    mlp = Mlp(8, 32)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert mlp._gemm_layout(x)
-        gemm = mlp(x)
-        monkeypatch.setattr(Mlp, "_gemm_layout", lambda self, x: False)
-        conv = mlp(x)
-    assert gemm.shape == conv.shape == x.shape
-    torch.testing.assert_close(gemm.float(), conv.float(), rtol=3e-2, atol=3e-2)
+        mlp(x).float().sum().backward()
+    made = [d for d in routes.decisions() if d.route == "train_mlp"]
+    assert len(made) == 1 and set(made[0].times_ms) == {"conv", "gemm", "fp32"}
+    assert made[0].choice == min(made[0].times_ms, key=made[0].times_ms.get)  # never the slower one
+    assert all(p.grad is not None for p in mlp.parameters())  # the step itself still trained
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(x)  # same class: no new probe
+    assert len([d for d in routes.decisions() if d.route == "train_mlp"]) == 1
+    mlp(x)  # fp32 is another class, with only the conv and GEMM candidates
+    fp32 = [
+        d for d in routes.decisions() if d.route == "train_mlp" and d.shape_class.startswith("torch.float32")
+    ]
+    assert len(fp32) == 1 and set(fp32[0].times_ms) == {"conv", "gemm"}
+    routes.reset()

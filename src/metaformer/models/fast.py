@@ -26,6 +26,8 @@ only: its weights are buffers and its ``state_dict`` is not a checkpoint format.
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,9 @@ from metaformer.models.layers import (
 )
 from metaformer.models.metaformer import MetaFormer, MetaFormerBlock, MetaFormerFeatures
 from metaformer.models.mixers import Attention, Identity, Pooling, RandomMixing, SepConv, SpatialMlp
+from metaformer.models.routes import bucket, choose
+
+logger = logging.getLogger(__name__)
 
 _MKLDNN_ACTS = {
     "gelu": ("gelu", "none"),
@@ -66,15 +71,23 @@ _MKLDNN = _has_mkldnn_linear()
 _portable = portable  # tracing, scripting or compiling: ops every exporter and compiler understands
 
 
-def _use_mkldnn(x: torch.Tensor) -> bool:
-    """oneDNN fused GEMMs: CPU fp32/bf16 in eager mode only (tracing and export need portable ops)."""
+_ONEDNN_FAILED: set[torch.dtype] = set()  # dtypes whose fused primitive this CPU could not create
+
+
+def onednn_usable(x: torch.Tensor) -> bool:
+    """oneDNN fused GEMMs (a private op): CPU fp32/bf16 in eager mode only (tracing and export need
+    portable ops), and not for a dtype whose primitive already failed here."""
     return (
-        _MKLDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not _portable()
+        _MKLDNN
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype not in _ONEDNN_FAILED
+        and not _portable()
     )
 
 
 class FusedLinear(nn.Module):
-    """``act(x @ W.T + b) [+ residual]`` over the last dimension; one oneDNN call on CPU."""
+    """``act(x @ W.T + b) [+ residual]`` over the last dimension; one oneDNN call on CPU where it runs."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none"):
         super().__init__()
@@ -82,17 +95,28 @@ class FusedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
         self.act = act  # none | gelu | gelu_tanh | relu | silu | squaredrelu (relu, then square)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if _use_mkldnn(x) and x.is_contiguous():
-            if residual is not None and self.act == "none" and residual.is_contiguous():
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
-            act = "relu" if self.act == "squaredrelu" else self.act
-            attr, algorithm = _MKLDNN_ACTS.get(act, ("none", ""))
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
-            if self.act == "squaredrelu":
-                y = y.square_()
-        else:
-            y = self._activate(F.linear(x, self.weight, self.bias))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, onednn: bool = True
+    ) -> torch.Tensor:
+        """``onednn=False`` takes the public ops (what a route chose); a oneDNN primitive this CPU
+        cannot create (bf16 inner products without AVX512-BF16, for one) falls back to them too."""
+        if onednn and onednn_usable(x) and x.is_contiguous():
+            try:
+                return self._onednn(x, residual)
+            except RuntimeError as error:
+                _ONEDNN_FAILED.add(x.dtype)
+                logger.debug("oneDNN fused linear failed for %s (%s); using torch ops", x.dtype, error)
+        y = self._activate(F.linear(x, self.weight, self.bias))
+        return y if residual is None else y + residual
+
+    def _onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is not None and self.act == "none" and residual.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        act = "relu" if self.act == "squaredrelu" else self.act
+        attr, algorithm = _MKLDNN_ACTS.get(act, ("none", ""))
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+        if self.act == "squaredrelu":
+            y = y.square_()
         return y if residual is None else y + residual
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,21 +266,44 @@ class FoldedMlp(nn.Module):
         rs = _scale_of(block.res_scale2)
         self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
 
-    def forward(self, x: torch.Tensor, normalized: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, normalized: torch.Tensor | None = None, *, onednn: bool | None = None
+    ) -> torch.Tensor:
         """(B, L, C) tokens or channels-last rows -> same shape; ``normalized`` is ``norm2(x)`` (without
-        its affine) when the caller already computed it."""
+        its affine) when the caller already computed it. ``onednn=None``: measured (``fast_mlp``)."""
         c = x.shape[-1]
         rows = x.reshape(-1, c)
+        if onednn is None:
+            onednn = self.route(x, tokens=True) == "onednn"
         if normalized is None:
             normalized = _normalize(x, self.norm_kind, self.eps, self.dim)
-        h = self.fc1(normalized.reshape(-1, c))
+        h = self.fc1(normalized.reshape(-1, c), onednn=onednn)
         if self.res_scale is None:
-            return self.fc2(h, residual=rows).view(x.shape)
-        return self.fc2(h).addcmul_(rows, self.res_scale).view(x.shape)
+            return self.fc2(h, residual=rows, onednn=onednn).view(x.shape)
+        return self.fc2(h, onednn=onednn).addcmul_(rows, self.res_scale).view(x.shape)
 
-    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+    def route(
+        self, x: torch.Tensor, *, tokens: bool, candidates: dict[str, Callable[[], object]] | None = None
+    ) -> str:
+        """Plain GEMMs, oneDNN's fused GEMMs or (maps only) 1x1 convolutions, measured on this shape."""
+        if _portable() or x.device.type != "cpu":
+            return "gemm"
+        if candidates is None:
+            candidates = {"gemm": lambda: self(x, onednn=False)}
+            if onednn_usable(x):
+                candidates["onednn"] = lambda: self(x, onednn=True)
+        rows = x.numel() // x.shape[-1 if tokens else 1]
+        shape_class = (
+            f"{x.dtype}-{'tokens' if tokens else 'map'}-rows{bucket(rows)}-c{self.dim}"
+            f"-h{self.fc1.weight.shape[0]}-{self.norm_kind}"
+        )
+        return choose("fast_mlp", shape_class, candidates)
+
+    def forward_map(self, x: torch.Tensor, normalized: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> same, with the folded weights as 1x1 convolutions (portable graphs)."""
-        if self.norm_kind == "sample":
+        if normalized is not None:
+            xn = normalized
+        elif self.norm_kind == "sample":
             centred = x - x.mean((1, 2, 3), keepdim=True)
             xn = centred / torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + self.eps)
         elif self.norm_kind == "channel":
@@ -301,9 +348,19 @@ class FoldedPoolBlock(nn.Module):
             and self.mlp.norm_kind in ("sample", "none")
             and pool_mix_supported(x)
         ):
-            norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" else None
-            y, normed = pool_mix(x, self.mix_scale, self.native_radius, self.eps, norm_eps)
-            return _map_mlp(self.mlp, y, normed)
+            b, c, h, w = x.shape
+            shape_class = f"{x.dtype}-b{bucket(b)}-c{c}-hw{bucket(h * w)}-r{self.native_radius}"
+            candidates = {"torch": lambda: self._forward_torch(x), "native": lambda: self._forward_native(x)}
+            if choose("fast_pool_mix", shape_class, candidates) == "native":
+                return self._forward_native(x)
+        return self._forward_torch(x)
+
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" else None
+        y, normed = pool_mix(x, self.mix_scale, self.native_radius, self.eps, norm_eps)
+        return _map_mlp(self.mlp, y, normed)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.mix_scale * _sample_rstd(x, self.eps)
         pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
         if self.res_scale is None:
@@ -315,16 +372,30 @@ class FoldedPoolBlock(nn.Module):
 
 
 def _map_mlp(mlp: FoldedMlp, x: torch.Tensor, normalized: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows; free for channels-last maps.
+    """Run a FoldedMlp on a (B, C, H, W) map as (B, H*W, C) rows (free for channels-last maps), or as
+    1x1 convolutions where those measured faster (``fast_mlp``).
 
-    Traced for export (or compiled), it stays a map with 1x1 convolutions instead: runtimes such as
+    Traced for export (or compiled), it stays a map with 1x1 convolutions: runtimes such as
     onnxruntime lay convolutions out and fuse them themselves, and row GEMMs would add transposes.
     """
     if _portable():
         return mlp.forward_map(x)
     b, c, h, w = x.shape
-    rows = None if normalized is None else normalized.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    return mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c), rows).view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def as_rows(onednn: bool) -> torch.Tensor:
+        rows = None if normalized is None else normalized.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        out = mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c), rows, onednn=onednn)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    candidates: dict[str, Callable[[], object]] = {"gemm": lambda: as_rows(False)}
+    if onednn_usable(x):
+        candidates["onednn"] = lambda: as_rows(True)
+    if x.device.type == "cpu":
+        candidates["conv"] = lambda: mlp.forward_map(x, normalized)
+    choice = mlp.route(x, tokens=False, candidates=candidates)
+    if choice == "conv":
+        return mlp.forward_map(x, normalized)
+    return as_rows(choice == "onednn")
 
 
 class FoldedSepConv(nn.Module):
@@ -439,9 +510,9 @@ def fold_block(block: MetaFormerBlock, tokens: bool) -> nn.Module:
 
 
 # Positions (rows of the channel GEMMs) per chunk: one 56x56 sample of the first stage. On one thread,
-# running stages chunk by chunk was 12-13% faster than whole batches (1024-12544 rows all within 3%).
-# With more threads every small op pays an OpenMP fork/join, and on our shared 2-core machine that
-# made PoolFormer-S12 0.8x timm instead of ~2x, so chunking is used on a single thread only.
+# running stages chunk by chunk was 12-13% faster than whole batches (1024-12544 rows all within 3%);
+# with more threads every small op pays an OpenMP fork/join and it lost (S12 0.8x timm instead of ~2x
+# on a shared 2-core machine), so the ``fast_chunk`` route measures which one this machine wants.
 CHUNK_ROWS = 3136
 _PER_SAMPLE_MIXERS = (Identity, Pooling, RandomMixing, SepConv, SpatialMlp, Attention)
 
@@ -449,7 +520,7 @@ _PER_SAMPLE_MIXERS = (Identity, Pooling, RandomMixing, SepConv, SpatialMlp, Atte
 class ChunkedBlocks(nn.Module):
     """Runs a stage's blocks a few samples at a time, so each intermediate stays in cache and no
     large buffer is allocated (and page-faulted in) per op. Exact: every folded block is per sample.
-    CPU and one thread only (see CHUNK_ROWS); GPUs want big kernels."""
+    CPU only, where it measures faster (see CHUNK_ROWS); GPUs want big kernels."""
 
     def __init__(self, blocks: nn.Sequential, tokens: bool, rows: int | None = None):
         super().__init__()
@@ -469,8 +540,15 @@ class ChunkedBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         positions = x.shape[1] if self.tokens else x.shape[2] * x.shape[3]
         step = max(1, self.rows // positions)
-        if step >= x.shape[0] or x.device.type != "cpu" or torch.get_num_threads() > 1 or _portable():
+        if step >= x.shape[0] or x.device.type != "cpu" or _portable():
             return self.blocks(x)
+        shape_class = f"{x.dtype}-b{bucket(x.shape[0])}-pos{positions}-c{x.shape[-1 if self.tokens else 1]}"
+        candidates = {"whole": lambda: self.blocks(x), "chunked": lambda: self._chunked(x, step)}
+        if choose("fast_chunk", shape_class, candidates) == "chunked":
+            return self._chunked(x, step)
+        return self.blocks(x)
+
+    def _chunked(self, x: torch.Tensor, step: int) -> torch.Tensor:
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], step):
             out[start : start + step] = self.blocks(x[start : start + step])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError, close_matches_hint
+from metaformer.models.routes import bucket, choose
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -189,18 +190,61 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemm_layout(x):
-            # A channels-last map on CPU is a (B, H, W, C) row matrix: running the 1x1 convs as GEMMs on
-            # it gives the same result with the same parameters and no copies. Measured on the 2-core
-            # machine, it wins under bf16 autocast (the shapes Semantic FPN step: 158 vs 186 ms) and
-            # loses in fp32 (S12 training step, batch 32: oneDNN's 1x1 convolution 1.16x faster on one
-            # thread, 1.08x on two), hence only under autocast.
-            x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
-            x = F.linear(self.drop1(self.act(x)), self.fc2.weight.flatten(1), self.fc2.bias)
-            return self.drop2(x).permute(0, 3, 1, 2)
+        if self._rows_layout(x):
+            route = self._route(x)
+            if route == "gemm":
+                return self._forward_rows(x)
+            if route == "fp32":
+                with torch.autocast("cpu", enabled=False):
+                    return self._forward_rows(x.float()).to(x.dtype)
+        return self._forward_conv(x)
+
+    def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
-    def _gemm_layout(self, x: torch.Tensor) -> bool:
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A channels-last map is a (B, H, W, C) row matrix: the 1x1 convs as GEMMs on it give the same
+        result with the same parameters and no copies."""
+        x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
+        x = F.linear(self.drop1(self.act(x)), self.fc2.weight.flatten(1), self.fc2.bias)
+        return self.drop2(x).permute(0, 3, 1, 2)
+
+    def _route(self, x: torch.Tensor) -> str:
+        """1x1 convolutions, GEMMs, or (under autocast) fp32 GEMMs: measured on this shape. On the 2-core
+        AVX512 machine the convolutions won in fp32 and the GEMMs under bf16 autocast; on an AVX2 CPU,
+        where bf16 is emulated, fp32 wins under autocast by ~10x."""
+        autocast = torch.is_autocast_enabled("cpu")
+        grad = torch.is_grad_enabled()
+        b, c, h, w = x.shape
+        shape_class = (
+            f"{torch.get_autocast_dtype('cpu') if autocast else x.dtype}-{'train' if grad else 'eval'}"
+            f"-rows{bucket(b * h * w)}-c{c}-h{self.fc1.weight.shape[0]}"
+        )
+        weights = [
+            p for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias) if p is not None
+        ]
+
+        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+            def once() -> None:
+                probe = x.detach().requires_grad_(grad)
+                y = forward(probe)
+                if grad:  # input and weight gradients, without touching any parameter's .grad
+                    wanted = [probe] + [p for p in weights if p.requires_grad]
+                    torch.autograd.grad(y, wanted, torch.ones_like(y))
+
+            return once
+
+        candidates = {"conv": run(self._forward_conv), "gemm": run(self._forward_rows)}
+        if autocast:
+
+            def fp32(t: torch.Tensor) -> torch.Tensor:
+                with torch.autocast("cpu", enabled=False):
+                    return self._forward_rows(t.float()).to(t.dtype)
+
+            candidates["fp32"] = run(fp32)
+        return choose("train_mlp", shape_class, candidates)
+
+    def _rows_layout(self, x: torch.Tensor) -> bool:
         return (
             isinstance(self.fc1, nn.Conv2d)
             and x.device.type == "cpu"
@@ -208,7 +252,9 @@ class Mlp(nn.Module):
             and isinstance(self.act, _ELEMENTWISE_ACTS)  # a user's act may expect channels in dim 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous()
-            and torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling()
         )
 
 

@@ -29,6 +29,7 @@ from metaformer.models.layers import (
     make_norm,
 )
 from metaformer.models.mixers import Pooling, resolve_mixer
+from metaformer.models.routes import bucket, choose
 
 MIN_INPUT_SIZE = 32
 FINAL_NORMS = ("map", "pooled")
@@ -141,12 +142,36 @@ class MetaFormerBlock(nn.Module):
             bias=self.norm1.bias, multiplier=multiplier,
         )  # fmt: skip
 
+    def _pool_half_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+
+    def _pool_half_route(self, x: torch.Tensor, radius: int) -> str:
+        """Native kernel or torch ops for this shape, measured on it (``models.routes``)."""
+        grad = torch.is_grad_enabled()
+        b, c, h, w = x.shape
+        shape_class = f"{x.dtype}-{'train' if grad else 'eval'}-b{bucket(b)}-c{c}-hw{bucket(h * w)}-r{radius}"
+
+        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+            def once() -> None:
+                probe = x.detach().requires_grad_(grad)
+                y = forward(probe)
+                if grad:
+                    torch.autograd.grad(y, probe, torch.ones_like(y))  # no parameter .grad is touched
+
+            return once
+
+        return choose(
+            "train_pool_mix",
+            shape_class,
+            {"torch": run(self._pool_half_torch), "native": run(lambda t: self._pool_half_native(t, radius))},
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         radius = self._native_pool_radius() if _native_ok(x) else None
-        if radius is not None:
+        if radius is not None and self._pool_half_route(x, radius) == "native":
             x = self._pool_half_native(x, radius)
         else:
-            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+            x = self._pool_half_torch(x)
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 

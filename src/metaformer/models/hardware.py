@@ -1,0 +1,125 @@
+"""What the CPU under us can do: its model, instruction set and whether bf16 is native.
+
+Defaults that depend on the hardware ask here, never assume the machine the code was written on. On a
+CPU without AVX512-BF16 or AMX, oneDNN emulates bf16 and a bf16 matmul runs ~10x (or more) slower
+than fp32, so nothing may pick bf16 there by default. torch's own ``torch.cpu._is_avx512_bf16_supported``
+reads cpuid and ignores ``ONEDNN_MAX_CPU_ISA``, so a capped oneDNN (how one simulates an AVX2-only
+machine on a newer one) would still report bf16 as native: the cap is honoured here.
+``METAFORMER_NATIVE_BF16=0|1`` overrides the answer (simulation, or a CPU cpuinfo misreports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which its bf16 kernels are emulated
+_ONEDNN_NO_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    """One CPU as the defaults see it."""
+
+    model: str
+    isa: str  # ATen's kernel level: AVX512, AVX2, DEFAULT...; follows ATEN_CPU_CAPABILITY
+    flags: frozenset[str]
+    onednn_max_isa: str | None
+    native_bf16: bool
+
+    @property
+    def signature(self) -> str:
+        """A short key for caches of choices measured on this CPU (and under these ISA caps)."""
+        text = "\n".join([self.model, self.isa, self.onednn_max_isa or "", " ".join(sorted(self.flags))])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The vector extensions that decide speed here, in cpuinfo's names."""
+        return tuple(flag for flag in _NOTABLE_FLAGS if flag in self.flags)
+
+    def describe(self) -> str:
+        """One line for benchmark headers and ``metaformer info --system``."""
+        cap = f", oneDNN capped at {self.onednn_max_isa}" if self.onednn_max_isa else ""
+        extensions = " ".join(self.extensions) or "none of " + " ".join(_NOTABLE_FLAGS)
+        return (
+            f"{self.model}; ATen {self.isa}{cap}; {extensions}; "
+            f"native bf16: {'yes' if self.native_bf16 else 'no'}"
+        )
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def profile_from(cpuinfo: str, *, isa: str, environ: dict[str, str] | None = None) -> CpuProfile:
+    """The profile a cpuinfo text and environment describe; kept pure so both kinds of CPU can be
+    simulated in tests."""
+    env = os.environ if environ is None else environ
+    model, flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    model = model or platform.processor() or platform.machine()
+    cap = env.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() or None
+    native = any(flag in flags for flag in _BF16_FLAGS) and cap not in _ONEDNN_NO_BF16
+    if isa.upper() in ("DEFAULT", "AVX2"):  # ATen's own bf16 kernels are emulated below AVX512
+        native = False
+    override = env.get("METAFORMER_NATIVE_BF16")
+    if override in ("0", "1"):
+        native = override == "1"
+    return CpuProfile(model, isa, frozenset(flags), cap, native)
+
+
+@cache
+def cpu_profile() -> CpuProfile:
+    """This process's CPU (read once)."""
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # pragma: no cover - very old torch
+        isa = "DEFAULT"
+    return profile_from(_read_cpuinfo(), isa=isa)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively (not emulated) on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_profile().native_bf16
+    return True  # other accelerators: trust the user's choice
+
+
+_WARNED: set[str] = set()
+
+
+def warn_emulated_bf16(device: torch.device | str = "cpu") -> None:
+    """Once per process: bf16 was asked for on a CPU that only emulates it."""
+    if native_bf16(device) or "bf16" in _WARNED:
+        return
+    _WARNED.add("bf16")
+    warnings.warn(
+        f"bf16 is emulated on this CPU ({cpu_profile().model}, no AVX512-BF16 or AMX) and runs many times "
+        "slower than fp32; use --amp off (fp32) here",
+        RuntimeWarning,
+        stacklevel=3,
+    )

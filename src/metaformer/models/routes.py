@@ -1,0 +1,208 @@
+"""Either/or choices in the fast and training paths, decided by measuring both on the real shapes.
+
+Which of two equal computations is faster (the native kernel or torch ops, GEMMs or 1x1 convolutions,
+oneDNN's fused linear or the plain one) depends on the CPU, its thread count and the shapes: the
+native kernel that wins on one server loses on an AVX2 laptop. So nothing here is decided from the
+machine the code was written on. At the first call with a new shape class, ``choose`` runs every
+candidate a few times, interleaved (about a quarter of a second in all), keeps the fastest and
+caches the choice in memory and in ``$METAFORMER_HOME/routes`` (keyed by CPU signature and torch
+version, like the kernel build cache), so later runs start with it. A candidate that raises (a
+primitive this CPU lacks) is dropped. ``METAFORMER_ROUTE_<NAME>=<choice>`` forces a choice;
+``METAFORMER_ROUTE_PROBE=0`` skips measuring and takes each route's first (portable) candidate.
+Random number generators are restored after a probe, so a seeded run draws the same numbers whether
+or not it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaformer.errors import ConfigError
+from metaformer.models.hardware import cpu_profile
+
+logger = logging.getLogger(__name__)
+
+# route name -> every choice it may take, the portable (always available) one first
+ROUTES: dict[str, tuple[str, ...]] = {
+    "train_pool_mix": ("torch", "native"),
+    "train_mlp": ("conv", "gemm", "fp32"),
+    "fast_pool_mix": ("torch", "native"),
+    "fast_mlp": ("gemm", "onednn", "conv"),
+    "fast_chunk": ("whole", "chunked"),
+    "backend": ("torch", "onnxruntime"),
+}
+ROUTE_HELP = {
+    "train_pool_mix": "training pooling half: native C kernel or torch ops",
+    "train_mlp": "training channel MLP: 1x1 convs, GEMMs on channels-last rows, or fp32 under autocast",
+    "fast_pool_mix": "inference pooling half and second norm: native C kernel or torch ops",
+    "fast_mlp": "inference channel MLP: plain GEMMs, oneDNN fused GEMMs, or 1x1 convolutions",
+    "fast_chunk": "inference stages: whole batch, or a few samples at a time (cache-sized)",
+    "backend": "eval/predict runtime: PyTorch fast path or onnxruntime on the exported graph",
+}
+
+PROBE_SECONDS = 0.25  # per decision, after the warm-up call of each candidate
+MIN_ROUNDS, MAX_ROUNDS = 3, 9
+
+
+@dataclass
+class Decision:
+    route: str
+    shape_class: str
+    choice: str
+    times_ms: dict[str, float] = field(default_factory=dict)  # median per candidate; empty unless measured
+    source: str = "probe"  # probe | cache | env | default
+
+
+_DECISIONS: dict[tuple[str, str], Decision] = {}
+_DISK: dict[str, Any] | None = None
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n``: shape classes that share a choice."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cache_file() -> Path:
+    home = os.environ.get("METAFORMER_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "metaformer"
+    version = torch.__version__.split("+")[0]
+    return root / "routes" / f"{cpu_profile().signature}-torch{version}.json"
+
+
+def _disk() -> dict[str, Any]:
+    global _DISK
+    if _DISK is None:
+        try:
+            _DISK = json.loads(_cache_file().read_text())
+            if not isinstance(_DISK, dict):
+                _DISK = {}
+        except (OSError, ValueError):
+            _DISK = {}
+    return _DISK
+
+
+def _save(decision: Decision) -> None:
+    """Best effort and atomic: a read-only or full cache folder only costs a probe next run."""
+    disk = _disk()
+    disk[f"{decision.route}|{decision.shape_class}"] = {
+        "choice": decision.choice,
+        "times_ms": decision.times_ms,
+    }
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(disk, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as error:
+        logger.debug("route cache not written (%s)", error)
+
+
+def _override(route: str) -> str | None:
+    value = os.environ.get(f"METAFORMER_ROUTE_{route.upper()}")
+    if not value:
+        return None
+    if value not in ROUTES[route]:
+        raise ConfigError(
+            f"METAFORMER_ROUTE_{route.upper()}={value} is not a choice of that route; "
+            f"use one of {', '.join(ROUTES[route])} or unset it"
+        )
+    return value
+
+
+def _measure(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median milliseconds per candidate; a candidate that raises is left out."""
+    alive: dict[str, Callable[[], Any]] = {}
+    for name, run in candidates.items():
+        try:
+            run()  # warm-up: allocations, oneDNN primitive creation, first-touch pages
+            alive[name] = run
+        except RuntimeError as error:
+            logger.debug("route candidate %s failed (%s); left out", name, error)
+    times: dict[str, list[float]] = {name: [] for name in alive}
+    start = time.perf_counter()
+    for round_ in range(MAX_ROUNDS):
+        order = list(alive.items())
+        if round_ % 2:
+            order.reverse()
+        for name, run in order:
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        if round_ + 1 >= MIN_ROUNDS and time.perf_counter() - start > PROBE_SECONDS:
+            break
+    return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
+
+
+def choose(route: str, shape_class: str, candidates: Mapping[str, Callable[[], Any]]) -> str:
+    """The choice for ``route`` at ``shape_class`` among ``candidates`` (choice -> a call that runs it
+    once on the real shapes). The first candidate is the fallback when nothing else can run."""
+    names = list(candidates)
+    forced = _override(route)
+    if forced is not None and forced in candidates:
+        return forced
+    if len(names) == 1 or os.environ.get("METAFORMER_ROUTE_PROBE") == "0":
+        return names[0]
+    shape_class = f"{shape_class}-t{torch.get_num_threads()}"
+    key = (route, shape_class)
+    known = _DECISIONS.get(key)
+    if known is not None and known.choice in candidates:
+        return known.choice
+    cached = _disk().get(f"{route}|{shape_class}")
+    if isinstance(cached, dict) and cached.get("choice") in candidates:
+        decision = Decision(route, shape_class, cached["choice"], dict(cached.get("times_ms", {})), "cache")
+        _DECISIONS[key] = decision
+        return decision.choice
+    with torch.random.fork_rng(devices=[]):
+        times = _measure(candidates)
+    choice = min(times, key=times.__getitem__) if times else names[0]
+    decision = Decision(route, shape_class, choice, times)
+    _DECISIONS[key] = decision
+    _save(decision)
+    logger.debug("route %s [%s]: %s (%s ms)", route, shape_class, choice, times)
+    return choice
+
+
+def decisions(*, include_cached: bool = True) -> list[Decision]:
+    """Every choice this process made, then (optionally) the ones cached on disk for this machine."""
+    found = {(d.route, d.shape_class): d for d in _DECISIONS.values()}
+    if include_cached:
+        for key, value in _disk().items():
+            route, _, shape_class = key.partition("|")
+            if (route, shape_class) not in found and isinstance(value, dict):
+                found[route, shape_class] = Decision(
+                    route, shape_class, str(value.get("choice")), dict(value.get("times_ms", {})), "cache"
+                )
+    for route in ROUTES:
+        forced = os.environ.get(f"METAFORMER_ROUTE_{route.upper()}")
+        if forced:
+            found[route, "*"] = Decision(route, "*", forced, {}, "env")
+    return sorted(found.values(), key=lambda d: (list(ROUTES).index(d.route), d.shape_class))
+
+
+def reset(*, disk: bool = False) -> None:
+    """Forget this process's choices (tests; after changing threads); ``disk=True`` also the cache file."""
+    global _DISK
+    _DECISIONS.clear()
+    _DISK = None
+    if disk:
+        try:
+            _cache_file().unlink()
+        except OSError:
+            pass
+
+
+def as_records() -> list[dict[str, Any]]:
+    return [asdict(d) for d in decisions()]
