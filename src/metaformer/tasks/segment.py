@@ -273,9 +273,15 @@ def save_segmenter(
 
 
 def load_segmenter(path: str | Path) -> tuple[SemanticFPN, list[str], SegAugment]:
-    """(eval-mode model, class names, the augmentation it was trained with) from ``save_segmenter``."""
+    """(eval-mode model, class names, the augmentation it was trained with) from ``save_segmenter``,
+    or from an official mmseg Semantic FPN checkpoint (with mmseg's test resize)."""
     from metaformer.weights import read_metadata, read_state_dict
 
+    if not str(path).endswith(".safetensors"):  # an official mmseg checkpoint loads whole (openmmlab.py)
+        from metaformer.tasks.openmmlab import is_mmseg_semantic_fpn, load_mmseg_segmenter
+
+        if is_mmseg_semantic_fpn(read_state_dict(path)):
+            return load_mmseg_segmenter(path)
     meta = read_metadata(path)
     if meta.get("task") != "segment":
         raise CheckpointError(

@@ -741,7 +741,7 @@ def convert_checkpoint(
         state = {_stage_norm_to_output(k, stages): v for k, v in state.items()}
     if model_name is None:
         backbone = {k: v for k, v in state.items() if not k.startswith("out_norms.")}
-        model_name = _infer_model_name(backbone, Path(src), pooling_only=layout in _POOLFORMER_ONLY)
+        model_name = infer_model_name(backbone, Path(src), pooling_only=layout in _POOLFORMER_ONLY)
     num_classes = _num_classes(state)
     in_chans = _architecture(state)[2] or 3
     with torch.device("meta"):
@@ -810,7 +810,9 @@ def _stage_norm_to_output(key: str, stages: list[int]) -> str:
 _POOLFORMER_ONLY = ("transformers", "mmpretrain", "mmdet_mmseg")
 
 
-def _infer_model_name(state: Mapping[str, torch.Tensor], src: Path, *, pooling_only: bool = False) -> str:
+def infer_model_name(state: Mapping[str, torch.Tensor], src: Path, *, pooling_only: bool = False) -> str:
+    """The one registered model whose keys and shapes ``state`` (ours layout) has; the file name breaks
+    ties between weight-free mixers, ``pooling_only`` keeps PoolFormers only."""
     candidates = matching_models(state)
     if pooling_only:
         candidates = [c for c in candidates if set(VARIANTS[c].config.mixers) == {"pooling"}]
@@ -847,6 +849,7 @@ __all__ = [
     "compare_state_dict",
     "convert_checkpoint",
     "detect_layout",
+    "infer_model_name",
     "load_weights",
     "matching_models",
     "model_from_weights",
