@@ -156,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from metaformer.weights import convert_checkpoint
 
-    name = convert_checkpoint(args.src, args.dst, model_name=args.model)
-    print(f"wrote {args.dst} ({name}, safetensors)")
+    name = convert_checkpoint(args.src, args.dst, model_name=args.model, to=args.to)
+    kind = "config.json + model.safetensors" if args.to == "folder" else "safetensors"
+    print(f"wrote {args.dst} ({name}, {kind})")
     return 0
 
 
@@ -171,11 +172,21 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def add_weights_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "convert", parents=[common], help="turn an official or timm checkpoint into metaformer safetensors"
+        "convert",
+        parents=[common],
+        help="turn an official, timm, transformers or OpenMMLab checkpoint into metaformer safetensors",
     )
-    p.add_argument("src", help="checkpoint file (.pth, .pth.tar, .bin or .safetensors)")
-    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument(
+        "src", help="checkpoint file (.pth, .pth.tar, .bin or .safetensors) or save_pretrained folder"
+    )
+    p.add_argument("dst", help="output .safetensors file, or folder with --to folder")
     p.add_argument("--model", help="model name (detected from the tensor shapes when omitted)")
+    p.add_argument(
+        "--to",
+        choices=("file", "folder"),
+        default="file",
+        help="write one safetensors file (default) or a hub-style folder (config.json + model.safetensors)",
+    )
     p.set_defaults(handler=cmd_convert)
 
     p = sub.add_parser("download", parents=[common], help="download released weights into the cache")
