@@ -159,9 +159,26 @@ def test_ema_is_evaluated_and_its_weights_are_the_ones_saved(tmp_path):
 def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda(tmp_path):
     _, summary = _run(tmp_path, "bf16", epochs=1, amp="bf16")
     assert summary["epochs"] == 1
-    assert amp_dtype("auto", torch.device("cpu")) is None
     with pytest.raises(ConfigError, match="fp16 AMP needs a CUDA device"):
         amp_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_amp_on_cpu_follows_native_bf16(native, monkeypatch, caplog):
+    from metaformer.engine import loop
+    from metaformer.models import hardware
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: native)
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": native)
+    monkeypatch.setattr(hardware, "_WARNED", set())
+    assert amp_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    with caplog.at_level("WARNING"):
+        assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: still runs
+        amp_dtype("bf16", torch.device("cpu"))
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)  # once per process, one sentence
+    if warned:
+        assert warned[0].count(". ") == 0 and "--amp off" in warned[0]
 
 
 def test_diverging_loss_stops_with_a_hint(tmp_path):

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import DistInfo, all_reduce_sum, run_on_main
 from metaformer.errors import CheckpointError, ConfigError, MetaformerError
+from metaformer.models.hardware import native_bf16, warn_emulated_bf16
 from metaformer.weights import load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class RunConfig:
 
     ``output_dir=None`` writes nothing. ``stop_after_epoch`` ends the run, resumable, once that epoch is
     done (for clusters with job time limits). ``progress=None`` shows tqdm bars only when stderr is a
-    terminal. ``amp="auto"``: bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU.
+    terminal. ``amp="auto"``: bf16 on CUDA where supported, else fp16 with a grad scaler; on a CPU bf16
+    where native, else off (``amp_dtype``).
     ``channels_last=None`` picks the faster layout for the device (see ``use_channels_last``).
     """
 
@@ -106,13 +108,22 @@ class RunConfig:
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an AMP mode on a device (None: full precision)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    """The autocast dtype for an AMP mode on a device (None: full precision).
+
+    ``auto`` follows the hardware: on CUDA bf16 where supported, else fp16 with a grad scaler; on a
+    CPU bf16 only where it is native (AVX512-BF16 or AMX), fp32 elsewhere, where oneDNN emulates bf16
+    ~10x slower than fp32. An explicit ``bf16`` on such a CPU still runs, after a one-line warning.
+    """
+    if mode == "off":
         return None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and native_bf16(device) else None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("fp16 AMP needs a CUDA device (it uses a grad scaler); use --amp bf16 on CPU")
+    if mode == "bf16" and device.type == "cpu":
+        warn_emulated_bf16(device)
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import platform
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -113,13 +112,12 @@ _WARNED: set[str] = set()
 
 
 def warn_emulated_bf16(device: torch.device | str = "cpu") -> None:
-    """Once per process: bf16 was asked for on a CPU that only emulates it."""
+    """Once per process, one sentence: bf16 was asked for on a CPU that only emulates it."""
     if native_bf16(device) or "bf16" in _WARNED:
         return
     _WARNED.add("bf16")
-    warnings.warn(
-        f"bf16 is emulated on this CPU ({cpu_profile().model}, no AVX512-BF16 or AMX) and runs many times "
-        "slower than fp32; use --amp off (fp32) here",
-        RuntimeWarning,
-        stacklevel=3,
+    logger.warning(
+        "warning: bf16 is emulated on this CPU (%s has no AVX512-BF16 or AMX) and runs many times slower "
+        "than fp32; use --amp off here",
+        cpu_profile().model,
     )

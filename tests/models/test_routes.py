@@ -1,0 +1,106 @@
+"""Route choice: measured, never the slower candidate, cached per machine, overridable."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from metaformer import ConfigError
+from metaformer.models import routes
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch, tmp_path):
+    monkeypatch.delenv("METAFORMER_ROUTE_PROBE", raising=False)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    routes.reset()
+    yield
+    routes.reset()
+
+
+def sleeper(seconds, calls=None):
+    def run():
+        if calls is not None:
+            calls.append(1)
+        time.sleep(seconds)
+
+    return run
+
+
+def test_the_faster_candidate_wins_and_is_cached_on_disk(tmp_path):
+    slow, fast = [], []
+    choice = routes.choose(
+        "train_mlp", "probe", {"conv": sleeper(0.004, slow), "gemm": sleeper(0.0005, fast)}
+    )
+    assert choice == "gemm"
+    assert len(slow) >= routes.MIN_ROUNDS + 1 and len(fast) == len(slow)  # interleaved, warm-up included
+    [decision] = routes.decisions(include_cached=False)
+    assert decision.times_ms["conv"] > decision.times_ms["gemm"]
+    files = list((tmp_path / "routes").glob("*.json"))
+    assert len(files) == 1 and torch.__version__.split("+")[0] in files[0].name
+    stored = json.loads(files[0].read_text())
+    assert stored[f"train_mlp|{decision.shape_class}"]["choice"] == "gemm"
+
+    routes.reset()  # a new process: the cache answers, nothing is measured again
+    again = []
+    assert (
+        routes.choose("train_mlp", "probe", {"conv": sleeper(0, again), "gemm": sleeper(0, again)}) == "gemm"
+    )
+    assert again == [] and routes.decisions()[0].source == "cache"
+
+
+def test_a_candidate_that_raises_is_left_out():
+    def broken():
+        raise RuntimeError("could not create a primitive descriptor")
+
+    assert routes.choose("fast_mlp", "broken", {"gemm": sleeper(0.002), "onednn": broken}) == "gemm"
+
+
+def test_the_environment_overrides_and_is_checked(monkeypatch):
+    calls = []
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", "conv")
+    assert routes.choose("fast_mlp", "x", {"gemm": sleeper(0, calls), "conv": sleeper(0, calls)}) == "conv"
+    assert calls == []
+    assert any(d.source == "env" for d in routes.decisions())
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", "fastest")
+    with pytest.raises(ConfigError, match="METAFORMER_ROUTE_FAST_MLP=fastest is not a choice.*gemm"):
+        routes.choose("fast_mlp", "x", {"gemm": sleeper(0)})
+
+
+def test_probing_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("METAFORMER_ROUTE_PROBE", "0")
+    calls = []
+    assert (
+        routes.choose("fast_chunk", "x", {"whole": sleeper(0, calls), "chunked": sleeper(0, calls)})
+        == "whole"
+    )
+    assert calls == []
+
+
+def test_a_probe_leaves_the_random_stream_as_it_was():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    routes.choose(
+        "train_pool_mix", "rng", {"torch": lambda: torch.rand(100), "native": lambda: torch.rand(100)}
+    )
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_shape_classes_and_thread_counts_are_decided_apart():
+    for shape_class in ("a", "b"):
+        routes.choose("fast_chunk", shape_class, {"whole": sleeper(0), "chunked": sleeper(0)})
+    assert len(routes.decisions()) == 2
+    assert all(d.shape_class.endswith(f"-t{torch.get_num_threads()}") for d in routes.decisions())
+
+
+def test_an_unwritable_cache_only_costs_a_probe(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("METAFORMER_HOME", str(blocker))  # routes/ cannot be created under a file
+    assert routes.choose("fast_mlp", "x", {"gemm": sleeper(0.002), "onednn": sleeper(0)}) == "onednn"
+
+
+def test_buckets_are_powers_of_two():
+    assert [routes.bucket(n) for n in (1, 2, 3, 31, 32, 33)] == [1, 2, 4, 32, 32, 64]
