@@ -35,6 +35,7 @@ from torch import nn
 
 from metaformer.errors import ConfigError
 from metaformer.models.kernels import pool_mix, pool_mix_supported, portable
+from metaformer.models.kernels.triton_pool import pool_mix_normed_triton, triton_supported
 from metaformer.models.layers import (
     BatchNormTokens,
     GroupNorm1Tokens,
@@ -342,6 +343,8 @@ class FoldedPoolBlock(nn.Module):
         self.native_radius = size // 2 if square and size % 2 == 1 and pool.stride in (1, (1, 1)) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._triton_ok(x):
+            return self._forward_triton(x)
         if (
             self.native_radius is not None
             and self.res_scale is None
@@ -354,6 +357,22 @@ class FoldedPoolBlock(nn.Module):
             if choose("fast_pool_mix", shape_class, candidates) == "native":
                 return self._forward_native(x)
         return self._forward_torch(x)
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        """The opt-in Triton kernels (``kernels.triton_pool``) take what the native kernel takes."""
+        return (
+            self.native_radius is not None
+            and self.res_scale is None
+            and self.mlp.norm_kind in ("sample", "none")
+            and triton_supported(x)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        # compiled or exported, _map_mlp normalises inside its own graph: only y is needed then
+        norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" and not _portable() else None
+        y, normed = pool_mix_normed_triton(x, self.mix_scale, self.native_radius, self.eps, norm_eps)
+        return _map_mlp(self.mlp, y, normed)
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
         norm_eps = self.mlp.eps if self.mlp.norm_kind == "sample" else None

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from metaformer.errors import ConfigError, InputSizeError
 from metaformer.models.kernels import native_available, pool_mix_train, pool_mix_train_supported
+from metaformer.models.kernels.triton_pool import pool_mix_triton, triton_supported
 from metaformer.models.layers import (
     ACTIVATIONS,
     DropPath,
@@ -127,8 +128,8 @@ class MetaFormerBlock(nn.Module):
             return None
         return mixer.pool.padding
 
-    def _pool_half_native(self, x: torch.Tensor, radius: int) -> torch.Tensor:
-        """``x + ls * drop(pool(gn(x)) - gn(x))`` in one kernel each way; the same values and gradients."""
+    def _pool_half_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k = gn.weight * ls`` and stochastic depth's per-sample factor, drawn as DropPath draws it."""
         k = self.norm1.weight if self.norm1.weight is not None else x.new_ones(x.shape[1])
         if isinstance(self.layer_scale1, Scale):
             k = k * self.layer_scale1.scale
@@ -137,6 +138,18 @@ class MetaFormerBlock(nn.Module):
         if isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0:
             keep = 1.0 - drop.drop_prob
             multiplier = x.new_empty((x.shape[0], 1, 1, 1), dtype=torch.float32).bernoulli_(keep).div_(keep)
+        return k, multiplier
+
+    def _pool_half_triton(self, x: torch.Tensor, radius: int) -> torch.Tensor:
+        """The same in Triton kernels (``kernels.triton_pool``, opt-in on CUDA)."""
+        k, multiplier = self._pool_half_factors(x)
+        return pool_mix_triton(
+            x, k, radius=radius, eps=self.norm1.eps, bias=self.norm1.bias, multiplier=multiplier
+        )
+
+    def _pool_half_native(self, x: torch.Tensor, radius: int) -> torch.Tensor:
+        """``x + ls * drop(pool(gn(x)) - gn(x))`` in one kernel each way; the same values and gradients."""
+        k, multiplier = self._pool_half_factors(x)
         return pool_mix_train(
             x.float(), k.float(), radius=radius, eps=self.norm1.eps,
             bias=self.norm1.bias, multiplier=multiplier,
@@ -167,8 +180,11 @@ class MetaFormerBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        radius = self._native_pool_radius() if _native_ok(x) else None
-        if radius is not None and self._pool_half_route(x, radius) == "native":
+        use_triton = triton_supported(x)
+        radius = self._native_pool_radius() if use_triton or _native_ok(x) else None
+        if radius is not None and use_triton:
+            x = self._pool_half_triton(x, radius)
+        elif radius is not None and self._pool_half_route(x, radius) == "native":
             x = self._pool_half_native(x, radius)
         else:
             x = self._pool_half_torch(x)
