@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from metaformer.system import machine_line
+
 ROWS = (
     "timm (NCHW)",
     "timm channels_last",
@@ -241,13 +243,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         memory_probe(args)
         return 0
+    print(machine_line(calibrate=args.device == "cpu"))
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"{args.steps} interleaved steps per row after one warm-up step, medians"
     )
     for name in args.models:
         print_table(bench_model(name, args), args)
+    print_routes()
     return 0
+
+
+def print_routes() -> None:
+    """The routes this run measured (``models.routes``): what the fast and training paths took here."""
+    from metaformer.models import routes
+
+    made = routes.decisions(include_cached=False)
+    if made:
+        print("\nroutes chosen in this run (median ms per candidate):")
+    for d in made:
+        times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
+        print(f"  {d.route} [{d.shape_class}]: {d.choice} ({times or d.source})")
 
 
 if __name__ == "__main__":
