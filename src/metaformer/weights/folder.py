@@ -59,7 +59,8 @@ def transformers_model(config: Mapping[str, Any], source: str | os.PathLike) -> 
 
     The name is the PoolFormer v1 variant with the config's depths and widths; options the variant does
     not share (pool size, activation, no layer scale, input channels) become overrides; num_classes is
-    ``len(id2label)``, 0 for a bare ``PoolFormerModel``.
+    ``len(id2label)``. A bare ``PoolFormerModel`` (no final norm, no classifier) is a backbone:
+    ``features_only=True``, whose last output is its ``last_hidden_state``.
     """
     for key, value in _HF_FIXED.items():
         if key in config and config[key] != value:
@@ -89,9 +90,10 @@ def transformers_model(config: Mapping[str, Any], source: str | os.PathLike) -> 
             f"config.json in '{source}' uses hidden_act={act!r}; metaformer supports {', '.join(_HF_ACTS)}"
         )
     kwargs: dict[str, Any] = {"in_chans": int(config.get("num_channels", 3))}
-    architectures = config.get("architectures") or []
-    has_classifier = "PoolFormerModel" not in architectures
-    kwargs["num_classes"] = len(config.get("id2label") or {}) if has_classifier else 0
+    if "PoolFormerModel" in (config.get("architectures") or []):  # no final norm, no classifier
+        kwargs["features_only"] = True
+    else:
+        kwargs["num_classes"] = len(config.get("id2label") or {})
     if _HF_ACTS[act] != "gelu":
         kwargs["act"] = _HF_ACTS[act]
     pool = int(config.get("pool_size", 3))

@@ -722,9 +722,11 @@ def convert_checkpoint(
         name, overrides = transformers_model(folder_config, src)  # type: ignore[arg-type]
         model_name = model_name or name
         class_names = transformers_class_names(folder_config)  # type: ignore[arg-type]
-        for key in ("num_classes", "in_chans"):
-            overrides.pop(key)
+        overrides.pop("in_chans")
+        overrides.pop("num_classes", None)
     features = None
+    if overrides.pop("features_only", False):
+        features = {"out_indices": [0, 1, 2, 3], "out_norm": None}
     if layout == "mmdet_mmseg":
         parts = sorted({k.split(".", 1)[0] for k in state if k.startswith(_OPENMMLAB_PARTS)})
         if parts:
@@ -751,7 +753,7 @@ def convert_checkpoint(
                 in_chans=in_chans,
                 features_only=True,
                 out_indices=features["out_indices"],
-                out_norm=True,
+                out_norm=features["out_norm"] is not None,
                 **overrides,
             )
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
