@@ -197,12 +197,12 @@ def test_unknown_model_with_close_matches(capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
     [
-        ("--epochs", "0", "epochs must be > 0"),
-        ("--epochs", "-2", "epochs must be > 0"),
-        ("--batch-size", "0", "batch_size must be > 0"),
-        ("--batch-size", "-8", "batch_size must be > 0"),
-        ("--lr", "0", "lr must be > 0"),
-        ("--lr", "-0.1", "lr must be > 0"),
+        ("--epochs", "0", "epochs must be positive"),
+        ("--epochs", "-2", "epochs must be positive"),
+        ("--batch-size", "0", "batch_size must be positive"),
+        ("--batch-size", "-8", "batch_size must be positive"),
+        ("--lr", "0", "lr must be positive"),
+        ("--lr", "-0.1", "lr must be positive"),
     ],
 )
 def test_zero_or_negative_epochs_batch_size_lr(flag, value, needle, capsys):

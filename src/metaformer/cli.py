@@ -11,9 +11,9 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from metaformer.errors import MetaformerError
+from metaformer.errors import MetaformerError, from_worker
 
 logger = logging.getLogger("metaformer")
 
@@ -39,6 +39,10 @@ def _common() -> argparse.ArgumentParser:
 def _img_size(values: Sequence[int] | None) -> tuple[int, int]:
     if not values:
         return (224, 224)
+    if len(values) > 2:
+        from metaformer.errors import ConfigError
+
+        raise ConfigError(f"--img-size takes H or H W, got {len(values)} values")
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
@@ -109,9 +113,17 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
 
 
 # --------------------------------------------------------------------------- entry point
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming it and the help to read, not the whole usage block
+    (the train commands' usage runs to dozens of lines and buries the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="metaformer",
         description="MetaFormer vision backbones: models, weights, training, detection, segmentation.",
         parents=[common],
@@ -137,18 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metaformer: interrupted", file=sys.stderr)
         return 130
-    except (MetaformerError, OSError) as err:
+    except Exception as caught:  # noqa: BLE001 - the one catch-all, at the boundary
         if args.debug:
             raise
-        print(f"metaformer: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - the one catch-all, at the boundary
-        if args.debug:
-            raise
-        print(
-            f"metaformer: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
+        err = from_worker(caught)  # found in a DataLoader worker: the worker's own sentence
+        if isinstance(err, (MetaformerError, OSError)):
+            print(f"metaformer: error: {err}", file=sys.stderr)
+        else:
+            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            print(
+                f"metaformer: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 

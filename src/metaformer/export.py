@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaformer.errors import CheckpointError, ConfigError, ExportError
+from metaformer.errors import CheckpointError, ConfigError, ExportError, check_number
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
@@ -214,6 +214,11 @@ class ExportConfig:
     img_size: tuple[int, int] = (224, 224)
     dynamic_batch: bool = False
     fold: bool = True
+
+    def __post_init__(self) -> None:
+        from metaformer.models.metaformer import MIN_INPUT_SIZE
+
+        check_number("img_size", self.img_size, low=MIN_INPUT_SIZE)
 
 
 def run_export(config: ExportConfig) -> ExportReport:

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from metaformer.complexity import count_macs, count_params
+from metaformer.errors import check_number
 from metaformer.models import create_model, get_variant, list_models
+from metaformer.models.metaformer import MIN_INPUT_SIZE
 
 
 def model_table(pattern: str = "*", *, with_macs: bool = True) -> list[dict[str, Any]]:
@@ -34,6 +36,7 @@ def model_table(pattern: str = "*", *, with_macs: bool = True) -> list[dict[str,
 
 def model_info(name: str, img_size: tuple[int, int] = (224, 224)) -> dict[str, Any]:
     """Per-stage output shapes (from a real forward pass), params and MACs at ``img_size``."""
+    check_number("img_size", img_size, low=MIN_INPUT_SIZE)
     variant = get_variant(name)
     model = create_model(name, img_size=img_size).eval()
     with torch.no_grad():

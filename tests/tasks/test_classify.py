@@ -56,11 +56,11 @@ def tiny_config(output, **overrides) -> TrainConfig:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("epochs", 0, "epochs must be > 0"),
-        ("epochs", -3, "epochs must be > 0"),
-        ("batch_size", 0, "batch_size must be > 0"),
-        ("lr", -1e-3, "lr must be > 0"),
-        ("lr", 0.0, "lr must be > 0"),
+        ("epochs", 0, "epochs must be positive"),
+        ("epochs", -3, "epochs must be positive"),
+        ("batch_size", 0, "batch_size must be positive"),
+        ("lr", -1e-3, "lr must be positive"),
+        ("lr", 0.0, "lr must be positive"),
         ("recipe", "huge", "unknown recipe 'huge'"),
         ("drop_path_rate", 1.0, "drop_path_rate"),
     ],
@@ -154,6 +154,65 @@ def test_eval_of_the_last_checkpoint_reproduces_the_logged_accuracy(trained_run,
         last["val_loss"], rel=1e-4
     )
     assert result["images_per_s"] > 0 and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_every_backend_reproduces_the_logged_accuracy(trained_run, tmp_path, backend):
+    out, _ = trained_run
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    result = evaluate_classifier(
+        EvalConfig(
+            checkpoint=str(out / "last.safetensors"),
+            confusion_png=str(tmp_path / "cm.png"),
+            backend=backend,
+            limit=None,
+        )
+    )
+    assert result["backend"] == backend
+    assert result["top1"] == pytest.approx(last["top1"])
+    assert result["loss"] == pytest.approx(last["val_loss"], abs=1e-4)
+
+
+def test_onnxruntime_backend_gives_the_fast_paths_outputs():
+    from metaformer.inference import prepare_for_inference
+
+    model = create_model("poolformer_s12", num_classes=10, **TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # layer scales away from 1e-5, so every branch counts
+        x = torch.randn(5, 3, 64, 64)
+        want = model(x)
+        fast, fast_name = prepare_for_inference(model, backend="torch", img_size=(64, 64), batch_size=5)
+        ort, ort_name = prepare_for_inference(model, backend="onnxruntime", img_size=(64, 64), batch_size=5)
+        assert (fast_name, ort_name) == ("torch", "onnxruntime")
+        assert (fast(x) - want).abs().max() < 1e-4
+        assert (ort(x) - want).abs().max() < 1e-4
+
+
+def test_auto_backend_keeps_the_one_measured_faster(monkeypatch, tmp_path):
+    from metaformer.inference import OnnxRuntimeModel, prepare_for_inference
+    from metaformer.models import routes
+
+    monkeypatch.delenv("METAFORMER_ROUTE_PROBE", raising=False)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    routes.reset()
+    model = create_model("poolformer_s12", num_classes=10, **TINY).eval()
+    runner, name = prepare_for_inference(model, backend="auto", img_size=(32, 32), batch_size=4)
+    [decision] = [d for d in routes.decisions() if d.route == "backend"]
+    assert set(decision.times_ms) == {"torch", "onnxruntime"}
+    assert name == decision.choice == min(decision.times_ms, key=decision.times_ms.get)
+    assert isinstance(runner, OnnxRuntimeModel) == (name == "onnxruntime")
+    routes.reset()
+
+
+def test_backend_misuse_is_one_sentence():
+    from metaformer.inference import prepare_for_inference
+
+    model = create_model("poolformer_s12", num_classes=10, **TINY).eval()
+    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnxruntime"):
+        EvalConfig(checkpoint="x.safetensors", backend="tensorrt")
+    with pytest.raises(ConfigError, match="runs in fp32; drop --amp"):
+        prepare_for_inference(model, backend="onnxruntime", amp=torch.bfloat16)
 
 
 def test_predict_names_classes_and_draws_grad_cam(trained_run, tmp_path):

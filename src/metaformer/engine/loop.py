@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import DistInfo, all_reduce_sum, run_on_main
-from metaformer.errors import CheckpointError, ConfigError, MetaformerError
+from metaformer.errors import CheckpointError, ConfigError, from_worker
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
 from metaformer.weights import load_state, save_state
 
@@ -557,9 +557,10 @@ def fit(
     trainer = _Trainer(task, model, optimizer, scheduler, train_loader, val_loader, config, info)
     try:
         return trainer.run(dict(summary_extra or {}))
-    except MetaformerError:
-        raise
-    except RuntimeError as err:
-        if "out of memory" in str(err).lower():
+    except Exception as caught:
+        err = from_worker(caught)  # a data error a loader worker found: its own sentence, not torch's wrapper
+        if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
             raise ConfigError(f"out of memory ({str(err).splitlines()[0]}); lower --batch-size") from None
-        raise
+        if err is caught:
+            raise
+        raise err from None

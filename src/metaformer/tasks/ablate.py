@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from metaformer.errors import ConfigError, DataError
+from metaformer.errors import ConfigError, DataError, check_number
 from metaformer.models import VARIANTS, register_mixer
 from metaformer.models.mixers import MIXERS
 
@@ -236,12 +236,18 @@ class AblationConfig:
                 f"depths and dims need 4 stages (Table 5 swaps mixers per stage), "
                 f"got {self.depths} and {self.dims}"
             )
+        check_number("depths", self.depths, low=1)
+        check_number("dims", self.dims, low=1)
         reserved = sorted(_CELL_OPTIONS & set(self.train_options))
         if reserved:
             raise ConfigError(
                 f"train_options may not set {', '.join(reserved)}: the study sets them per cell; "
                 "use the AblationConfig fields instead"
             )
+        from metaformer.tasks.classify import TrainConfig
+
+        # every cell trains with these options: a bad one fails here, not when the first cell starts
+        TrainConfig(model=BASE_MODEL, data=self.data, epochs=self.epochs, **self.train_options).resolve()
 
     def recipe(self) -> dict[str, Any]:
         """What every cell shares; a finished cell only counts if it was trained with this recipe."""

@@ -55,7 +55,8 @@ from metaformer.engine.loop import (
     show_progress,
     use_channels_last,
 )
-from metaformer.errors import CheckpointError, ConfigError, DataError
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
+from metaformer.inference import BACKENDS, prepare_for_inference
 from metaformer.models import create_model, get_variant
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "crop_pct": 1.0,
         "drop_path_rate": 0.0,
         "accum_steps": 1,
-        "amp": "auto",
+        "amp": "off",  # fp32 on every CPU, so the demo gives the same numbers everywhere
         "seed": 0,
     },
 }
@@ -184,17 +185,11 @@ FOLDER_IMG_SIZE = 224
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and math.isnan(value)):
-        bound = ">= 0" if allow_zero else "> 0"
-        kind = "non-negative" if allow_zero else "positive"
-        raise ConfigError(f"{name} must be {bound}, got {value}; pass a {kind} value")
+    check_number(name, value, low=0, low_open=not allow_zero)
 
 
 def _probability(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+    check_number(name, value, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -283,10 +278,13 @@ class TrainConfig:
             _probability(name, getattr(self, name))
         if self.label_smoothing is not None and self.label_smoothing >= 1.0:
             raise ConfigError(f"label_smoothing must be below 1, got {self.label_smoothing}")
-        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        check_number("drop_path_rate", self.drop_path_rate, low=0, high=1, high_open=True)
+        check_number("crop_pct", self.crop_pct, low=0, high=1, low_open=True)
+        check_number("opt_betas", self.opt_betas, low=0, high=1, high_open=True)
+        check_number("mean", self.mean)
+        check_number("std", self.std, low=0, low_open=True)
+        check_number("seed", self.seed, low=-(2**63), high=2**64 - 1)  # what torch.manual_seed takes
+        check_number("eval_every", self.eval_every, low=1)
         if self.amp is not None and self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{self.amp}'")
         for name in ("interpolation", "train_interpolation"):
@@ -295,12 +293,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(INTERPOLATIONS)}, got '{value}'")
         for name in ("scale", "ratio"):
             value = getattr(self, name)
+            check_number(name, value, low=0, low_open=True)
             if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
                 raise ConfigError(f"{name} must be two numbers 0 < low <= high, got {value}")
         if self.mixup_mode is not None and self.mixup_mode not in ("batch", "pair", "elem"):
             raise ConfigError(f"mixup_mode must be batch, pair or elem, got '{self.mixup_mode}'")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be between 0 and 1, got {self.ema_decay}")
+        check_number("ema_decay", self.ema_decay, low=0, high=1, low_open=True, high_open=True)
         _positive("clip_grad", self.clip_grad)
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("limit_train", self.limit_train)
@@ -311,8 +309,7 @@ class TrainConfig:
             raise ConfigError("pass either --resume or --overwrite, not both")
         if self.resume and self.output is None:
             raise ConfigError("--resume needs --output naming the run folder to continue")
-        if self.stop_after_epoch is not None and self.stop_after_epoch < 1:
-            raise ConfigError(f"stop_after_epoch must be at least 1, got {self.stop_after_epoch}")
+        check_number("stop_after_epoch", self.stop_after_epoch, low=1, high=self.epochs)
 
     @property
     def recipe_name(self) -> str:
@@ -336,7 +333,9 @@ class TrainConfig:
             head_dropout = (
                 float(variant.train_overrides.get("head_dropout", 0.0)) if recipe == "paper" else 0.0
             )
-        img_size = self.img_size or (EMBEDDED_IMG_SIZE if self.data is None else FOLDER_IMG_SIZE)
+        img_size = self.img_size
+        if img_size is None:
+            img_size = EMBEDDED_IMG_SIZE if self.data is None else FOLDER_IMG_SIZE
         workers = self.num_workers
         if workers is None:
             workers = 0 if self.data is None else min(8, max(1, (os.cpu_count() or 2) - 1))
@@ -408,7 +407,7 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
         """Loss (plain cross-entropy), top-1 and top-5 in percent over every rank's share of the loader."""
         k = min(5, self.num_classes)
-        device = next(model.parameters()).device
+        device = next(iter([*model.parameters(), *model.buffers()])).device  # onnxruntime's has a buffer
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
         confusion = torch.zeros(self.num_classes * self.num_classes, dtype=torch.int64, device=device)
         for images, targets in loader:
@@ -445,26 +444,26 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
 
 
 def _transforms(config: TrainConfig) -> tuple[Any, Any]:
-    size = int(config.img_size or EMBEDDED_IMG_SIZE)
+    size = int(config.img_size)  # resolved configs only: no field is None
     aa = None if config.auto_augment in (None, "", "none") else config.auto_augment
     train_tf = train_transform(
         size,
         auto_augment=aa,
-        re_prob=config.re_prob or 0.0,
-        re_mode=config.re_mode or "pixel",
-        scale=config.scale or (0.08, 1.0),
-        ratio=config.ratio or (3 / 4, 4 / 3),
-        hflip=config.hflip or 0.0,
-        interpolation=config.train_interpolation or "bicubic",
-        mean=config.mean or IMAGENET_MEAN,
-        std=config.std or IMAGENET_STD,
+        re_prob=config.re_prob,
+        re_mode=config.re_mode,
+        scale=config.scale,
+        ratio=config.ratio,
+        hflip=config.hflip,
+        interpolation=config.train_interpolation,
+        mean=config.mean,
+        std=config.std,
     )
     val_tf = eval_transform(
         size,
-        crop_pct=config.crop_pct or 1.0,
-        interpolation=config.interpolation or "bicubic",
-        mean=config.mean or IMAGENET_MEAN,
-        std=config.std or IMAGENET_STD,
+        crop_pct=config.crop_pct,
+        interpolation=config.interpolation,
+        mean=config.mean,
+        std=config.std,
     )
     return train_tf, val_tf
 
@@ -473,15 +472,13 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], di
     """(train, val, class names, skipped-image counts) for a resolved config."""
     train_tf, val_tf = _transforms(config)
     if config.data is None:
-        train, val = digits_splits(
-            config.img_size or EMBEDDED_IMG_SIZE, train_transform=train_tf, val_transform=val_tf
-        )
+        train, val = digits_splits(config.img_size, train_transform=train_tf, val_transform=val_tf)
         classes = list(DIGITS_CLASSES)
     else:
         train, val = folder_splits(config.data, train_tf, val_tf, verify=config.verify_images)
         classes = list(train.classes)
     skipped = {"train": len(train.skipped), "val": len(val.skipped)}
-    seed = config.seed or 0
+    seed = config.seed
     return (
         _subset(train, config.limit_train, seed),
         _subset(val, config.limit_val, seed + 1),
@@ -493,7 +490,7 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], di
 def _loaders(
     config: TrainConfig, train: Dataset, val: Dataset, info: DistInfo
 ) -> tuple[DataLoader, DataLoader]:
-    batch_size, workers = int(config.batch_size or 1), int(config.num_workers or 0)
+    batch_size, workers = int(config.batch_size), int(config.num_workers)
     per_rank = len(train) // info.world_size  # type: ignore[arg-type]
     if per_rank < batch_size:
         raise ConfigError(
@@ -505,7 +502,7 @@ def _loaders(
     train_loader = DataLoader(
         train,
         batch_size=batch_size,
-        sampler=train_sampler(train, info, config.seed or 0),
+        sampler=train_sampler(train, info, config.seed),
         drop_last=True,
         **common,
     )
@@ -516,19 +513,19 @@ def _loaders(
 def _mixup(config: TrainConfig, num_classes: int) -> Any | None:
     if not (config.mixup or config.cutmix):
         return None
-    if (config.batch_size or 0) % 2:
+    if config.batch_size % 2:
         raise ConfigError(
             f"mixup/cutmix need an even batch size, got {config.batch_size}; change --batch-size"
         )
     from timm.data import Mixup
 
     return Mixup(
-        mixup_alpha=config.mixup or 0.0,
-        cutmix_alpha=config.cutmix or 0.0,
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
         prob=config.mixup_prob,
         switch_prob=config.mixup_switch_prob,
         mode=config.mixup_mode,
-        label_smoothing=config.label_smoothing or 0.0,
+        label_smoothing=config.label_smoothing,
         num_classes=num_classes,
     )
 
@@ -553,8 +550,8 @@ def _preprocessing(config: TrainConfig) -> dict[str, Any]:
         "input_size": [3, config.img_size, config.img_size],
         "crop_pct": config.crop_pct,
         "interpolation": config.interpolation,
-        "mean": list(config.mean or IMAGENET_MEAN),
-        "std": list(config.std or IMAGENET_STD),
+        "mean": list(config.mean),
+        "std": list(config.std),
     }
 
 
@@ -591,7 +588,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if resolved.data is not None:
         check_layout(resolved.data)  # before the output folder is created
     run_on_main(prepare, info)
-    run_state.seed_everything((resolved.seed or 0) + info.rank)
+    run_state.seed_everything(resolved.seed + info.rank)
     train, val, classes, skipped = build_datasets(resolved)
     if info.is_main:
         logger.info(
@@ -616,9 +613,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         lr=resolved.lr,
         weight_decay=resolved.weight_decay,
         eps=resolved.opt_eps,
-        betas=tuple(resolved.opt_betas or (0.9, 0.999)),
+        betas=tuple(resolved.opt_betas),
     )
-    updates_per_epoch = math.ceil(len(train_loader) / (resolved.accum_steps or 1))
+    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=resolved.sched,
@@ -632,17 +629,17 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     metadata = {"task": "classify", "preprocessing": _preprocessing(resolved), "recipe": resolved.recipe}
     task = ClassificationTask(
         classes,
-        label_smoothing=resolved.label_smoothing or 0.0,
+        label_smoothing=resolved.label_smoothing,
         mixup=_mixup(resolved, len(classes)),
         metadata=metadata,
     )
     if info.is_main and not resolved.resume:
         run_state.write_json(Path(output) / run_state.CONFIG_FILE, {**current, "class_names": classes})
     run = RunConfig(
-        epochs=resolved.epochs or 1,
+        epochs=resolved.epochs,
         output_dir=output,
-        accum_steps=resolved.accum_steps or 1,
-        amp=resolved.amp or "off",
+        accum_steps=resolved.accum_steps,
+        amp=resolved.amp,
         clip_grad=resolved.clip_grad,
         ema_decay=resolved.ema_decay,
         channels_last=resolved.channels_last,
@@ -781,8 +778,8 @@ def load_classifier(
 
 def _eval_tf(preproc: Mapping[str, Any], img_size: int | None, crop_pct: float | None) -> Any:
     return eval_transform(
-        int(img_size or preproc["input_size"][-1]),
-        crop_pct=float(crop_pct or preproc.get("crop_pct", 0.9)),
+        int(img_size if img_size is not None else preproc["input_size"][-1]),
+        crop_pct=float(crop_pct if crop_pct is not None else preproc.get("crop_pct", 0.9)),
         interpolation=str(preproc.get("interpolation", "bicubic")),
         mean=preproc.get("mean", IMAGENET_MEAN),
         std=preproc.get("std", IMAGENET_STD),
@@ -808,8 +805,11 @@ class EvalConfig:
     confusion_png: str | None = None
     limit: int | None = None
     progress: bool | None = None
+    backend: str = "auto"  # torch (the fast path), onnxruntime, or auto: the faster one here
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         _positive("batch_size", self.batch_size)
         _positive("num_workers", self.num_workers, allow_zero=True)
         _positive("img_size", self.img_size)
@@ -826,7 +826,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     """Top-1, top-5, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
     transform = _eval_tf(preproc, config.img_size, config.crop_pct)
-    size = int(config.img_size or preproc["input_size"][-1])
+    size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
     if config.data is None:
         if len(classes) != len(DIGITS_CLASSES):
             raise CheckpointError(
@@ -861,13 +861,22 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
     )
     task = ClassificationTask(classes)
+    dtype = amp_dtype(config.amp, device)
+    runner, backend = prepare_for_inference(
+        model,
+        backend=config.backend,
+        device=device,
+        img_size=(size, size),
+        batch_size=min(config.batch_size, len(dataset)),  # type: ignore[arg-type]
+        amp=dtype,
+    )
     start = time.perf_counter()
     metrics = evaluate(
         task,
-        model,
+        runner,
         loader,
         device=device,
-        dtype=amp_dtype(config.amp, device),
+        dtype=dtype,
         channels_last=channels_last,
         progress=show_progress(config.progress, DistInfo()),
     )
@@ -884,6 +893,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     return {
         "model": getattr(model, "model_name", config.model),
         "checkpoint": config.checkpoint or f"pretrained:{config.model}",
+        "backend": backend,
         "data": config.data or "embedded:digits (val split)",
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,
@@ -952,8 +962,11 @@ class PredictConfig:
     cam: str | None = None
     batch_size: int = 32
     device: str | None = None
+    backend: str = "auto"  # torch (the fast path), onnxruntime, or auto: the faster one here
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         _positive("topk", self.topk)
         _positive("batch_size", self.batch_size)
         if (self.checkpoint is None) == (not self.pretrained):
@@ -996,6 +1009,14 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     transform = _eval_tf(preproc, None, None)
     device = pick_device(config.device)
     model = model.to(device)
+    size = int(preproc["input_size"][-1])
+    runner, _ = prepare_for_inference(
+        model,
+        backend=config.backend,
+        device=device,
+        img_size=(size, size),
+        batch_size=min(config.batch_size, len(paths)),
+    )
     k = min(config.topk, len(classes))
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), config.batch_size):
@@ -1012,7 +1033,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         if not tensors:
             continue
         with torch.no_grad():
-            probs = model(torch.stack(tensors).to(device)).float().softmax(dim=1).cpu()
+            probs = runner(torch.stack(tensors).to(device)).float().softmax(dim=1).cpu()
         values, indices = probs.topk(k, dim=1)
         for path, vals, idxs in zip(batch_paths, values, indices, strict=True):
             results.append(

@@ -51,11 +51,12 @@ from metaformer.engine.distributed import (
     train_sampler,
 )
 from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
-from metaformer.errors import CheckpointError, ConfigError, DataError
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.models import get_variant
 from metaformer.tasks.fpn import (
     BackboneFPN,
     check_classes,
+    check_run_numbers,
     create_backbone,
     default_output,
     default_workers,
@@ -520,23 +521,10 @@ class DetectTrainConfig:
             raise ConfigError(f"unknown detector '{self.arch}'; choose one of {', '.join(ARCHS)}")
         if self.sched is not None and self.sched not in SCHEDULES:
             raise ConfigError(f"unknown schedule '{self.sched}'; choose one of {', '.join(SCHEDULES)}")
-        for name in (
-            "epochs",
-            "batch_size",
-            "lr",
-            "accum_steps",
-            "min_size",
-            "max_size",
-            "fpn_channels",
-            "eval_every",
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        for name in ("weight_decay", "warmup_iters", "limit_train", "limit_val", "num_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must not be negative, got {value}")
+        check_run_numbers(self)
+        for name in ("min_size", "max_size", "fpn_channels", "anchor_sizes", "lr_steps"):
+            check_number(name, getattr(self, name), low=1)
+        check_number("warmup_ratio", self.warmup_ratio, low=0, high=1)
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
         if self.resume and self.output is None:
@@ -560,7 +548,9 @@ class DetectTrainConfig:
             if self.num_workers is not None
             else (0 if self.data is None else default_workers())
         )
-        return dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+        resolved = dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+        resolved.detector_config(num_classes=1)  # its checks (min_size <= max_size...) fail here, before data
+        return resolved
 
     def detector_config(self, num_classes: int) -> DetectorConfig:
         return DetectorConfig(
@@ -569,11 +559,11 @@ class DetectTrainConfig:
             backbone=self.model,
             backbone_overrides=dict(self.model_kwargs),
             frozen_stages=self.frozen_stages,
-            fpn_channels=int(self.fpn_channels or 256),
+            fpn_channels=int(self.fpn_channels),
             head_norm=bool(self.head_norm),
-            min_size=int(self.min_size or 800),
-            max_size=int(self.max_size or 1333),
-            anchor_sizes=tuple(self.anchor_sizes or DEFAULT_ANCHOR_SIZES),
+            min_size=int(self.min_size),
+            max_size=int(self.max_size),
+            anchor_sizes=tuple(self.anchor_sizes),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -654,7 +644,7 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
     run_state.seed_everything(resolved.seed + info.rank)
     train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
     val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
-    batch_size = int(resolved.batch_size or 1)
+    batch_size = int(resolved.batch_size)
     per_rank = len(train) // info.world_size  # type: ignore[arg-type]
     if per_rank < batch_size:
         raise ConfigError(
@@ -678,19 +668,17 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
     detector = resolved.detector_config(train_set.num_classes)
     model = create_detector(detector, backbone_checkpoint=resolved.backbone_checkpoint).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = create_optimizer(
-        params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
-    )
+    optimizer = create_optimizer(params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay))
     updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
     scheduler = make_scheduler(
         optimizer,
         sched=str(resolved.sched),
         lr=float(resolved.lr),
-        total_updates=updates_per_epoch * int(resolved.epochs or 1),
+        total_updates=updates_per_epoch * int(resolved.epochs),
         updates_per_epoch=updates_per_epoch,
-        lr_steps=resolved.lr_steps or (),
-        warmup_iters=int(resolved.warmup_iters or 0),
-        warmup_ratio=float(resolved.warmup_ratio or 0.001),
+        lr_steps=resolved.lr_steps if resolved.lr_steps is not None else (),
+        warmup_iters=int(resolved.warmup_iters),
+        warmup_ratio=float(resolved.warmup_ratio),
     )
     task = DetectionTask(
         coco_ground_truth(read_coco_json(val_ann)), train_set.class_names, train_set.cat_ids, masks=masks
@@ -713,7 +701,7 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
                 Path(output) / run_state.CONFIG_FILE, {**current, "class_names": train_set.class_names}
             )
     run = RunConfig(
-        epochs=int(resolved.epochs or 1),
+        epochs=int(resolved.epochs),
         output_dir=output,
         accum_steps=resolved.accum_steps,
         amp=resolved.amp,
@@ -721,7 +709,7 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
         resume=resolved.resume,
         stop_after_epoch=resolved.stop_after_epoch,
         channels_last=resolved.channels_last,
-        eval_every=int(resolved.eval_every or 1),
+        eval_every=int(resolved.eval_every),
         progress=resolved.progress,
     )
     extra = {
@@ -766,6 +754,11 @@ class DetectEvalConfig:
     results: str | None = None
     device: str | None = None
     progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_number("batch_size", self.batch_size, low=1)
+        check_number("num_workers", self.num_workers, low=0)
+        check_number("limit", self.limit, low=1)
 
 
 def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
@@ -815,8 +808,7 @@ class DetectPredictConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.score_thresh <= 1.0:
-            raise ConfigError(f"score threshold must be between 0 and 1, got {self.score_thresh}")
+        check_number("score_thresh", self.score_thresh, low=0, high=1)
 
 
 def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from metaformer.data.segmentation import IMAGE_EXTENSIONS
-from metaformer.errors import CheckpointError, ConfigError, DataError
-from metaformer.models import create_model
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
+from metaformer.models import create_model, get_variant
 from metaformer.models.metaformer import MetaFormerFeatures
 from metaformer.weights import atomic_write
 
@@ -218,6 +218,24 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
         raise CheckpointError(
             f"the weights in '{path}' do not fit the model they describe ({first}); re-save them"
         ) from None
+
+
+def check_run_numbers(config: Any) -> None:
+    """The number checks detect train and segment train share: run length, loop options, backbone freeze.
+
+    Runs in both configs' ``__post_init__`` (so on the user's values and again on the resolved ones), so a
+    bad value fails in one sentence before any data is read.
+    """
+    for name in ("epochs", "batch_size", "lr", "clip_grad"):
+        check_number(name, getattr(config, name), low=0, low_open=True)
+    for name in ("accum_steps", "eval_every", "limit_train", "limit_val"):
+        check_number(name, getattr(config, name), low=1)
+    for name in ("weight_decay", "warmup_iters", "num_workers"):
+        check_number(name, getattr(config, name), low=0)
+    check_number("seed", config.seed, low=-(2**63), high=2**64 - 1)  # what torch.manual_seed takes
+    check_number("stop_after_epoch", config.stop_after_epoch, low=1, high=config.epochs)
+    depths = config.model_kwargs.get("depths", get_variant(config.model).config.depths)
+    check_number("frozen_stages", config.frozen_stages, low=-1, high=len(depths))
 
 
 def default_workers() -> int:

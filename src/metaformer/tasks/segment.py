@@ -46,11 +46,12 @@ from metaformer.engine.distributed import (
     train_sampler,
 )
 from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
-from metaformer.errors import CheckpointError, ConfigError
+from metaformer.errors import CheckpointError, ConfigError, check_number
 from metaformer.models import get_variant
 from metaformer.tasks.fpn import (
     BackboneFPN,
     check_classes,
+    check_run_numbers,
     create_backbone,
     default_output,
     default_workers,
@@ -85,10 +86,9 @@ class SegmenterConfig:
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ConfigError(f"a segmenter needs at least one class, got num_classes={self.num_classes}")
-        if self.fpn_channels < 1 or self.head_channels < 1:
-            raise ConfigError(f"channels must be positive, got {self.fpn_channels} and {self.head_channels}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_number("fpn_channels", self.fpn_channels, low=1)
+        check_number("head_channels", self.head_channels, low=1)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
         object.__setattr__(self, "backbone_overrides", tuple_values(self.backbone_overrides))
 
 
@@ -472,23 +472,14 @@ class SegmentTrainConfig:
         get_variant(self.model)
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
-        for name in (
-            "iters",
-            "epochs",
-            "batch_size",
-            "lr",
-            "crop_size",
-            "accum_steps",
-            "eval_iters",
-            "eval_every",
-        ):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        for name in ("weight_decay", "warmup_iters", "limit_train", "limit_val", "num_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must not be negative, got {value}")
+        check_run_numbers(self)
+        for name in ("iters", "crop_size", "eval_iters", "fpn_channels", "head_channels", "scale"):
+            check_number(name, getattr(self, name), low=1)
+        check_number("power", self.power, low=0)
+        check_number("ratio_range", self.ratio_range, low=0, low_open=True)
+        check_number("cat_max_ratio", self.cat_max_ratio, low=0, high=1, low_open=True)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_number("class_weight", self.class_weight)  # finite; the sign check follows
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
         if self.resume and self.output is None:
@@ -516,13 +507,16 @@ class SegmentTrainConfig:
             if self.num_workers is not None
             else (0 if self.data is None else default_workers())
         )
-        return dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+        resolved = dataclasses.replace(self, recipe=self.recipe_name, num_workers=workers, **filled)
+        resolved.augment()  # the augmentation's and the model's own checks fail here, before any data is read
+        resolved.segmenter_config(num_classes=1)
+        return resolved
 
     def augment(self) -> SegAugment:
-        crop = int(self.crop_size or 512)
+        crop = int(self.crop_size)  # resolved configs only: no recipe field is None
         return SegAugment(
-            scale=tuple(self.scale or (2048, 512)),  # type: ignore[arg-type]
-            ratio_range=tuple(self.ratio_range or (0.5, 2.0)),  # type: ignore[arg-type]
+            scale=tuple(self.scale),  # type: ignore[arg-type]
+            ratio_range=tuple(self.ratio_range),  # type: ignore[arg-type]
             crop_size=(crop, crop),
             cat_max_ratio=float(self.cat_max_ratio if self.cat_max_ratio is not None else 0.75),
             photometric=bool(self.photometric),
@@ -534,8 +528,8 @@ class SegmentTrainConfig:
             backbone=self.model,
             backbone_overrides=dict(self.model_kwargs),
             frozen_stages=self.frozen_stages,
-            fpn_channels=int(self.fpn_channels or 256),
-            head_channels=int(self.head_channels or 128),
+            fpn_channels=int(self.fpn_channels),
+            head_channels=int(self.head_channels),
             dropout=float(self.dropout if self.dropout is not None else 0.1),
         )
 
@@ -583,14 +577,14 @@ def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
     run_state.seed_everything(resolved.seed + info.rank)
     train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
     val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
-    batch_size = int(resolved.batch_size or 1)
+    batch_size = int(resolved.batch_size)
     per_rank = len(train) // info.world_size  # type: ignore[arg-type]
     if per_rank < batch_size:
         raise ConfigError(
             f"batch size {batch_size} is larger than the {per_rank} training images per process; "
             "lower --batch-size"
         )
-    workers = int(resolved.num_workers or 0)
+    workers = int(resolved.num_workers)
     loader_args = {
         "num_workers": workers,
         "pin_memory": info.device.type == "cuda",
@@ -605,7 +599,7 @@ def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
     )
     val_loader = DataLoader(val, batch_size=1, sampler=eval_sampler(val, info), **loader_args)
     updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
-    epochs = int(resolved.epochs or 1)
+    epochs = int(resolved.epochs)
     if resolved.iters is not None:
         epochs = math.ceil(resolved.iters / updates_per_epoch)
     eval_every = resolved.eval_every or (
@@ -618,14 +612,12 @@ def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
     model = model.to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = create_optimizer(
-        params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay or 0)
-    )
+    optimizer = create_optimizer(params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay))
     scheduler = poly_scheduler(
         optimizer,
         total_updates=epochs * updates_per_epoch,
         power=resolved.power,
-        warmup_iters=int(resolved.warmup_iters or 0),
+        warmup_iters=int(resolved.warmup_iters),
         lr=float(resolved.lr),
     )
     augment = resolved.augment()
@@ -727,6 +719,10 @@ class SegmentEvalConfig:
     device: str | None = None
     progress: bool | None = None
 
+    def __post_init__(self) -> None:
+        check_number("num_workers", self.num_workers, low=0)
+        check_number("limit", self.limit, low=1)
+
 
 def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
     """mIoU, mAcc, pixel accuracy and per-class IoU of a checkpoint, with the eval resize it trained with."""
@@ -766,8 +762,7 @@ class SegmentPredictConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be between 0 and 1, got {self.alpha}")
+        check_number("alpha", self.alpha, low=0, high=1)
 
 
 def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:

@@ -7,10 +7,12 @@ so a crash mid-write never leaves a half-written file under the real name.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaformer.errors import CheckpointError
+from metaformer.errors import CheckpointError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,17 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
     The temp name keeps the target's suffix (``.x.png.tmpab12.png``), so writers that pick a format
     from the extension (PIL, matplotlib) work unchanged. The parent folder is created if needed.
+    A write that fails for lack of space (ENOSPC, or torch's serializer stopping mid-file) or because
+    the folder is read-only or gone raises ``WriteError``: one sentence with the file, the free space,
+    and that the previous file under ``path`` is untouched (it is: only the temp file was written).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(path, err) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -49,9 +57,63 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder went read-only or away: nothing left to clean
+        if isinstance(err, Exception) and _is_write_failure(err, tmp):
+            raise _write_error(path, err) from None
         raise
+
+
+# What torch's zip writer and safetensors say when the disk fills up mid-file (their errors carry no errno).
+_FULL_DISK_TEXT = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded")
+_TORCH_WRITE_TEXT = ("inline_container.cc", "unexpected pos", "file write failed")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FOLDER_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EEXIST)
+
+
+def _is_write_failure(err: Exception, tmp: Path) -> bool:
+    """A failure of the write itself, not of what the writer computed (an export check, a bad value)."""
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        return True
+    if isinstance(err, OSError) and err.errno in _FOLDER_ERRNOS:
+        return err.filename is None or Path(err.filename).parent == tmp.parent or not tmp.parent.is_dir()
+    text = str(err).lower()
+    return any(s in text for s in _FULL_DISK_TEXT) or any(s in text for s in _TORCH_WRITE_TEXT)
+
+
+def _write_error(path: Path, err: BaseException) -> WriteError:
+    folder = path.parent
+    kept = f"the previous {path.name} is untouched" if path.is_file() else f"no {path.name} was written"
+    code = getattr(err, "errno", None)
+    if code in _FOLDER_ERRNOS or (code is None and not folder.is_dir()):
+        if not folder.is_dir():
+            problem = f"its folder '{folder}' no longer exists or is not a folder"
+            fix = "recreate it or pass another --output"
+        else:
+            problem = f"its folder '{folder}' is read-only ({getattr(err, 'strerror', None) or err})"
+            fix = "make it writable or pass another --output"
+        return WriteError(f"cannot write '{path}': {problem}; {kept}; {fix}")
+    return WriteError(
+        f"cannot write '{path}': the disk is full ({_free_space(folder)} free where it goes); {kept}; "
+        "free some space or pass another --output"
+    )
+
+
+def _free_space(folder: Path) -> str:
+    """Free bytes on the drive holding ``folder`` (its nearest existing ancestor), human-readable."""
+    for place in (folder, *folder.parents):
+        try:
+            free = shutil.disk_usage(place).free
+        except OSError:
+            continue
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if free >= size:
+                return f"{free / size:.1f} {unit}"
+        return f"{free} bytes"
+    return "unknown"
 
 
 def _is_safetensors(path: Path) -> bool:
