@@ -98,6 +98,19 @@ def test_train_eval_predict_through_the_cli(tiny_run, tmp_path, capsys):
         "2",
     )
     assert code == 0 and out.startswith(str(tmp_path / "white.png")) and out.count("%") == 2
+    code, ort_out, _ = run_cli(
+        capsys,
+        "classify",
+        "predict",
+        str(tmp_path / "white.png"),
+        "--checkpoint",
+        str(tiny_run / "best.safetensors"),
+        "--topk",
+        "2",
+        "--backend",
+        "onnxruntime",
+    )
+    assert code == 0 and ort_out.split()[:2] == out.split()[:2]  # same top class through onnxruntime
 
 
 def test_fine_tune_with_the_paper_recipe_and_another_class_count(tiny_run, tmp_path, capsys):

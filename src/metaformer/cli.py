@@ -75,9 +75,52 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_system(args: argparse.Namespace) -> int:
+    from metaformer.system import REFERENCE_GFLOPS, system_report
+
+    report = system_report(probe=args.probe or not _routes_known())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"cpu          {report['cpu']}")
+    cap = f", oneDNN capped at {report['onednn_max_isa']}" if report["onednn_max_isa"] else ""
+    print(f"isa          ATen {report['aten_isa']}{cap}; {' '.join(report['extensions']) or '-'}")
+    print(f"native bf16  {'yes' if report['native_bf16'] else 'no (emulated: --amp auto stays fp32)'}")
+    print(
+        f"calibrate    {report['fp32_gflops']:.0f} GFLOP/s 2-thread fp32 matmul, "
+        f"factor {report['factor']:.2f} (reference: 2-core AVX2, {REFERENCE_GFLOPS:.0f} GFLOP/s)"
+    )
+    print(
+        f"torch        {report['torch']}, {report['threads']} threads; "
+        f"routes cached per CPU {report['signature']}"
+    )
+    print(f"  {'route':<16}{'shape class':<52}{'choice':<12}measured (ms)")
+    for decision in report["routes"]:
+        times = ", ".join(
+            f"{k} {v:.3g}" for k, v in sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
+        )
+        source = "" if decision["source"] == "probe" else f" [{decision['source']}]"
+        print(
+            f"  {decision['route']:<16}{decision['shape_class']:<52}{decision['choice'] + source:<12}{times}"
+        )
+    return 0
+
+
+def _routes_known() -> bool:
+    from metaformer.models import routes
+
+    return bool(routes.decisions())
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from metaformer.report import model_info
 
+    if args.system:
+        return cmd_system(args)
+    if args.name is None:
+        from metaformer.errors import ConfigError
+
+        raise ConfigError("info needs a model name (e.g. `metaformer info poolformer_s12`) or --system")
     info = model_info(args.name, _img_size(args.img_size))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -105,8 +148,20 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
     p.set_defaults(handler=cmd_models)
 
-    p = sub.add_parser("info", parents=[common], help="per-stage output shapes, params and MACs of one model")
-    p.add_argument("name")
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="per-stage output shapes, params and MACs of one model; --system: this machine and its routes",
+    )
+    p.add_argument("name", nargs="?")
+    p.add_argument(
+        "--system",
+        action="store_true",
+        help="print the CPU, its ISA, native bf16, the calibrate factor and every route chosen here",
+    )
+    p.add_argument(
+        "--probe", action="store_true", help="with --system: measure the routes on PoolFormer-S12 now"
+    )
     p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"), help="input size (default 224 224)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_info)
@@ -371,6 +426,7 @@ def cmd_classify_eval(args: argparse.Namespace) -> int:
             confusion_png=args.confusion,
             limit=args.limit,
             progress=args.progress,
+            backend=args.backend,
         )
     )
     if args.json:
@@ -378,7 +434,10 @@ def cmd_classify_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['model']} on {result['data']}: {result['images']} images")
     print(f"  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
-    print(f"  {result['images_per_s']:.1f} images/s; confusion matrix: {result['confusion_png']}")
+    print(
+        f"  {result['images_per_s']:.1f} images/s ({result['backend']}); "
+        f"confusion matrix: {result['confusion_png']}"
+    )
     if result["skipped_images"]:
         print(f"  skipped {result['skipped_images']} unreadable image(s)")
     return 0
@@ -397,6 +456,7 @@ def cmd_classify_predict(args: argparse.Namespace) -> int:
             cam=args.cam,
             batch_size=args.batch_size,
             device=args.device,
+            backend=args.backend,
         )
     )
     if args.json:
@@ -457,7 +517,7 @@ _TRAIN_FLAGS: dict[str, tuple[Any, Any, str | None, str]] = {
     "ema_decay": (float, None, "D", "keep a timm ModelEmaV3 with this decay, e.g. 0.9999 (off)"),
     "clip_grad": (float, None, "NORM", "clip the gradient norm (off)"),
     "accum_steps": (int, None, "N", "gradient accumulation steps (1)"),
-    "amp": (str, None, "MODE", "off, auto, bf16 or fp16 (auto: bf16/fp16 on CUDA, off on CPU)"),
+    "amp": (str, None, "MODE", "off, auto, bf16 or fp16 (auto: bf16 where native, else off)"),
     "seed": (int, None, "N", "random seed (paper 42, small 0)"),
 }
 
@@ -582,6 +642,13 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
         "--confusion", metavar="PNG", help="confusion-matrix image (default: next to the checkpoint)"
     )
     p.add_argument("--limit", type=int, metavar="N", help="evaluate a seeded random subset of N images")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: "
+        "the one measured faster here (default)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_classify_eval)
 
@@ -594,6 +661,13 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
     p.add_argument("--cam", metavar="OUT.png", help="write a Grad-CAM heat map of the top class (one image)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: "
+        "the one measured faster here (default)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_classify_predict)
 
@@ -667,7 +741,7 @@ def _run_parent(kind: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--amp",
         choices=("off", "auto", "bf16", "fp16"),
-        help="autocast dtype (default: the recipe's; off, except bf16 for the shapes segmentation)",
+        help="autocast dtype (default: the recipe's); auto: bf16 where native (CUDA, AVX512-BF16, AMX)",
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--workers", type=int, metavar="N", help="data-loading processes (shapes 0, folders 4)")

@@ -146,6 +146,22 @@ def _measure(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
     return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
 
 
+def known(route: str, shape_class: str) -> str | None:
+    """The choice already made for ``route`` here (forced, decided in this process, or cached), or None:
+    lets a caller skip building a costly candidate (an ONNX export) when the answer is known."""
+    forced = _override(route)
+    if forced is not None:
+        return forced
+    if os.environ.get("METAFORMER_ROUTE_PROBE") == "0":
+        return ROUTES[route][0]
+    shape_class = f"{shape_class}-t{torch.get_num_threads()}"
+    decided = _DECISIONS.get((route, shape_class))
+    if decided is not None:
+        return decided.choice
+    cached = _disk().get(f"{route}|{shape_class}")
+    return cached.get("choice") if isinstance(cached, dict) else None
+
+
 def choose(route: str, shape_class: str, candidates: Mapping[str, Callable[[], Any]]) -> str:
     """The choice for ``route`` at ``shape_class`` among ``candidates`` (choice -> a call that runs it
     once on the real shapes). The first candidate is the fallback when nothing else can run."""
