@@ -61,7 +61,7 @@ def machine_line(*, calibrate: bool = True) -> str:
     return line
 
 
-def probe_routes(img_size: int = 224, batch: int = 8) -> None:
+def probe_routes(*, img_size: int = 224, batch: int = 8) -> None:
     """Decide this machine's routes on a standard workload (PoolFormer-S12): the fast path's forward,
     and a channels-last training step in fp32 and, where bf16 is native, under bf16 autocast."""
     from metaformer.models import create_model
