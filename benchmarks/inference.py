@@ -163,6 +163,13 @@ def build_candidates(
                     return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
                 rows[label] = run
+    if device == "cpu" and dtype == torch.float32:
+        from metaformer.inference import prepare_for_inference
+
+        runner, backend = prepare_for_inference(
+            ours, backend="auto", img_size=(args.img_size, args.img_size), batch_size=args.batch
+        )
+        rows[f"ours, eval/predict default (auto: {backend})"] = runner
     return rows, notes
 
 
@@ -192,6 +199,7 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
                 times1[k].append(timed(lambda fn=fn: fn(x1), device, runs=args.latency_runs))
     peak = statistics.median(peaks)
     base32, base1 = statistics.median(times32["timm (NCHW)"]), statistics.median(times1["timm (NCHW)"])
+    channels_last32 = statistics.median(times32["timm channels_last"])
     results = []
     for k in rows:
         t32, t1 = statistics.median(times32[k]), statistics.median(times1[k])
@@ -202,6 +210,7 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
                 "impl": k,
                 "img_s": args.batch / t32,
                 "speedup": base32 / t32,
+                "vs_channels_last": channels_last32 / t32,
                 "latency_ms": t1 * 1e3,
                 "latency_ratio": t1 / base1,
                 "gflops": gflops,
@@ -223,14 +232,15 @@ def print_table(results: list[dict], title: str) -> None:
         f"matmul peak {first['peak']:.0f} GFLOP/s (median of the same rounds)"
     )
     header = (
-        f"{'implementation':<30}{'img/s':>9}{'x timm':>8}{'b1 ms':>9}{'b1 x timm':>10}"
+        f"{'implementation':<48}{'img/s':>9}{'x timm':>8}{'x timm CL':>10}{'b1 ms':>9}{'b1 x timm':>10}"
         f"{'GFLOP/s':>9}{'% peak':>8}{'max rel diff vs timm':>22}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['impl']:<30}{r['img_s']:>9.1f}{r['speedup']:>8.2f}{r['latency_ms']:>9.1f}"
+            f"{r['impl']:<48}{r['img_s']:>9.1f}{r['speedup']:>8.2f}{r['vs_channels_last']:>10.2f}"
+            f"{r['latency_ms']:>9.1f}"
             f"{r['latency_ratio']:>10.2f}{r['gflops']:>9.0f}{r['pct_peak']:>8.0f}{r['rel_diff']:>22.1e}"
         )
 
