@@ -220,3 +220,10 @@ def test_hooks_and_swapped_mixers_are_respected(fresh_build):
         after = model(x)
     assert block._native_pool_radius() is None
     assert not torch.allclose(before, after)
+
+
+def test_the_target_cpu_of_the_build_can_be_chosen(monkeypatch):
+    monkeypatch.setenv("METAFORMER_NATIVE_MARCH", "haswell")
+    assert "-march=haswell" in kernels._flags() and "-march=native" not in kernels._flags()
+    monkeypatch.delenv("METAFORMER_NATIVE_MARCH")
+    assert "-march=native" in kernels._flags()

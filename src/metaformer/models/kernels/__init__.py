@@ -36,6 +36,13 @@ SOURCE = Path(__file__).with_name("pool_mix.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
 
 
+def _flags() -> tuple[str, ...]:
+    """``METAFORMER_NATIVE_MARCH=haswell`` builds for an older CPU (how an AVX2-only machine is
+    simulated on a newer one, with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``)."""
+    march = os.environ.get("METAFORMER_NATIVE_MARCH", "native")
+    return tuple(f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS)
+
+
 def _cpu_signature() -> str:
     """The CPU model and flags: ``-march=native`` code must not be reused on a different CPU."""
     try:
@@ -53,7 +60,8 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    flags = _flags()
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = _cache_dir() / f"pool_mix-{key}.so"
     if target.exists():
         return target
@@ -62,7 +70,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120
+            [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120
         )
         os.replace(tmp, target)
     finally:
