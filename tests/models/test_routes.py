@@ -104,3 +104,25 @@ def test_an_unwritable_cache_only_costs_a_probe(monkeypatch, tmp_path):
 
 def test_buckets_are_powers_of_two():
     assert [routes.bucket(n) for n in (1, 2, 3, 31, 32, 33)] == [1, 2, 4, 32, 32, 64]
+
+
+def test_probing_inside_activation_checkpointing_trains_as_without_it():
+    from metaformer import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        "poolformer_s12", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=10, drop_path_rate=0.2
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(x).logsumexp(1).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    first = grads(True)  # every route is measured inside the checkpointed blocks
+    assert {d.route for d in routes.decisions()} >= {"train_pool_mix", "train_mlp"}
+    for a, b in zip(first, grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

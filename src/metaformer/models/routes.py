@@ -146,6 +146,10 @@ def _measure(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
     return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def known(route: str, shape_class: str) -> str | None:
     """The choice already made for ``route`` here (forced, decided in this process, or cached), or None:
     lets a caller skip building a costly candidate (an ONNX export) when the answer is known."""
@@ -181,7 +185,9 @@ def choose(route: str, shape_class: str, candidates: Mapping[str, Callable[[], A
         decision = Decision(route, shape_class, cached["choice"], dict(cached.get("times_ms", {})), "cache")
         _DECISIONS[key] = decision
         return decision.choice
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng: the probe's random draws (stochastic depth) leave the run's stream as it was; plain
+    # saved-tensor hooks: inside activation checkpointing the probe's graph is not the checkpoint's
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         times = _measure(candidates)
     choice = min(times, key=times.__getitem__) if times else names[0]
     decision = Decision(route, shape_class, choice, times)
