@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -28,10 +27,7 @@ _SWITCH: list[bool | None] = [None]  # None: follow METAFORMER_TRITON
 _CPU: list[bool] = [False]
 
 
-@cache
-def triton_installed() -> bool:
-    """Whether the ``triton`` package can be imported here (it ships with torch's CUDA wheels)."""
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # it ships with torch's CUDA wheels
 
 
 @contextlib.contextmanager
@@ -65,7 +61,7 @@ def triton_supported(x: Tensor) -> bool:
             return False
     elif x.device.type != "cuda":
         return False
-    return triton_installed()
+    return TRITON_INSTALLED
 
 
 def _kernels():
