@@ -43,9 +43,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"'{path}' is not valid JSON ({err}); fix or delete it") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read '{path}' ({err.strerror or err}); fix or delete it") from None
 
 
 def write_metrics(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:

@@ -735,6 +735,8 @@ def load_classifier(
         net = create_model(model, pretrained=True)
         return net.eval(), _imagenet_names(net.num_classes), get_weights(model).preprocessing()
     path = Path(str(checkpoint))
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path '{path}' is a folder; pass the checkpoint file itself")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' does not exist; check the path")
     state, raw_meta = read_checkpoint(path)

@@ -76,6 +76,8 @@ _FOLDER_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EN
 
 def _is_write_failure(err: Exception, tmp: Path) -> bool:
     """A failure of the write itself, not of what the writer computed (an export check, a bad value)."""
+    if not tmp.parent.is_dir():  # the folder went away mid-write (torch says "Parent directory ...")
+        return True
     if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
         return True
     if isinstance(err, OSError) and err.errno in _FOLDER_ERRNOS:
