@@ -10,6 +10,10 @@ the same rounds, so "% peak" compares like with like.
     python benchmarks/inference.py                       # the five PoolFormers, batch 32 and batch 1
     python benchmarks/inference.py --all --compile       # + convformer_s18, caformer_s18, torch.compile rows
     python benchmarks/inference.py --device cuda         # fp32 and bf16, eager and compiled
+    python benchmarks/inference.py --device cuda --compile   # + torch.compile rows (Triton path too)
+
+On CUDA the rows "ours fast path, Triton" (and "+ compile") run the opt-in Triton kernels of the
+pooling half (``models/kernels/triton_pool.py``), switched on for that row only.
     python benchmarks/inference.py --quick               # smoke test (seconds)
 """
 
@@ -106,6 +110,17 @@ def without_native(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[t
     return run
 
 
+def with_triton(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model with the opt-in Triton kernels switched on (what METAFORMER_TRITON=1 does)."""
+    from metaformer.models.kernels.triton_pool import triton_kernels
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with triton_kernels(True):
+            return model(x)
+
+    return run
+
+
 def build_candidates(
     name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Path
 ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, str]]:
@@ -137,9 +152,13 @@ def build_candidates(
     }
     if device == "cpu" and dtype == torch.float32 and native_library() is not None:
         rows["ours fast path, torch ops only"] = without_native(fast)
+    if device == "cuda":
+        rows["ours fast path, Triton"] = with_triton(fast)
     if args.compile:
         rows["timm channels_last + compile"] = channels_last(torch.compile(timm_cl))
         rows["ours fast path + compile"] = optimize_for_inference(ours, compile=True)
+        if device == "cuda":
+            rows["ours fast path, Triton + compile"] = with_triton(optimize_for_inference(ours, compile=True))
     if device == "cpu" and dtype == torch.float32 and not args.no_onnx:
         try:
             import onnxruntime as ort

@@ -16,6 +16,11 @@ gradients, AdamW state and workspace on top of the built model and batch. On CUD
     python benchmarks/training.py                    # poolformer_s12, batch 32
     python benchmarks/training.py --models poolformer_s12 poolformer_m36 --steps 6
     python benchmarks/training.py --quick            # smoke test
+    python benchmarks/training.py --device cuda --batch 128 --dtype bfloat16 --compile
+
+On CUDA, rows "ours ..., Triton" run the opt-in Triton kernels of the pooling half
+(``models/kernels/triton_pool.py``, what METAFORMER_TRITON=1 switches on); ``--compile`` adds timm +
+torch.compile and ours Triton + torch.compile. ``--dtype bfloat16`` runs every row under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ ROWS = (
     "ours default (+ fused AdamW)",
     "ours + grad checkpointing",
 )
+CUDA_ROWS = ("ours (NCHW), Triton", "ours channels_last, Triton")
+COMPILE_ROWS = ("timm + compile", "ours (NCHW), Triton + compile")
+
+
+def rows_for(args: argparse.Namespace) -> tuple[str, ...]:
+    """The rows this run times: the Triton and compiled rows only on CUDA."""
+    if args.device != "cuda":
+        return ROWS
+    return ROWS + CUDA_ROWS + (COMPILE_ROWS if args.compile else ())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-rows", nargs="+", help="probe the peak memory of these rows only (default: all)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
+    p.add_argument("--compile", action="store_true", help="CUDA: add the torch.compile rows (slow to start)")
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 2, 2 steps")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one row in a fresh process
     args = p.parse_args(argv)
@@ -103,9 +120,13 @@ def build_row(
         optimizer = create_optimizer(list(model.parameters()), lr=1e-3, weight_decay=0.05)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    forward = torch.compile(model) if row.endswith("+ compile") else model
+    autocast = args.dtype == "bfloat16"
 
     def step() -> float:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,7 +134,20 @@ def build_row(
 
     if row.endswith("torch ops"):
         return without_native(step)
+    if "Triton" in row:
+        return with_triton(step)
     return step
+
+
+def with_triton(step: Callable[[], float]) -> Callable[[], float]:
+    """Run ``step`` with the opt-in Triton kernels switched on."""
+    from metaformer.models.kernels.triton_pool import triton_kernels
+
+    def run() -> float:
+        with triton_kernels(True):
+            return step()
+
+    return run
 
 
 def without_native(step: Callable[[], float]) -> Callable[[], float]:
@@ -159,7 +193,7 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 def measure_memory(name: str, row: str, args: argparse.Namespace) -> float | None:
     command = [sys.executable, __file__, "--memory-probe", f"{name}|{row}", "--device", args.device]
-    command += ["--batch", str(args.batch), "--img-size", str(args.img_size)]
+    command += ["--batch", str(args.batch), "--img-size", str(args.img_size), "--dtype", args.dtype]
     if args.threads:
         command += ["--threads", str(args.threads)]
     # glibc: mmap every block over 128 KiB and trim at once, so freed memory leaves the RSS and the
@@ -173,9 +207,10 @@ def measure_memory(name: str, row: str, args: argparse.Namespace) -> float | Non
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
-    steps = {row: build_row(row, name, args) for row in ROWS}
-    losses: dict[str, list[float]] = {row: [] for row in ROWS}
-    times: dict[str, list[float]] = {row: [] for row in ROWS}
+    rows = rows_for(args)
+    steps = {row: build_row(row, name, args) for row in rows}
+    losses: dict[str, list[float]] = {row: [] for row in rows}
+    times: dict[str, list[float]] = {row: [] for row in rows}
     for row, step in steps.items():  # first step: the loss comparison, and the warm-up
         losses[row].append(step())
     for _ in range(args.steps):
@@ -189,9 +224,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             times[row].append(time.perf_counter() - start)
     base = statistics.median(times["timm (NCHW)"])
     # --quick probes only the two rows of the checkpointing comparison (each probe is a new process)
-    memory_rows = ("ours channels_last", "ours + grad checkpointing") if args.quick else ROWS
+    memory_rows = ("ours channels_last", "ours + grad checkpointing") if args.quick else rows
+    memory_rows = args.memory_rows or memory_rows
     results = []
-    for row in ROWS:
+    for row in rows:
         t = statistics.median(times[row])
         ref = losses["timm (NCHW)"]
         results.append(

@@ -230,6 +230,29 @@ def test_exported_block_holds_the_custom_op():
         torch.testing.assert_close(program.module()(x), block(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not (CUDA and TRITON_INSTALLED), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_the_kernels():
+    x = torch.randn(2, 6, 5, 4, device="cuda").contiguous(memory_format=torch.channels_last)
+    k = torch.randn(6, device="cuda")
+    ops = torch.ops.metaformer
+
+    def run():
+        return pool_mix_triton(x, k, radius=1, eps=1e-5), ops.pool_mix_normed(x, k, 1, 1e-5, 1e-6)[1]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    for got, want in zip(captured, run(), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fake_implementations_give_shapes_dtypes_and_layouts(layout):
     fmt = LAYOUTS[layout]
@@ -257,7 +280,7 @@ def test_switch_and_device_gate():
 
 
 @needs_triton
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces compiled kernels")
+@pytest.mark.skipif(INTERPRETED or CUDA, reason="the interpreter replaces compiled kernels; a GPU runs them")
 def test_kernels_compile_for_a_hopper_gpu(tmp_path, monkeypatch):
     """Triton's own ptxas compiles every kernel for sm_90 without a GPU: what the interpreter skips."""
     from triton import compile as triton_compile
