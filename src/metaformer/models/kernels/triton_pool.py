@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,7 +64,7 @@ def triton_supported(x: Tensor) -> bool:
             return False
     elif x.device.type != "cuda":
         return False
-    return TRITON_INSTALLED
+    return TRITON_INSTALLED and OPS_REGISTERED
 
 
 def _kernels():
@@ -82,90 +85,96 @@ def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("metaformer::pool_mix", mutates_args=())
-def _pool_mix_op(
-    x: Tensor,
-    k: Tensor,
-    bias: Tensor | None,
-    multiplier: Tensor | None,
-    radius: int,
-    eps: float,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """out = x + m * k * (avgpool(x) - x) / std(x); also the per-sample mean and rstd for backward."""
-    kernels = _kernels()
-    x = _dense(x)
-    k = k.contiguous()
-    mean, rstd = kernels.sample_stats(x, eps)
-    out, _ = kernels.pool_mix_forward(x, k, multiplier, rstd, radius, out_dtype)
-    return out, mean, rstd
+def _register_ops():
+    """Define the custom ops: ``metaformer::pool_mix`` (with its autograd formula),
+    ``metaformer::pool_mix_backward`` and ``metaformer::pool_mix_normed`` (inference)."""
+
+    @torch.library.custom_op("metaformer::pool_mix", mutates_args=())
+    def _pool_mix_op(
+        x: Tensor,
+        k: Tensor,
+        bias: Tensor | None,
+        multiplier: Tensor | None,
+        radius: int,
+        eps: float,
+        out_dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """out = x + m * k * (avgpool(x) - x) / std(x); also the per-sample mean and rstd for backward."""
+        kernels = _kernels()
+        x = _dense(x)
+        k = k.contiguous()
+        mean, rstd = kernels.sample_stats(x, eps)
+        out, _ = kernels.pool_mix_forward(x, k, multiplier, rstd, radius, out_dtype)
+        return out, mean, rstd
+
+    @_pool_mix_op.register_fake
+    def _(x, k, bias, multiplier, radius, eps, out_dtype):
+        b = x.shape[0]
+        stats = x.new_empty(b, dtype=torch.float32)
+        return _like(_dense(x), out_dtype), stats, stats.new_empty(b)
+
+    @torch.library.custom_op("metaformer::pool_mix_backward", mutates_args=())
+    def _pool_mix_backward_op(
+        grad: Tensor,
+        x: Tensor,
+        k: Tensor,
+        multiplier: Tensor | None,
+        mean: Tensor,
+        rstd: Tensor,
+        radius: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients of ``metaformer::pool_mix`` for ``x`` (x's dtype) and ``k`` (k's dtype)."""
+        x = _dense(x)
+        dx, dk = _kernels().pool_mix_backward(grad, x, k.contiguous(), multiplier, mean, rstd, radius)
+        return dx, dk.to(k.dtype)
+
+    @_pool_mix_backward_op.register_fake
+    def _(grad, x, k, multiplier, mean, rstd, radius):
+        return _like(_dense(x)), _like(k)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, k, bias, multiplier, radius, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, k, multiplier, mean, rstd)
+        ctx.radius = radius
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, k, multiplier, mean, rstd = ctx.saved_tensors
+        dx, dk = _pool_mix_backward_op(grad, x, k, multiplier, mean, rstd, ctx.radius)
+        # the norm's bias cancels in pool(y) - y (a constant pools to itself): its gradient is exactly 0,
+        # returned so that data-parallel training sees the parameter used
+        dbias = torch.zeros_like(k) if ctx.has_bias else None
+        return dx, dk, dbias, None, None, None, None
+
+    _pool_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+    @torch.library.custom_op("metaformer::pool_mix_normed", mutates_args=())
+    def _pool_mix_normed_op(
+        x: Tensor, k: Tensor, radius: int, eps: float, norm_eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """Inference: ``y = x + k * (avgpool(x) - x) / std(x)`` and ``y`` normalised per sample (no affine),
+        the second norm's input to the folded fc1; y's statistics come out of the same pass that writes y."""
+        kernels = _kernels()
+        x = _dense(x)
+        _, rstd = kernels.sample_stats(x, eps)
+        y, parts = kernels.pool_mix_forward(x, k.contiguous(), None, rstd, radius, x.dtype, out_stats=True)
+        return y, kernels.normalize(y, parts, norm_eps)
+
+    @_pool_mix_normed_op.register_fake
+    def _(x, k, radius, eps, norm_eps):
+        return _like(_dense(x)), _like(_dense(x))
+
+    return _pool_mix_op, _pool_mix_normed_op
 
 
-@_pool_mix_op.register_fake
-def _(x, k, bias, multiplier, radius, eps, out_dtype):
-    b = x.shape[0]
-    stats = x.new_empty(b, dtype=torch.float32)
-    return _like(_dense(x), out_dtype), stats, stats.new_empty(b)
-
-
-@torch.library.custom_op("metaformer::pool_mix_backward", mutates_args=())
-def _pool_mix_backward_op(
-    grad: Tensor,
-    x: Tensor,
-    k: Tensor,
-    multiplier: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    radius: int,
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``metaformer::pool_mix`` for ``x`` (x's dtype) and ``k`` (k's dtype)."""
-    x = _dense(x)
-    dx, dk = _kernels().pool_mix_backward(grad, x, k.contiguous(), multiplier, mean, rstd, radius)
-    return dx, dk.to(k.dtype)
-
-
-@_pool_mix_backward_op.register_fake
-def _(grad, x, k, multiplier, mean, rstd, radius):
-    return _like(_dense(x)), _like(k)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, k, bias, multiplier, radius, _, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, k, multiplier, mean, rstd)
-    ctx.radius = radius
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, k, multiplier, mean, rstd = ctx.saved_tensors
-    dx, dk = _pool_mix_backward_op(grad, x, k, multiplier, mean, rstd, ctx.radius)
-    # the norm's bias cancels in pool(y) - y (a constant pools to itself): its gradient is exactly 0,
-    # returned so that data-parallel training sees the parameter used
-    dbias = torch.zeros_like(k) if ctx.has_bias else None
-    return dx, dk, dbias, None, None, None, None
-
-
-_pool_mix_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("metaformer::pool_mix_normed", mutates_args=())
-def _pool_mix_normed_op(
-    x: Tensor, k: Tensor, radius: int, eps: float, norm_eps: float
-) -> tuple[Tensor, Tensor]:
-    """Inference: ``y = x + k * (avgpool(x) - x) / std(x)`` and ``y`` normalised per sample (no affine),
-    the second norm's input to the folded fc1; y's statistics come out of the same pass that writes y."""
-    kernels = _kernels()
-    x = _dense(x)
-    _, rstd = kernels.sample_stats(x, eps)
-    y, parts = kernels.pool_mix_forward(x, k.contiguous(), None, rstd, radius, x.dtype, out_stats=True)
-    return y, kernels.normalize(y, parts, norm_eps)
-
-
-@_pool_mix_normed_op.register_fake
-def _(x, k, radius, eps, norm_eps):
-    return _like(_dense(x)), _like(_dense(x))
+try:
+    _pool_mix_op, _pool_mix_normed_op = _register_ops()
+    OPS_REGISTERED = True
+except (AttributeError, TypeError, ValueError, RuntimeError) as error:  # a torch without custom_op's needs
+    logger.debug("Triton path unavailable: its custom ops could not be registered (%s)", error)
+    OPS_REGISTERED = False
 
 
 # --------------------------------------------------------------------------- public wrappers
