@@ -357,3 +357,19 @@ def test_checkpoint_of_another_model_or_class_count_is_refused(trained_run, tmp_
         load_classifier(str(tmp_path / "missing.safetensors"))
     with pytest.raises(DataError, match="does not exist"):
         predict(PredictConfig(inputs=str(tmp_path / "nope.png"), checkpoint=str(out / "best.safetensors")))
+
+
+def test_eval_takes_a_hub_style_folder(trained_run, tmp_path):
+    from metaformer import save_pretrained
+    from metaformer.weights import model_from_weights
+
+    out, _ = trained_run
+    model = model_from_weights(out / "best.safetensors")
+    save_pretrained(model, tmp_path / "folder")
+    from_file = evaluate_classifier(EvalConfig(checkpoint=str(out / "best.safetensors"), backend="torch"))
+    from_folder = evaluate_classifier(
+        EvalConfig(
+            checkpoint=str(tmp_path / "folder"), backend="torch", confusion_png=str(tmp_path / "c.png")
+        )
+    )
+    assert from_folder["top1"] == from_file["top1"] and from_folder["images"] == 360

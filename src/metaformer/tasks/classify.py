@@ -735,8 +735,18 @@ def load_classifier(
         net = create_model(model, pretrained=True)
         return net.eval(), _imagenet_names(net.num_classes), get_weights(model).preprocessing()
     path = Path(str(checkpoint))
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint path '{path}' is a folder; pass the checkpoint file itself")
+    if path.is_dir():  # a hub-style folder (save_pretrained, ours or transformers'): config.json says all
+        net = model_from_weights(path)
+        if model is not None and getattr(net, "model_name", model) != model:
+            raise CheckpointError(
+                f"'{path}' holds {net.model_name} weights but --model is {model}; drop --model or pass "
+                f"--model {net.model_name}"
+            )
+        if getattr(net, "num_classes", 0) == 0:
+            raise CheckpointError(f"'{path}' is a backbone without a classifier; pass a classification model")
+        names = getattr(net, "class_names", None) or _imagenet_names(net.num_classes)
+        preproc = getattr(net, "preprocessing", None) or default_preproc
+        return net.eval(), list(names), dict(preproc)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' does not exist; check the path")
     state, raw_meta = read_checkpoint(path)
