@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from metaformer.models.kernels import native_library
-from metaformer.system import machine_line
+from metaformer.system import machine_line, routes_summary
 
 POOLFORMERS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 EXTRA = ["convformer_s18", "caformer_s18"]
@@ -290,20 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.models:
                 title = f"{args.device} {str(dtype).removeprefix('torch.')}"
                 print_table(bench_model(name, args, dtype, Path(tmp)), title)
-    print_routes()
+    print("\n".join(routes_summary()))
     return 0
-
-
-def print_routes() -> None:
-    """The routes this run measured (``models.routes``): what the fast and training paths took here."""
-    from metaformer.models import routes
-
-    made = routes.decisions(include_cached=False)
-    if made:
-        print("\nroutes chosen in this run (median ms per candidate):")
-    for d in made:
-        times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
-        print(f"  {d.route} [{d.shape_class}]: {d.choice} ({times or d.source})")
 
 
 if __name__ == "__main__":

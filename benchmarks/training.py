@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from metaformer.system import machine_line
+from metaformer.system import machine_line, routes_summary
 
 ROWS = (
     "timm (NCHW)",
@@ -286,20 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in args.models:
         print_table(bench_model(name, args), args)
-    print_routes()
+    print("\n".join(routes_summary()))
     return 0
-
-
-def print_routes() -> None:
-    """The routes this run measured (``models.routes``): what the fast and training paths took here."""
-    from metaformer.models import routes
-
-    made = routes.decisions(include_cached=False)
-    if made:
-        print("\nroutes chosen in this run (median ms per candidate):")
-    for d in made:
-        times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
-        print(f"  {d.route} [{d.shape_class}]: {d.choice} ({times or d.source})")
 
 
 if __name__ == "__main__":

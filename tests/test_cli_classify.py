@@ -87,29 +87,16 @@ def test_train_eval_predict_through_the_cli(tiny_run, tmp_path, capsys):
     assert code == 0 and result["images"] == 360 and 0 <= result["top1"] <= result["top5"] <= 100
     assert (tmp_path / "cm.png").is_file()
     Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "white.png")
-    code, out, _ = run_cli(
-        capsys,
+    predict = [
         "classify",
         "predict",
         str(tmp_path / "white.png"),
         "--checkpoint",
         str(tiny_run / "best.safetensors"),
-        "--topk",
-        "2",
-    )
+    ]
+    code, out, _ = run_cli(capsys, *predict, "--topk", "2")
     assert code == 0 and out.startswith(str(tmp_path / "white.png")) and out.count("%") == 2
-    code, ort_out, _ = run_cli(
-        capsys,
-        "classify",
-        "predict",
-        str(tmp_path / "white.png"),
-        "--checkpoint",
-        str(tiny_run / "best.safetensors"),
-        "--topk",
-        "2",
-        "--backend",
-        "onnxruntime",
-    )
+    code, ort_out, _ = run_cli(capsys, *predict, "--topk", "2", "--backend", "onnxruntime")
     assert code == 0 and ort_out.split()[:2] == out.split()[:2]  # same top class through onnxruntime
 
 

@@ -522,6 +522,16 @@ _TRAIN_FLAGS: dict[str, tuple[Any, Any, str | None, str]] = {
 }
 
 
+def _add_backend_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: "
+        "the one measured faster here (default)",
+    )
+
+
 def _add_channels_last_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--channels-last",
@@ -642,13 +652,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
         "--confusion", metavar="PNG", help="confusion-matrix image (default: next to the checkpoint)"
     )
     p.add_argument("--limit", type=int, metavar="N", help="evaluate a seeded random subset of N images")
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "onnxruntime"),
-        default="auto",
-        help="inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: "
-        "the one measured faster here (default)",
-    )
+    _add_backend_flag(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_classify_eval)
 
@@ -661,13 +665,7 @@ def add_classify_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
     p.add_argument("--cam", metavar="OUT.png", help="write a Grad-CAM heat map of the top class (one image)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "onnxruntime"),
-        default="auto",
-        help="inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: "
-        "the one measured faster here (default)",
-    )
+    _add_backend_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_classify_predict)
 

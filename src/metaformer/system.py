@@ -61,6 +61,16 @@ def machine_line(*, calibrate: bool = True) -> str:
     return line
 
 
+def routes_summary() -> list[str]:
+    """Lines naming the routes this process measured (what the fast and training paths took here)."""
+    made = routes.decisions(include_cached=False)
+    lines = ["", "routes chosen in this run (median ms per candidate):"] if made else []
+    for d in made:
+        times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
+        lines.append(f"  {d.route} [{d.shape_class}]: {d.choice} ({times or d.source})")
+    return lines
+
+
 def probe_routes(*, img_size: int = 224, batch: int = 8) -> None:
     """Decide this machine's routes on a standard workload (PoolFormer-S12): the fast path's forward,
     and a channels-last training step in fp32 and, where bf16 is native, under bf16 autocast."""
