@@ -136,13 +136,18 @@ def test_backbone_starts_from_an_official_classification_checkpoint(tmp_path):
 
 def test_shapes_recipe_defaults_yield_to_the_users_flags():
     shapes = SegmentTrainConfig().resolve()
+    narrow = (32, 64, 160, 256)
     assert (shapes.amp, shapes.dropout, dict(shapes.model_kwargs)) == (
-        "bf16",
+        "off",
         0.0,
-        {"layer_scale_init": None},
+        {"dims": narrow, "layer_scale_init": None},
     )
-    mine = SegmentTrainConfig(amp="off", dropout=0.2, model_kwargs={"layer_scale_init": 1e-5}).resolve()
-    assert (mine.amp, mine.dropout, dict(mine.model_kwargs)) == ("off", 0.2, {"layer_scale_init": 1e-5})
+    mine = SegmentTrainConfig(amp="bf16", dropout=0.2, model_kwargs={"layer_scale_init": 1e-5}).resolve()
+    assert (mine.amp, mine.dropout, dict(mine.model_kwargs)) == (
+        "bf16",
+        0.2,
+        {"dims": narrow, "layer_scale_init": 1e-5},
+    )
     paper = SegmentTrainConfig(data="ade").resolve()
     assert (paper.amp, paper.dropout, dict(paper.model_kwargs)) == ("off", 0.1, {})
     assert paper.segmenter_config(150).fpn_channels == 256
