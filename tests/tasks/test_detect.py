@@ -6,8 +6,10 @@ from torch import nn
 
 from metaformer.errors import CheckpointError, ConfigError
 from metaformer.tasks.detect import (
+    RECIPES,
     DetectionTask,
     DetectorConfig,
+    DetectTrainConfig,
     coco_evaluate,
     coco_ground_truth,
     create_detector,
@@ -189,3 +191,11 @@ def test_step_schedule_warms_up_then_decays_at_the_given_epochs():
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] < 1e-4 / 2 and lrs[10] == pytest.approx(1e-4)
     assert lrs[85] == pytest.approx(1e-5) and lrs[115] == pytest.approx(1e-6)
+
+
+def test_shapes_recipe_backbone_overrides_merge_under_the_users():
+    recipe = RECIPES["shapes"]["model_kwargs"]
+    assert dict(DetectTrainConfig().resolve().model_kwargs) == recipe
+    mine = DetectTrainConfig(model_kwargs={"depths": (1, 1, 1, 1)}).resolve()
+    assert dict(mine.model_kwargs) == {**recipe, "depths": (1, 1, 1, 1)}
+    assert dict(DetectTrainConfig(data="coco").resolve().model_kwargs) == {}
