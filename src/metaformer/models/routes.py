@@ -122,18 +122,18 @@ def _override(route: str) -> str | None:
     return value
 
 
-def _measure(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+def _measure(candidates: Mapping[str, Callable[[], Any]], min_rounds: int = MIN_ROUNDS) -> dict[str, float]:
     """Median milliseconds per candidate; a candidate that raises is left out."""
     alive: dict[str, Callable[[], Any]] = {}
     for name, run in candidates.items():
         try:
-            run()  # warm-up: allocations, oneDNN primitive creation, first-touch pages
+            run()  # warm-up: allocations, oneDNN primitive creation, first-touch pages, nested probes
             alive[name] = run
         except RuntimeError as error:
             logger.debug("route candidate %s failed (%s); left out", name, error)
     times: dict[str, list[float]] = {name: [] for name in alive}
     start = time.perf_counter()
-    for round_ in range(MAX_ROUNDS):
+    for round_ in range(max(MAX_ROUNDS, min_rounds)):
         order = list(alive.items())
         if round_ % 2:
             order.reverse()
@@ -141,7 +141,7 @@ def _measure(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-        if round_ + 1 >= MIN_ROUNDS and time.perf_counter() - start > PROBE_SECONDS:
+        if round_ + 1 >= min_rounds and time.perf_counter() - start > PROBE_SECONDS:
             break
     return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
 
@@ -166,9 +166,12 @@ def known(route: str, shape_class: str) -> str | None:
     return cached.get("choice") if isinstance(cached, dict) else None
 
 
-def choose(route: str, shape_class: str, candidates: Mapping[str, Callable[[], Any]]) -> str:
+def choose(
+    route: str, shape_class: str, candidates: Mapping[str, Callable[[], Any]], *, min_rounds: int = MIN_ROUNDS
+) -> str:
     """The choice for ``route`` at ``shape_class`` among ``candidates`` (choice -> a call that runs it
-    once on the real shapes). The first candidate is the fallback when nothing else can run."""
+    once on the real shapes). The first candidate is the fallback when nothing else can run.
+    ``min_rounds``: more timed rounds for a choice that is costly to get wrong (the whole backend)."""
     names = list(candidates)
     forced = _override(route)
     if forced is not None and forced in candidates:
@@ -188,7 +191,7 @@ def choose(route: str, shape_class: str, candidates: Mapping[str, Callable[[], A
     # fork_rng: the probe's random draws (stochastic depth) leave the run's stream as it was; plain
     # saved-tensor hooks: inside activation checkpointing the probe's graph is not the checkpoint's
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-        times = _measure(candidates)
+        times = _measure(candidates, min_rounds)
     choice = min(times, key=times.__getitem__) if times else names[0]
     decision = Decision(route, shape_class, choice, times)
     _DECISIONS[key] = decision
