@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from metaformer.cli import main
 
@@ -38,12 +37,7 @@ CLASSIFY = ["--model-kwargs", TINY, "--epochs", "1", "--limit-train", "32", "--l
 CLASSIFY += ["--batch-size", "16", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from metaformer.tasks.classify import (
 )
 from metaformer.weights import read_metadata, save_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on 2 shared cores extra OpenMP threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
