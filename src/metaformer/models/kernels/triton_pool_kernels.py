@@ -116,14 +116,8 @@ def _window_sum(base, h, H, w, W, wc_off, cmask, sh, sw, R: tl.constexpr, WEIGHT
 
 
 @triton.jit
-def _pool_mix_fwd_kernel(
-    x_ptr, k_ptr, mult_ptr, rstd_ptr, out_ptr, part_ptr,
-    C, H, W, sb, sc, sh, sw, n_wblk, n_cblk, rows,
-    R: tl.constexpr, HAS_MULT: tl.constexpr, OUT_STATS: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """out = x + m * k * rstd * (avgpool(x) - x) for ``rows`` rows of one (w, c) tile of one sample;
-    with OUT_STATS also the moments of the (rounded) output tile, for the next norm."""
+def _tile(n_wblk, n_cblk, C, W, sc, sw, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample, row block and (w, c) tile: every kernel walks the map the same way."""
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     per_b = n_wblk * n_cblk
@@ -135,7 +129,21 @@ def _pool_mix_fwd_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     cmask = c < C
     tile_mask = (w < W) & cmask
-    wc_off = w * sw + c * sc
+    return b, hb, per_b, rem, wb, w, c, cmask, tile_mask, w * sw + c * sc
+
+
+@triton.jit
+def _pool_mix_fwd_kernel(
+    x_ptr, k_ptr, mult_ptr, rstd_ptr, out_ptr, part_ptr,
+    C, H, W, sb, sc, sh, sw, n_wblk, n_cblk, rows,
+    R: tl.constexpr, HAS_MULT: tl.constexpr, OUT_STATS: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """out = x + m * k * rstd * (avgpool(x) - x) for ``rows`` rows of one (w, c) tile of one sample;
+    with OUT_STATS also the moments of the (rounded) output tile, for the next norm."""
+    b, hb, per_b, rem, wb, w, c, cmask, tile_mask, wc_off = _tile(
+        n_wblk, n_cblk, C, W, sc, sw, BLOCK_W, BLOCK_C
+    )
     scale = tl.load(rstd_ptr + b)
     if HAS_MULT:
         scale = scale * tl.load(mult_ptr + b).to(tl.float32)
@@ -213,18 +221,9 @@ def _pool_mix_bwd_dx_kernel(
 ):  # fmt: skip
     """dx = g + m k rstd (P^T g - g) - m A rstd^3 (x - mean) / N, where P^T sums g / count over the
     window (the window relation is symmetric) and A = sum(g k (pool(x) - x)) over the sample."""
-    pid = tl.program_id(0)
-    hb = tl.program_id(1)
-    per_b = n_wblk * n_cblk
-    b = pid // per_b
-    rem = pid % per_b
-    wb = rem // n_cblk
-    cb = rem % n_cblk
-    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)[:, None]
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    cmask = c < C
-    tile_mask = (w < W) & cmask
-    wc_off = w * sw + c * sc
+    b, hb, per_b, rem, wb, w, c, cmask, tile_mask, wc_off = _tile(
+        n_wblk, n_cblk, C, W, sc, sw, BLOCK_W, BLOCK_C
+    )
     rstd = tl.load(rstd_ptr + b)
     mean = tl.load(mean_ptr + b)
     mult = 1.0
