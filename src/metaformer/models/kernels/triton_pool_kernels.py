@@ -179,19 +179,10 @@ def _pool_mix_bwd_reduce_kernel(
 ):  # fmt: skip
     """Per tile: sum of g * (pool(x) - x) per channel (-> dk, times m * rstd) and its k-weighted total
     (-> the gradient through rstd)."""
-    pid = tl.program_id(0)
-    hb = tl.program_id(1)
-    per_b = n_wblk * n_cblk
-    b = pid // per_b
-    rem = pid % per_b
-    wb = rem // n_cblk
-    cb = rem % n_cblk
-    c1 = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)[:, None]
-    c = c1[None, :]
-    cmask = c < C
-    tile_mask = (w < W) & cmask
-    wc_off = w * sw + c * sc
+    b, hb, per_b, rem, wb, w, c, cmask, tile_mask, wc_off = _tile(
+        n_wblk, n_cblk, C, W, sc, sw, BLOCK_W, BLOCK_C
+    )
+    c1 = tl.reshape(c, [BLOCK_C])
     inv_count_w = 1.0 / _window_count(w, W, R)
     x_base = x_ptr + b.to(tl.int64) * sb
     g_base = g_ptr + b.to(tl.int64) * sb
