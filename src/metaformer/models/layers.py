@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError, close_matches_hint
-from metaformer.models.routes import bucket, choose
+from metaformer.models.routes import bucket, choose, step_probe
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -195,8 +195,7 @@ class Mlp(nn.Module):
             if route == "gemm":
                 return self._forward_rows(x)
             if route == "fp32":
-                with torch.autocast("cpu", enabled=False):
-                    return self._forward_rows(x.float()).to(x.dtype)
+                return self._forward_fp32(x)
         return self._forward_conv(x)
 
     def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,39 +208,31 @@ class Mlp(nn.Module):
         x = F.linear(self.drop1(self.act(x)), self.fc2.weight.flatten(1), self.fc2.bias)
         return self.drop2(x).permute(0, 3, 1, 2)
 
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMMs outside autocast: where bf16 is emulated they beat bf16 ones ~10x."""
+        with torch.autocast("cpu", enabled=False):
+            return self._forward_rows(x.float()).to(x.dtype)
+
     def _route(self, x: torch.Tensor) -> str:
         """1x1 convolutions, GEMMs, or (under autocast) fp32 GEMMs: measured on this shape. On the 2-core
         AVX512 machine the convolutions won in fp32 and the GEMMs under bf16 autocast; on an AVX2 CPU,
         where bf16 is emulated, fp32 wins under autocast by ~10x."""
         autocast = torch.is_autocast_enabled("cpu")
-        grad = torch.is_grad_enabled()
         b, c, h, w = x.shape
         shape_class = (
-            f"{torch.get_autocast_dtype('cpu') if autocast else x.dtype}-{'train' if grad else 'eval'}"
+            f"{torch.get_autocast_dtype('cpu') if autocast else x.dtype}"
+            f"-{'train' if torch.is_grad_enabled() else 'eval'}"
             f"-rows{bucket(b * h * w)}-c{c}-h{self.fc1.weight.shape[0]}"
         )
         weights = [
             p for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias) if p is not None
         ]
-
-        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-            def once() -> None:
-                probe = x.detach().requires_grad_(grad)
-                y = forward(probe)
-                if grad:  # input and weight gradients, without touching any parameter's .grad
-                    wanted = [probe] + [p for p in weights if p.requires_grad]
-                    torch.autograd.grad(y, wanted, torch.ones_like(y))
-
-            return once
-
-        candidates = {"conv": run(self._forward_conv), "gemm": run(self._forward_rows)}
+        candidates = {
+            "conv": step_probe(self._forward_conv, x, weights),
+            "gemm": step_probe(self._forward_rows, x, weights),
+        }
         if autocast:
-
-            def fp32(t: torch.Tensor) -> torch.Tensor:
-                with torch.autocast("cpu", enabled=False):
-                    return self._forward_rows(t.float()).to(t.dtype)
-
-            candidates["fp32"] = run(fp32)
+            candidates["fp32"] = step_probe(self._forward_fp32, x, weights)
         return choose("train_mlp", shape_class, candidates)
 
     def _rows_layout(self, x: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ from metaformer.models.layers import (
     make_norm,
 )
 from metaformer.models.mixers import Pooling, resolve_mixer
-from metaformer.models.routes import bucket, choose
+from metaformer.models.routes import bucket, choose, step_probe
 
 MIN_INPUT_SIZE = 32
 FINAL_NORMS = ("map", "pooled")
@@ -160,24 +160,14 @@ class MetaFormerBlock(nn.Module):
 
     def _pool_half_route(self, x: torch.Tensor, radius: int) -> str:
         """Native kernel or torch ops for this shape, measured on it (``models.routes``)."""
-        grad = torch.is_grad_enabled()
         b, c, h, w = x.shape
-        shape_class = f"{x.dtype}-{'train' if grad else 'eval'}-b{bucket(b)}-c{c}-hw{bucket(h * w)}-r{radius}"
-
-        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-            def once() -> None:
-                probe = x.detach().requires_grad_(grad)
-                y = forward(probe)
-                if grad:
-                    torch.autograd.grad(y, probe, torch.ones_like(y))  # no parameter .grad is touched
-
-            return once
-
-        return choose(
-            "train_pool_mix",
-            shape_class,
-            {"torch": run(self._pool_half_torch), "native": run(lambda t: self._pool_half_native(t, radius))},
-        )
+        mode = "train" if torch.is_grad_enabled() else "eval"
+        shape_class = f"{x.dtype}-{mode}-b{bucket(b)}-c{c}-hw{bucket(h * w)}-r{radius}"
+        candidates = {
+            "torch": step_probe(self._pool_half_torch, x),
+            "native": step_probe(lambda t: self._pool_half_native(t, radius), x),
+        }
+        return choose("train_pool_mix", shape_class, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_triton = triton_supported(x)

@@ -21,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,24 @@ def _measure(candidates: Mapping[str, Callable[[], Any]], min_rounds: int = MIN_
         if round_ + 1 >= min_rounds and time.perf_counter() - start > PROBE_SECONDS:
             break
     return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
+
+
+def step_probe(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor] = ()
+) -> Callable[[], None]:
+    """A candidate for ``choose`` that runs ``forward`` once on a detached copy of ``x`` and, when grad
+    is on, its backward for the input and ``params`` too (the training step's real work), through
+    ``torch.autograd.grad``, so no parameter's ``.grad`` is touched."""
+    grad = torch.is_grad_enabled()
+
+    def once() -> None:
+        probe = x.detach().requires_grad_(grad)
+        y = forward(probe)
+        if grad:
+            wanted = [probe, *(p for p in params if p.requires_grad)]
+            torch.autograd.grad(y, wanted, torch.ones_like(y))
+
+    return once
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
