@@ -76,6 +76,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_system(args: argparse.Namespace) -> int:
+    from metaformer.models.hardware import caps_text
     from metaformer.system import REFERENCE_GFLOPS, system_report
 
     report = system_report(probe=args.probe or not _routes_known())
@@ -83,7 +84,7 @@ def cmd_system(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"cpu          {report['cpu']}")
-    cap = f", oneDNN capped at {report['onednn_max_isa']}" if report["onednn_max_isa"] else ""
+    cap = caps_text(report["onednn_max_isa"], report["mkl_max_isa"])
     print(f"isa          ATen {report['aten_isa']}{cap}; {' '.join(report['extensions']) or '-'}")
     print(f"native bf16  {'yes' if report['native_bf16'] else 'no (emulated: --amp auto stays fp32)'}")
     print(

@@ -98,6 +98,7 @@ def system_report(*, probe: bool = False) -> dict[str, Any]:
         "cpu": profile.model,
         "aten_isa": profile.isa,
         "onednn_max_isa": profile.onednn_max_isa,
+        "mkl_max_isa": profile.mkl_max_isa,
         "extensions": list(profile.extensions),
         "native_bf16": profile.native_bf16,
         "signature": profile.signature,

@@ -50,8 +50,20 @@ def test_signatures_differ_between_cpus_and_caps():
         profile_from(SAPPHIRE_RAPIDS, isa="AVX512", environ={}).signature,
         profile_from(SAPPHIRE_RAPIDS, isa="AVX2", environ={"ONEDNN_MAX_CPU_ISA": "AVX2"}).signature,
         profile_from(AVX2_ONLY, isa="AVX2", environ={}).signature,
+        profile_from(  # the full simulation also caps MKL's matmuls, so its GEMM routes differ
+            SAPPHIRE_RAPIDS,
+            isa="AVX2",
+            environ={"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+        ).signature,
     }
-    assert len(signatures) == 3
+    assert len(signatures) == 4
+
+
+def test_the_machine_line_names_both_caps():
+    environ = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "avx2"}
+    line = profile_from(SAPPHIRE_RAPIDS, isa="AVX2", environ=environ).describe()
+    assert "oneDNN capped at AVX2, MKL capped at AVX2" in line
+    assert "capped" not in profile_from(SAPPHIRE_RAPIDS, isa="AVX512", environ={}).describe()
 
 
 def test_this_machine_has_a_profile():

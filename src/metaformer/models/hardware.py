@@ -6,6 +6,10 @@ than fp32, so nothing may pick bf16 there by default. torch's own ``torch.cpu._i
 reads cpuid and ignores ``ONEDNN_MAX_CPU_ISA``, so a capped oneDNN (how one simulates an AVX2-only
 machine on a newer one) would still report bf16 as native: the cap is honoured here.
 ``METAFORMER_NATIVE_BF16=0|1`` overrides the answer (simulation, or a CPU cpuinfo misreports).
+
+MKL, which runs torch's fp32 matmuls on x86, has a cap of its own (``MKL_ENABLE_INSTRUCTIONS``): a
+faithful AVX2 simulation sets it too, or the matmul peak (and every GEMM route) stays AVX-512's. Both
+caps are part of the CPU signature, so choices measured under one never serve the other.
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ class CpuProfile:
     flags: frozenset[str]
     onednn_max_isa: str | None
     native_bf16: bool
+    mkl_max_isa: str | None = None  # MKL_ENABLE_INSTRUCTIONS
 
     @property
     def signature(self) -> str:
         """A short key for caches of choices measured on this CPU (and under these ISA caps)."""
-        text = "\n".join([self.model, self.isa, self.onednn_max_isa or "", " ".join(sorted(self.flags))])
+        caps = [self.onednn_max_isa or ""] + ([f"mkl:{self.mkl_max_isa}"] if self.mkl_max_isa else [])
+        text = "\n".join([self.model, self.isa, *caps, " ".join(sorted(self.flags))])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
@@ -51,12 +57,17 @@ class CpuProfile:
 
     def describe(self) -> str:
         """One line for benchmark headers and ``metaformer info --system``."""
-        cap = f", oneDNN capped at {self.onednn_max_isa}" if self.onednn_max_isa else ""
+        cap = caps_text(self.onednn_max_isa, self.mkl_max_isa)
         extensions = " ".join(self.extensions) or "none of " + " ".join(_NOTABLE_FLAGS)
         return (
             f"{self.model}; ATen {self.isa}{cap}; {extensions}; "
             f"native bf16: {'yes' if self.native_bf16 else 'no'}"
         )
+
+
+def caps_text(onednn: str | None, mkl: str | None) -> str:
+    """ ", oneDNN capped at AVX2, MKL capped at AVX2" (or "") for machine lines."""
+    return (f", oneDNN capped at {onednn}" if onednn else "") + (f", MKL capped at {mkl}" if mkl else "")
 
 
 def _read_cpuinfo() -> str:
@@ -85,7 +96,8 @@ def profile_from(cpuinfo: str, *, isa: str, environ: dict[str, str] | None = Non
     override = env.get("METAFORMER_NATIVE_BF16")
     if override in ("0", "1"):
         native = override == "1"
-    return CpuProfile(model, isa, frozenset(flags), cap, native)
+    mkl = env.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() or None
+    return CpuProfile(model, isa, frozenset(flags), cap, native, mkl)
 
 
 @cache

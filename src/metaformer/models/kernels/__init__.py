@@ -38,7 +38,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
 
 def _flags() -> tuple[str, ...]:
     """``METAFORMER_NATIVE_MARCH=haswell`` builds for an older CPU (how an AVX2-only machine is
-    simulated on a newer one, with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``)."""
+    simulated on a newer one, with ``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+    ATEN_CPU_CAPABILITY=avx2``)."""
     march = os.environ.get("METAFORMER_NATIVE_MARCH", "native")
     return tuple(f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS)
 
