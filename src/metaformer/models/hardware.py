@@ -66,7 +66,7 @@ class CpuProfile:
 
 
 def caps_text(onednn: str | None, mkl: str | None) -> str:
-    """ ", oneDNN capped at AVX2, MKL capped at AVX2" (or "") for machine lines."""
+    """The caps part of a machine line ("oneDNN capped at AVX2, MKL capped at AVX2"), empty without."""
     return (f", oneDNN capped at {onednn}" if onednn else "") + (f", MKL capped at {mkl}" if mkl else "")
 
 

@@ -400,7 +400,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "lr": 8e-3,
         "weight_decay": 1e-4,
-        "warmup_iters": 100,
+        "warmup_iters": 450,
         "scale": (4 * SHAPES_SEGMENT.img_size, SHAPES_SEGMENT.img_size),
         "ratio_range": (1.0, 1.0),
         "crop_size": SHAPES_SEGMENT.img_size,
