@@ -910,7 +910,7 @@ def add_detect_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     )
     p.add_argument("--anchor-sizes", type=int, nargs=5, metavar="PX", help="base anchor per level (32..512)")
     p.add_argument(
-        "--eval-every", type=int, metavar="N", help="validate every N epochs and the last (paper 1, shapes 5)"
+        "--eval-every", type=int, metavar="N", help="validate every N epochs and the last (paper 1, shapes 6)"
     )
     p.set_defaults(handler=cmd_detect_train)
 

@@ -140,13 +140,13 @@ def test_shapes_recipe_defaults_yield_to_the_users_flags():
     assert (shapes.amp, shapes.dropout, dict(shapes.model_kwargs)) == (
         "off",
         0.0,
-        {"dims": narrow, "layer_scale_init": None},
+        {"depths": (1, 1, 3, 1), "dims": narrow, "layer_scale_init": None},
     )
     mine = SegmentTrainConfig(amp="bf16", dropout=0.2, model_kwargs={"layer_scale_init": 1e-5}).resolve()
     assert (mine.amp, mine.dropout, dict(mine.model_kwargs)) == (
         "bf16",
         0.2,
-        {"dims": narrow, "layer_scale_init": 1e-5},
+        {"depths": (1, 1, 3, 1), "dims": narrow, "layer_scale_init": 1e-5},
     )
     paper = SegmentTrainConfig(data="ade").resolve()
     assert (paper.amp, paper.dropout, dict(paper.model_kwargs)) == ("off", 0.1, {})

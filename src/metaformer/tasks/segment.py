@@ -390,10 +390,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # there: 12x slower than fp32). FPN 64 with the paper's 128-wide head (a 64-wide head cost mIoU 0.08),
     # no rescaling or colour jitter (the generator already varies size and colour), a high lr, no dropout
     # and no layer scale: from scratch and this short, blocks that start at 1e-5 of the residual learn too
-    # slowly. The step's cost is mostly outside the blocks (stem, FPN, head, optimizer), so depths 1-1-3-1
-    # lose little, and batch 8 costs 39 ms a step against 50 for batch 4 with all blocks (2 threads):
-    # 2.5x fewer ms an image, spent on 24 epochs instead of 9. mIoU at epoch 24: 0.604 (seed 0, one
-    # thread); 9 epochs at batch 4 (the recipe before) reached 0.52. README "The demo runs" has the runs.
+    # slowly. The step's cost is mostly outside the blocks (stem, FPN, head, optimizer): 2 threads, all
+    # blocks at batch 4 cost 50 ms a step, depths 1-1-3-1 36 ms, 1-1-3-1 at batch 8 with a 64-wide head
+    # 39 ms. So the recipe takes half the blocks and batch 8 and spends the saving on 24 epochs instead
+    # of 9 (0.52 then). A warmup of 3 epochs (450 steps) instead of 100 steps: with the short one, one
+    # trajectory in four got stuck (0.474; the others 0.553-0.604). With it: 0.617 / 0.611 / 0.578
+    # (seed 0 on two threads; seeds 1, 2 on one). README "The demo runs" has the timed runs.
     "shapes": {
         "iters": None,
         "epochs": 24,
