@@ -44,11 +44,11 @@ from metaformer.engine import state as run_state
 from metaformer.engine.distributed import DistInfo, all_reduce_sum, run_on_main
 from metaformer.errors import CheckpointError, ConfigError, from_worker
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
+from metaformer.options import AMP_MODES
 from metaformer.weights import load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-AMP_MODES = ("off", "auto", "bf16", "fp16")
 PLOT_INTERVAL_S = 60.0  # curves.png is redrawn at most this often during a run, and always at its end
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,16 +52,16 @@ from metaformer.engine.distributed import (
 )
 from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
-from metaformer.models import get_variant
+from metaformer.options import AT_LEAST_1, option
+from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
+    DenseRunOptions,
     check_classes,
-    check_run_numbers,
     create_backbone,
     default_output,
     default_workers,
     image_paths,
-    jsonable,
     load_strict,
     read_rgb,
     save_png,
@@ -484,65 +484,48 @@ SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
-class DetectTrainConfig:
+class DetectTrainConfig(DenseRunOptions):
     """A detection training run. None fields come from the recipe: ``paper`` (default with ``data``) or
     ``shapes`` (default without, on the generated shapes set). ``lr`` is used as given (not scaled by the
     batch); the paper's values are for 8 processes x 2 images."""
 
-    model: str = "poolformer_s12"
-    data: str | None = None
-    recipe: str | None = None
-    output: str | None = None
-    arch: str | None = None
-    train_split: str | None = None
-    val_split: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    sched: str | None = None
-    lr_steps: tuple[int, ...] | None = None
-    warmup_iters: int | None = None
-    warmup_ratio: float | None = None
-    min_size: int | None = None
-    max_size: int | None = None
-    fpn_channels: int | None = None
-    head_norm: bool | None = None
-    anchor_sizes: tuple[int, ...] | None = None
-    clip_grad: float | None = None
-    frozen_stages: int = -1
-    backbone_checkpoint: str | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    accum_steps: int = 1
-    amp: str | None = None
-    seed: int = 0
-    num_workers: int | None = None
-    limit_train: int | None = None
-    limit_val: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    stop_after_epoch: int | None = None
-    channels_last: bool | None = None  # None: channels-last on CPU, NCHW on CUDA
-    eval_every: int | None = None
-    device: str | None = None
-    progress: bool | None = None
+    TASK: ClassVar[str] = "detect"
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        **DenseRunOptions.FLAG_OVERRIDES,
+        "data": {
+            "help": "COCO layout: DIR/annotations/instances_SPLIT.json and images in DIR/SPLIT or "
+            "DIR/images/SPLIT (default: the generated shapes set)"
+        },
+        "eval_every": {"help": "validate every N epochs and the last (paper 1, shapes 6)"},
+    }
+
+    arch: str | None = option(None, "detector (default retinanet)", choices=ARCHS)
+    train_split: str | None = option(None, "train split (train2017 with --data)", metavar="NAME")
+    val_split: str | None = option(None, "validation split (val2017 with --data)", metavar="NAME")
+    sched: str | None = option(None, "lr schedule (paper: step)", choices=SCHEDULES)
+    lr_steps: tuple[int, ...] | None = option(
+        None, "step decay epochs (paper 8 11)", metavar="EPOCH", check=AT_LEAST_1
+    )
+    warmup_ratio: float | None = option(
+        None, "warmup starts at lr x F (paper 0.001)", metavar="F", check={"low": 0, "high": 1}
+    )
+    min_size: int | None = option(
+        None, "shorter side after resizing (paper 800)", metavar="PX", check=AT_LEAST_1
+    )
+    max_size: int | None = option(None, "longer side limit (paper 1333)", metavar="PX", check=AT_LEAST_1)
+    fpn_channels: int | None = option(None, "FPN width (paper 256)", metavar="C", check=AT_LEAST_1)
+    head_norm: bool | None = option(None, "GroupNorm in the RetinaNet head convs (paper: off)")
+    anchor_sizes: tuple[int, ...] | None = option(
+        None, "base anchor per level (32..512)", metavar="PX", nargs=5, check=AT_LEAST_1
+    )
 
     def __post_init__(self) -> None:
-        get_variant(self.model)
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
         if self.arch is not None and self.arch not in ARCHS:
             raise ConfigError(f"unknown detector '{self.arch}'; choose one of {', '.join(ARCHS)}")
         if self.sched is not None and self.sched not in SCHEDULES:
             raise ConfigError(f"unknown schedule '{self.sched}'; choose one of {', '.join(SCHEDULES)}")
-        check_run_numbers(self)
-        for name in ("min_size", "max_size", "fpn_channels", "anchor_sizes", "lr_steps"):
-            check_number(name, getattr(self, name), low=1)
-        check_number("warmup_ratio", self.warmup_ratio, low=0, high=1)
-        if self.resume and self.overwrite:
-            raise ConfigError("pass either --resume or --overwrite, not both")
-        if self.resume and self.output is None:
-            raise ConfigError("--resume needs --output naming the run folder to continue")
+        super().__post_init__()
 
     @property
     def recipe_name(self) -> str:
@@ -580,9 +563,6 @@ class DetectTrainConfig:
             max_size=int(self.max_size),
             anchor_sizes=tuple(self.anchor_sizes),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))
 
 
 # --------------------------------------------------------------------------- data
@@ -760,15 +740,15 @@ def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
 class DetectEvalConfig:
     """Evaluate a detector checkpoint on a COCO-layout split (default: the shapes set's val split)."""
 
-    checkpoint: str
-    data: str | None = None
-    split: str | None = None
-    batch_size: int = 8
-    num_workers: int = 0
-    limit: int | None = None
-    results: str | None = None
-    device: str | None = None
-    progress: bool | None = None
+    checkpoint: str = option(help="best/last.safetensors of a detect run", metavar="PATH")
+    data: str | None = option(None, "COCO-layout folder (default: the generated shapes set)", metavar="DIR")
+    split: str | None = option(None, "split to evaluate (val2017 with --data, else val)", metavar="NAME")
+    batch_size: int = option(8, metavar="N")
+    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N")
+    limit: int | None = option(None, "evaluate a seeded random subset of N images", metavar="N")
+    results: str | None = option(None, "also write the detections as COCO results JSON", metavar="JSON")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
 
     def __post_init__(self) -> None:
         check_number("batch_size", self.batch_size, low=1)
@@ -816,11 +796,13 @@ def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
 class DetectPredictConfig:
     """Run a detector on an image or a folder; draw the detections and write them as COCO results."""
 
-    inputs: str
-    checkpoint: str
-    output: str = "predictions"
-    score_thresh: float = 0.5
-    device: str | None = None
+    inputs: str = option(
+        help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
+    )
+    checkpoint: str = option(help="best/last.safetensors of a detect run", metavar="PATH")
+    output: str = option("predictions", "where drawings and JSON go", metavar="DIR")
+    score_thresh: float = option(0.5, "keep detections scoring >= S", metavar="S")
+    device: str | None = option(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         check_number("score_thresh", self.score_thresh, low=0, high=1)
@@ -850,3 +832,73 @@ def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:
     with atomic_write(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(results))
     return {"images": drawn, "results": str(out / "detections.json"), "detections": len(results)}
+
+
+# --------------------------------------------------------------------------- command line
+COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def train_report(summary: Mapping[str, Any]) -> str:
+    last = summary.get("last") or {}
+    ap = ", ".join(f"{k} {last[k]:.3f}" for k in ("bbox_AP", "bbox_AP50", "segm_AP") if k in last)
+    return f"{ap} after {summary['epochs']} epochs; run folder {summary['output']}"
+
+
+def eval_report(result: Mapping[str, Any]) -> str:
+    lines = [f"{result['checkpoint']} on {result['data']} ({result['split']}): {result['images']} images"]
+    for kind in ("bbox", "segm"):
+        if f"{kind}_AP" in result:
+            lines.append(
+                f"  {kind}: " + "  ".join(f"{m} {100 * result[f'{kind}_{m}']:.1f}" for m in COCO_NAMES)
+            )
+    if result["results"]:
+        lines.append(f"  COCO results: {result['results']}")
+    return "\n".join(lines)
+
+
+def predict_report(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"{item['path']}: {item['detections']} detection(s) -> {item['drawn']}" for item in result["images"]
+    ]
+    lines.append(f"COCO results ({result['detections']} detections): {result['results']}")
+    return "\n".join(lines)
+
+
+COMMANDS = TaskCommands(
+    name="detect",
+    help="train, evaluate and run RetinaNet / Mask R-CNN detectors",
+    description="Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
+    "trains a poolformer_s12 RetinaNet on the generated shapes data set.",
+    actions=(
+        Action(
+            "train",
+            DetectTrainConfig,
+            run="train_detector",
+            report="train_report",
+            help="train a detector",
+            description="Train RetinaNet or Mask R-CNN. Flags left out come from --recipe (paper: the "
+            "PoolFormer COCO 1x settings, default with --data; shapes: the CPU demo on the generated "
+            "shapes). "
+            "Under `torchrun --nproc_per_node=N -m metaformer detect train` it trains data-parallel.",
+            json_help="print the summary as JSON",
+            rank0_only=True,
+        ),
+        Action(
+            "eval",
+            DetectEvalConfig,
+            run="evaluate_detector",
+            report="eval_report",
+            help="COCO bbox/segm AP of a checkpoint",
+            description="COCO AP, AP50, AP75, APs, APm, APl (pycocotools) of a detect checkpoint.",
+            json_help="print the metrics as JSON",
+        ),
+        Action(
+            "predict",
+            DetectPredictConfig,
+            run="predict_detections",
+            report="predict_report",
+            help="draw detections on images and write COCO results JSON",
+            json_help="print JSON",
+        ),
+    ),
+)

@@ -14,8 +14,9 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from metaformer.data.segmentation import IMAGE_EXTENSIONS
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.models import create_model, get_variant
 from metaformer.models.metaformer import MetaFormerFeatures
+from metaformer.options import NON_NEGATIVE, RunOptions, option
 from metaformer.weights import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -137,15 +139,6 @@ class BackboneFPN(nn.Module):
 
 
 # --------------------------------------------------------------------------- shared by detect and segment
-def jsonable(obj: Any) -> Any:
-    """Tuples to lists, keys to strings: a config dict ready for config.json."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
 def seeded_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     """A seeded random subset of ``limit`` items in index order (all of them when limit is None or larger)."""
     n = len(dataset)  # type: ignore[arg-type]
@@ -220,22 +213,29 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
         ) from None
 
 
-def check_run_numbers(config: Any) -> None:
-    """The number checks detect train and segment train share: run length, loop options, backbone freeze.
+@dataclass(frozen=True)
+class DenseRunOptions(RunOptions):
+    """The run fields detect train and segment train add to RunOptions: a backbone to start from, the
+    stages to freeze and a warmup counted in steps. None fields come from the recipe."""
 
-    Runs in both configs' ``__post_init__`` (so on the user's values and again on the resolved ones), so a
-    bad value fails in one sentence before any data is read.
-    """
-    for name in ("epochs", "batch_size", "lr", "clip_grad"):
-        check_number(name, getattr(config, name), low=0, low_open=True)
-    for name in ("accum_steps", "eval_every", "limit_train", "limit_val"):
-        check_number(name, getattr(config, name), low=1)
-    for name in ("weight_decay", "warmup_iters", "num_workers"):
-        check_number(name, getattr(config, name), low=0)
-    check_number("seed", config.seed, low=-(2**63), high=2**64 - 1)  # what torch.manual_seed takes
-    check_number("stop_after_epoch", config.stop_after_epoch, low=1, high=config.epochs)
-    depths = config.model_kwargs.get("depths", get_variant(config.model).config.depths)
-    check_number("frozen_stages", config.frozen_stages, low=-1, high=len(depths))
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "weight_decay": {"help": "AdamW weight decay (paper 1e-4)"},
+        "num_workers": {"help": "data-loading processes (shapes 0, folders 4)"},
+        "recipe": {"help": "preset (paper with --data, else shapes)"},
+    }
+
+    warmup_iters: int | None = option(None, "linear warmup steps", metavar="N", check=NON_NEGATIVE)
+    frozen_stages: int = option(-1, "freeze the stem (0) and stages 1..N (-1: none)", metavar="N")
+    backbone_checkpoint: str | None = option(
+        None,
+        "initialise the backbone from classification weights (official, timm or metaformer)",
+        metavar="PATH",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        depths = self.model_kwargs.get("depths", get_variant(self.model).config.depths)
+        check_number("frozen_stages", self.frozen_stages, low=-1, high=len(depths))
 
 
 def default_workers() -> int:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,16 +47,16 @@ from metaformer.engine.distributed import (
 )
 from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
 from metaformer.errors import CheckpointError, ConfigError, check_number
-from metaformer.models import get_variant
+from metaformer.options import AT_LEAST_1, option
+from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
+    DenseRunOptions,
     check_classes,
-    check_run_numbers,
     create_backbone,
     default_output,
     default_workers,
     image_paths,
-    jsonable,
     load_strict,
     read_rgb,
     save_png,
@@ -419,74 +419,68 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 RECIPE_FIELDS = tuple(RECIPES["paper"])
+LAYOUTS = ("auto", "ade20k", "folder")
+DATA_HELP = (
+    "ADE20K layout (DIR/images/SPLIT, DIR/annotations/SPLIT) or images/ + masks/ + classes.txt "
+    "(default: the generated shapes set)"
+)
 RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
 
 
 @dataclass(frozen=True)
-class SegmentTrainConfig:
+class SegmentTrainConfig(DenseRunOptions):
     """A segmentation training run. None fields come from the recipe: ``paper`` (default with ``data``) or
     ``shapes`` (default without). ``iters`` (total optimizer steps, rounded up to whole epochs) wins over
     ``epochs``; ``eval_iters`` likewise sets how often to validate. ``lr`` is used as given."""
 
-    model: str = "poolformer_s12"
-    data: str | None = None
-    layout: str = "auto"
-    classes: str | None = None
-    train_split: str | None = None
-    val_split: str | None = None
-    recipe: str | None = None
-    output: str | None = None
-    iters: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_iters: int | None = None
-    power: float = 0.9
-    scale: tuple[int, int] | None = None
-    ratio_range: tuple[float, float] | None = None
-    crop_size: int | None = None
-    cat_max_ratio: float | None = None
-    photometric: bool | None = None
-    eval_iters: int | None = None
-    clip_grad: float | None = None
-    fpn_channels: int | None = None
-    head_channels: int | None = None
-    dropout: float | None = None
-    class_weight: tuple[float, ...] | None = None
-    frozen_stages: int = -1
-    backbone_checkpoint: str | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    accum_steps: int = 1
-    amp: str | None = None
-    seed: int = 0
-    num_workers: int | None = None
-    limit_train: int | None = None
-    limit_val: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    stop_after_epoch: int | None = None
-    channels_last: bool | None = None  # None: channels-last on CPU, NCHW on CUDA
-    eval_every: int | None = None
-    device: str | None = None
-    progress: bool | None = None
+    TASK: ClassVar[str] = "segment"
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        **DenseRunOptions.FLAG_OVERRIDES,
+        "data": {"help": DATA_HELP},
+        "eval_every": {"help": "validate every N epochs (overrides --eval-iters)"},
+    }
+
+    layout: str = option("auto", "data layout", choices=LAYOUTS)
+    classes: str | None = option(None, "class names, one a line (default: the layout's)", metavar="FILE")
+    train_split: str | None = option(None, "train split (training for ADE20K, else train)", metavar="NAME")
+    val_split: str | None = option(None, "validation split (validation for ADE20K, else val)", metavar="NAME")
+    iters: int | None = option(
+        None, "optimizer steps, rounded up to epochs (paper 40000)", metavar="N", check=AT_LEAST_1
+    )
+    power: float = option(0.9, "poly schedule power (0.9)", metavar="P", check={"low": 0})
+    scale: tuple[int, int] | None = option(
+        None, "resize scale (2048 512)", metavar=("LONG", "SHORT"), check=AT_LEAST_1
+    )
+    ratio_range: tuple[float, float] | None = option(
+        None, "rescale ratios (0.5 2)", metavar=("LOW", "HIGH"), check={"low": 0, "low_open": True}
+    )
+    crop_size: int | None = option(None, "training crop (paper 512)", metavar="PX", check=AT_LEAST_1)
+    cat_max_ratio: float | None = option(
+        None,
+        "max share of one class in a crop (0.75)",
+        metavar="F",
+        check={"low": 0, "high": 1, "low_open": True},
+    )
+    photometric: bool | None = option(None, "photometric distortion (on)")
+    eval_iters: int | None = option(
+        None, "validate every N steps (paper 4000)", metavar="N", check=AT_LEAST_1
+    )
+    fpn_channels: int | None = option(None, "FPN width (paper 256, shapes 64)", metavar="C", check=AT_LEAST_1)
+    head_channels: int | None = option(
+        None, "head width (paper and shapes 128)", metavar="C", check=AT_LEAST_1
+    )
+    dropout: float | None = option(
+        None, "dropout before the classifier (paper 0.1, shapes 0)", metavar="P",
+        check={"low": 0, "high": 1, "high_open": True},
+    )  # fmt: skip
+    class_weight: tuple[float, ...] | None = option(
+        None, "cross-entropy weight per class, in class order (default: none, as the paper)", metavar="W",
+        check={},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        get_variant(self.model)
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
-        check_run_numbers(self)
-        for name in ("iters", "crop_size", "eval_iters", "fpn_channels", "head_channels", "scale"):
-            check_number(name, getattr(self, name), low=1)
-        check_number("power", self.power, low=0)
-        check_number("ratio_range", self.ratio_range, low=0, low_open=True)
-        check_number("cat_max_ratio", self.cat_max_ratio, low=0, high=1, low_open=True)
-        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
-        check_number("class_weight", self.class_weight)  # finite; the sign check follows
-        if self.resume and self.overwrite:
-            raise ConfigError("pass either --resume or --overwrite, not both")
-        if self.resume and self.output is None:
-            raise ConfigError("--resume needs --output naming the run folder to continue")
+        super().__post_init__()
         if self.class_weight is not None:
             object.__setattr__(self, "class_weight", tuple(float(w) for w in self.class_weight))
             if not self.class_weight or min(self.class_weight) < 0 or max(self.class_weight) <= 0:
@@ -535,9 +529,6 @@ class SegmentTrainConfig:
             head_channels=int(self.head_channels),
             dropout=float(self.dropout if self.dropout is not None else 0.1),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))
 
 
 def segmentation_splits(config: SegmentTrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -712,15 +703,15 @@ def poly_scheduler(
 class SegmentEvalConfig:
     """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split)."""
 
-    checkpoint: str
-    data: str | None = None
-    layout: str = "auto"
-    classes: str | None = None
-    split: str | None = None
-    num_workers: int = 0
-    limit: int | None = None
-    device: str | None = None
-    progress: bool | None = None
+    checkpoint: str = option(help="best/last.safetensors of a segment run", metavar="PATH")
+    data: str | None = option(None, DATA_HELP, metavar="DIR")
+    layout: str = option("auto", "data layout", choices=LAYOUTS)
+    classes: str | None = option(None, "class names, one a line (default: the layout's)", metavar="FILE")
+    split: str | None = option(None, "split to evaluate (validation for ADE20K, else val)", metavar="NAME")
+    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N")
+    limit: int | None = option(None, "evaluate a seeded random subset of N images", metavar="N")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
 
     def __post_init__(self) -> None:
         check_number("num_workers", self.num_workers, low=0)
@@ -758,11 +749,13 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
 class SegmentPredictConfig:
     """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
 
-    inputs: str
-    checkpoint: str
-    output: str = "predictions"
-    alpha: float = 0.5
-    device: str | None = None
+    inputs: str = option(
+        help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
+    )
+    checkpoint: str = option(help="best/last.safetensors of a segment run", metavar="PATH")
+    output: str = option("predictions", "where the PNGs go", metavar="DIR")
+    alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A")
+    device: str | None = option(None, "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, low=0, high=1)
@@ -791,3 +784,70 @@ def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
             {"path": str(path), "overlay": str(overlay), "labels": str(label_png), "classes": present}
         )
     return {"images": written, "class_names": class_names}
+
+
+# --------------------------------------------------------------------------- command line
+def train_report(summary: Mapping[str, Any]) -> str:
+    last = summary.get("last") or {}
+    miou, acc = last.get("mIoU", float("nan")), last.get("pixel_acc", float("nan"))
+    return (
+        f"mIoU {miou:.3f}, pixel accuracy {acc:.3f} after {summary['epochs']} epochs; "
+        f"run folder {summary['output']}"
+    )
+
+
+def eval_report(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"{result['checkpoint']} on {result['data']}: {result['images']} images",
+        f"  mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
+        f"pixel accuracy {100 * result['pixel_acc']:.2f}",
+    ]
+    for name, iou in result["per_class_IoU"].items():
+        lines.append(f"  {name:<24}{'n/a' if iou is None else f'{100 * iou:.2f}':>8}")
+    return "\n".join(lines)
+
+
+def predict_report(result: Mapping[str, Any]) -> str:
+    return "\n".join(
+        f"{item['path']}: overlay {item['overlay']}, labels {item['labels']}" for item in result["images"]
+    )
+
+
+COMMANDS = TaskCommands(
+    name="segment",
+    help="train, evaluate and run Semantic FPN segmenters",
+    description="Semantic segmentation with a MetaFormer backbone and Semantic FPN. `metaformer segment "
+    "train` with no options trains poolformer_s12 on the generated shapes data set.",
+    actions=(
+        Action(
+            "train",
+            SegmentTrainConfig,
+            run="train_segmenter",
+            report="train_report",
+            help="train a Semantic FPN",
+            description="Train Semantic FPN. Flags left out come from --recipe (paper: the PoolFormer ADE20K "
+            "settings, default with --data; shapes: the CPU demo on the generated shapes). Under `torchrun "
+            "--nproc_per_node=N -m metaformer segment train` it trains data-parallel.",
+            json_help="print the summary as JSON",
+            rank0_only=True,
+        ),
+        Action(
+            "eval",
+            SegmentEvalConfig,
+            run="evaluate_segmenter",
+            report="eval_report",
+            help="mIoU, per-class IoU and pixel accuracy of a checkpoint",
+            description="mIoU, mAcc, pixel accuracy and per-class IoU from one confusion matrix over the "
+            "split.",
+            json_help="print the metrics as JSON",
+        ),
+        Action(
+            "predict",
+            SegmentPredictConfig,
+            run="predict_segmentation",
+            report="predict_report",
+            help="colour overlay and label PNGs for images",
+            json_help="print JSON",
+        ),
+    ),
+)
