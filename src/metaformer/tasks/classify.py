@@ -13,14 +13,12 @@ resolved config is what ``config.json`` records.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,26 +32,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
 from metaformer.data.folders import IMG_EXTENSIONS, check_layout, folder_split, folder_splits
 from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from metaformer.engine import skeleton
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
-    broadcast_object,
-    distributed_run,
-    eval_sampler,
     pick_device,
-    run_on_main,
-    train_sampler,
 )
 from metaformer.engine.loop import (
-    RunConfig,
     amp_dtype,
     create_optimizer,
     evaluate,
-    fit,
     show_progress,
     use_channels_last,
 )
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.inference import BACKENDS, prepare_for_inference
 from metaformer.models import create_model, get_variant
@@ -183,12 +176,10 @@ RECIPE_FIELDS = (
     "amp",
     "seed",
 )
-# Options that may change between a run and its --resume. The process count may change too (the lr,
-# scaled by the global batch, is still checked: pass --lr to keep it); then random streams differ.
-RESUME_MAY_DIFFER = (
-    "resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device", "eval_every",
-    "class_names", "world_size",
-)  # fmt: skip
+# Options that may change between a run and its --resume, besides the shared ones (skeleton.py). The
+# process count may change too (the lr, scaled by the global batch, is still checked: pass --lr to keep
+# it); then random streams differ.
+RESUME_MAY_DIFFER = ("eval_every", "class_names", "world_size")
 BACKEND_HELP = (
     "inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: the one "
     "measured faster here (default)"
@@ -527,29 +518,6 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], di
     )
 
 
-def _loaders(
-    config: TrainConfig, train: Dataset, val: Dataset, info: DistInfo
-) -> tuple[DataLoader, DataLoader]:
-    batch_size, workers = int(config.batch_size), int(config.num_workers)
-    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
-    if per_rank < batch_size:
-        raise ConfigError(
-            f"batch size {config.batch_size} is larger than the {per_rank} training images per process; "
-            "lower --batch-size"
-        )
-    pin = info.device.type == "cuda"
-    common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
-    train_loader = DataLoader(
-        train,
-        batch_size=batch_size,
-        sampler=train_sampler(train, info, config.seed),
-        drop_last=True,
-        **common,
-    )
-    val_loader = DataLoader(val, batch_size=batch_size, sampler=eval_sampler(val, info), **common)
-    return train_loader, val_loader
-
-
 def _mixup(config: TrainConfig, num_classes: int) -> Any | None:
     if not (config.mixup or config.cutmix):
         return None
@@ -595,121 +563,104 @@ def _preprocessing(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _default_output(model: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / "classify" / f"{model}-{stamp}")
-
-
 # --------------------------------------------------------------------------- train
 def train_classifier(config: TrainConfig) -> dict[str, Any]:
     """Train (or fine-tune, or resume) a classifier and return the run summary (also summary.json).
 
     Under torchrun every process calls this; rank 0 alone writes the run folder.
     """
-    with distributed_run(config.device) as info:
-        return _train(config, info)
+    return skeleton.train(config, TRAINING)
 
 
-def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    resolved = config.resolve(info.world_size)
-    output = resolved.output or str(broadcast_object(_default_output(resolved.model)))
-    resolved = dataclasses.replace(resolved, output=output)
-    current = {**resolved.to_dict(), "world_size": info.world_size}
+def _check_data(config: TrainConfig) -> None:
+    if config.data is not None:
+        check_layout(config.data)  # before the output folder is created
 
-    prepare = partial(
-        run_state.open_run_dir,
-        output,
-        resume=resolved.resume,
-        overwrite=resolved.overwrite,
-        config=current,
-        may_differ=RESUME_MAY_DIFFER,
+
+def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
+    train, val, classes, skipped = build_datasets(config)
+    train_loader, val_loader = skeleton.data_loaders(
+        train,
+        val,
+        info,
+        batch_size=int(config.batch_size),
+        num_workers=int(config.num_workers),
+        seed=config.seed,
     )
-
-    if resolved.data is not None:
-        check_layout(resolved.data)  # before the output folder is created
-    run_on_main(prepare, info)
-    run_state.seed_everything(resolved.seed + info.rank)
-    train, val, classes, skipped = build_datasets(resolved)
-    if info.is_main:
-        logger.info(
-            "%s on %s: %d train / %d val images, %d classes, recipe '%s', %d process(es), output %s",
-            resolved.model,
-            resolved.data or "the embedded digits",
-            len(train),
-            len(val),
-            len(classes),  # type: ignore[arg-type]
-            resolved.recipe,
-            info.world_size,
-            output,
-        )
-    train_loader, val_loader = _loaders(resolved, train, val, info)
-    model = _build_model(resolved, len(classes)).to(info.device)
+    model = _build_model(config, len(classes)).to(info.device)
 
     from timm.scheduler import create_scheduler_v2
 
     optimizer = create_optimizer(
         model,
-        opt=resolved.opt,
-        lr=resolved.lr,
-        weight_decay=resolved.weight_decay,
-        eps=resolved.opt_eps,
-        betas=tuple(resolved.opt_betas),
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        eps=config.opt_eps,
+        betas=tuple(config.opt_betas),
     )
-    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
+    updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        sched=resolved.sched,
-        num_epochs=resolved.epochs,
-        warmup_epochs=resolved.warmup_epochs,
-        warmup_lr=resolved.warmup_lr,
-        min_lr=resolved.min_lr,
-        step_on_epochs=not resolved.sched_on_steps,
+        sched=config.sched,
+        num_epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+        step_on_epochs=not config.sched_on_steps,
         updates_per_epoch=updates_per_epoch,
     )
-    metadata = {"task": "classify", "preprocessing": _preprocessing(resolved), "recipe": resolved.recipe}
+    metadata = {"task": "classify", "preprocessing": _preprocessing(config), "recipe": config.recipe}
     task = ClassificationTask(
         classes,
-        label_smoothing=resolved.label_smoothing,
-        mixup=_mixup(resolved, len(classes)),
+        label_smoothing=config.label_smoothing,
+        mixup=_mixup(config, len(classes)),
         metadata=metadata,
     )
-    if info.is_main and not resolved.resume:
-        run_state.write_json(Path(output) / run_state.CONFIG_FILE, {**current, "class_names": classes})
-    run = RunConfig(
-        epochs=resolved.epochs,
-        output_dir=output,
-        accum_steps=resolved.accum_steps,
-        amp=resolved.amp,
-        clip_grad=resolved.clip_grad,
-        ema_decay=resolved.ema_decay,
-        channels_last=resolved.channels_last,
-        resume=resolved.resume,
-        stop_after_epoch=resolved.stop_after_epoch,
-        eval_every=resolved.eval_every,
-        progress=resolved.progress,
+    describe = (
+        f"{config.model} on {config.data or 'the embedded digits'}: {len(train)} train / {len(val)} val "  # type: ignore[arg-type]
+        f"images, {len(classes)} classes, recipe '{config.recipe}'"
     )
-    extra = {
-        "model": resolved.model,
-        "recipe": resolved.recipe,
-        "data": resolved.data or "embedded:digits",
+    summary = {
+        "model": config.model,
+        "recipe": config.recipe,
+        "data": config.data or "embedded:digits",
         "num_classes": len(classes),
         "train_images": len(train),  # type: ignore[arg-type]
         "val_images": len(val),  # type: ignore[arg-type]
         "skipped_images": skipped,
-        "output": output,
     }
-    summary = fit(
-        task, model, optimizer, scheduler, train_loader, val_loader, run, dist_info=info, summary_extra=extra
+    return TrainingParts(
+        task,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        describe,
+        summary,
+        {"class_names": classes},
     )
-    if info.is_main:
-        best = summary["best_top1"]
-        logger.info(
-            "best top-1 %s at epoch %s; weights in %s",
-            "n/a" if best is None else f"{best:.2f}%",
-            summary["best_epoch"],
-            Path(output) / run_state.BEST_WEIGHTS,
-        )
-    return summary
+
+
+def _finish(config: TrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
+    best = summary["best_top1"]
+    logger.info(
+        "best top-1 %s at epoch %s; weights in %s",
+        "n/a" if best is None else f"{best:.2f}%",
+        summary["best_epoch"],
+        Path(config.output) / run_state.BEST_WEIGHTS,
+    )
+
+
+TRAINING = TrainingSpec(
+    name="classify",
+    resolve=lambda config, world_size: config.resolve(world_size),
+    build=_build,
+    finish=_finish,
+    before_run_dir=_check_data,
+    may_differ=RESUME_MAY_DIFFER,
+)
 
 
 # --------------------------------------------------------------------------- loading a classifier
@@ -1242,8 +1193,8 @@ COMMANDS = TaskCommands(
             report="eval_report",
             help="top-1/top-5/loss/images-per-s and a confusion matrix",
             description="Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
-            "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one they were "
-            "trained with.",
+            "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
+            "they were trained with.",
             json_help="print the metrics as JSON",
         ),
         Action(

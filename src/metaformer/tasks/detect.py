@@ -39,18 +39,17 @@ from metaformer.data.coco import (
     require_pycocotools,
 )
 from metaformer.data.shapes import ShapesConfig, make_shapes
+from metaformer.engine import skeleton
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     barrier,
     broadcast_object,
-    distributed_run,
-    eval_sampler,
     pick_device,
     run_on_main,
-    train_sampler,
 )
-from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
+from metaformer.engine.loop import create_optimizer, evaluate, show_progress
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
@@ -59,7 +58,6 @@ from metaformer.tasks.fpn import (
     DenseRunOptions,
     check_classes,
     create_backbone,
-    default_output,
     default_workers,
     image_paths,
     load_strict,
@@ -479,7 +477,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 RECIPE_FIELDS = tuple(RECIPES["paper"])
 PAPER_LR = {"retinanet": 1e-4, "maskrcnn": 2e-4}
-RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
 SCHEDULES = ("step", "cosine")
 
 
@@ -609,130 +606,90 @@ def make_scheduler(
 # --------------------------------------------------------------------------- train
 def train_detector(config: DetectTrainConfig) -> dict[str, Any]:
     """Train (or resume) a detector and return the run summary (also summary.json). torchrun-aware."""
-    with distributed_run(config.device) as info:
-        return _train(config, info)
+    return skeleton.train(config, TRAINING)
 
 
-def _train(config: DetectTrainConfig, info: DistInfo) -> dict[str, Any]:
-    resolved = config.resolve()
-    output = resolved.output or str(broadcast_object(default_output("detect", resolved.model)))
-    resolved = dataclasses.replace(resolved, output=output)
-    current = {**resolved.to_dict(), "world_size": info.world_size}
-
-    prepare = partial(
-        run_state.open_run_dir,
-        output,
-        resume=resolved.resume,
-        overwrite=resolved.overwrite,
-        config=current,
-        may_differ=(*RESUME_MAY_DIFFER, "class_names"),
-    )
-
-    run_on_main(prepare, info)
-    masks = resolved.arch == "maskrcnn"
-    if resolved.data is None:  # generate the shapes set once, on rank 0, before anyone reads it
+def _prepare(config: DetectTrainConfig, info: DistInfo) -> None:
+    if config.data is None:  # generate the shapes set once, on rank 0, before anyone reads it
         run_on_main(lambda: make_shapes(config=SHAPES_DETECT), info)
         barrier()
+
+
+def _build(config: DetectTrainConfig, info: DistInfo) -> TrainingParts:
+    masks = config.arch == "maskrcnn"
     train_set, val_set, val_ann = detection_splits(
-        resolved.data, str(resolved.train_split), str(resolved.val_split), masks=masks
+        config.data, str(config.train_split), str(config.val_split), masks=masks
     )
-    run_state.seed_everything(resolved.seed + info.rank)
-    train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
-    val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
-    batch_size = int(resolved.batch_size)
-    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
-    if per_rank < batch_size:
-        raise ConfigError(
-            f"batch size {batch_size} is larger than the {per_rank} training images per process; "
-            "lower --batch-size"
-        )
-    loader_args = {
-        "collate_fn": collate_detection,
-        "num_workers": resolved.num_workers,
-        "pin_memory": info.device.type == "cuda",
-        "persistent_workers": bool(resolved.num_workers),
-    }
-    train_loader = DataLoader(
+    train = seeded_subset(train_set, config.limit_train, config.seed)
+    val = seeded_subset(val_set, config.limit_val, config.seed + 1)
+    train_loader, val_loader = skeleton.data_loaders(
         train,
-        batch_size=batch_size,
-        sampler=train_sampler(train, info, resolved.seed),
-        drop_last=True,
-        **loader_args,
+        val,
+        info,
+        batch_size=int(config.batch_size),
+        num_workers=int(config.num_workers),
+        seed=config.seed,
+        collate_fn=collate_detection,
     )
-    val_loader = DataLoader(val, batch_size=batch_size, sampler=eval_sampler(val, info), **loader_args)
-    detector = resolved.detector_config(train_set.num_classes)
-    model = create_detector(detector, backbone_checkpoint=resolved.backbone_checkpoint).to(info.device)
+    detector = config.detector_config(train_set.num_classes)
+    model = create_detector(detector, backbone_checkpoint=config.backbone_checkpoint).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = create_optimizer(params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay))
-    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
+    optimizer = create_optimizer(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
+    updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
     scheduler = make_scheduler(
         optimizer,
-        sched=str(resolved.sched),
-        lr=float(resolved.lr),
-        total_updates=updates_per_epoch * int(resolved.epochs),
+        sched=str(config.sched),
+        lr=float(config.lr),
+        total_updates=updates_per_epoch * int(config.epochs),
         updates_per_epoch=updates_per_epoch,
-        lr_steps=resolved.lr_steps if resolved.lr_steps is not None else (),
-        warmup_iters=int(resolved.warmup_iters),
-        warmup_ratio=float(resolved.warmup_ratio),
+        lr_steps=config.lr_steps if config.lr_steps is not None else (),
+        warmup_iters=int(config.warmup_iters),
+        warmup_ratio=float(config.warmup_ratio),
     )
     task = DetectionTask(
         coco_ground_truth(read_coco_json(val_ann)), train_set.class_names, train_set.cat_ids, masks=masks
     )
-    if info.is_main:
-        logger.info(
-            "%s %s on %s: %d train / %d val images, %d classes, recipe '%s', %d process(es), output %s",
-            resolved.arch,
-            resolved.model,
-            resolved.data or "the shapes data set",
-            len(train),  # type: ignore[arg-type]
-            len(val),  # type: ignore[arg-type]
-            train_set.num_classes,
-            resolved.recipe,
-            info.world_size,
-            output,
-        )
-        if not resolved.resume:
-            run_state.write_json(
-                Path(output) / run_state.CONFIG_FILE, {**current, "class_names": train_set.class_names}
-            )
-    run = RunConfig(
-        epochs=int(resolved.epochs),
-        output_dir=output,
-        accum_steps=resolved.accum_steps,
-        amp=resolved.amp,
-        clip_grad=resolved.clip_grad,
-        resume=resolved.resume,
-        stop_after_epoch=resolved.stop_after_epoch,
-        channels_last=resolved.channels_last,
-        eval_every=int(resolved.eval_every),
-        progress=resolved.progress,
+    describe = (
+        f"{config.arch} {config.model} on {config.data or 'the shapes data set'}: {len(train)} train / "  # type: ignore[arg-type]
+        f"{len(val)} val images, {train_set.num_classes} classes, recipe '{config.recipe}'"  # type: ignore[arg-type]
     )
-    extra = {
+    summary = {
         "task": "detect",
-        "arch": resolved.arch,
-        "model": resolved.model,
-        "recipe": resolved.recipe,
-        "data": resolved.data or "generated:shapes",
+        "arch": config.arch,
+        "model": config.model,
+        "recipe": config.recipe,
+        "data": config.data or "generated:shapes",
         "num_classes": train_set.num_classes,
         "train_images": len(train),  # type: ignore[arg-type]
         "val_images": len(val),  # type: ignore[arg-type]
         "skipped_boxes": train_set.skipped_boxes + val_set.skipped_boxes,
-        "output": output,
     }
-    summary = fit(
-        task, model, optimizer, scheduler, train_loader, val_loader, run, dist_info=info, summary_extra=extra
+    record = {"class_names": train_set.class_names}
+    return TrainingParts(
+        task, model, optimizer, scheduler, train_loader, val_loader, describe, summary, record
     )
-    if info.is_main:
-        last = summary.get("last") or {}
-        logger.info(
-            "bbox AP %.3f / AP50 %.3f (last epoch), best AP %s at epoch %s; weights in %s",
-            last.get("bbox_AP", float("nan")),
-            last.get("bbox_AP50", float("nan")),
-            "n/a" if summary["best_bbox_AP"] is None else f"{summary['best_bbox_AP']:.3f}",
-            summary["best_epoch"],
-            Path(output) / run_state.BEST_WEIGHTS,
-        )
-    return summary
+
+
+def _finish(config: DetectTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
+    last = summary.get("last") or {}
+    logger.info(
+        "bbox AP %.3f / AP50 %.3f (last epoch), best AP %s at epoch %s; weights in %s",
+        last.get("bbox_AP", float("nan")),
+        last.get("bbox_AP50", float("nan")),
+        "n/a" if summary["best_bbox_AP"] is None else f"{summary['best_bbox_AP']:.3f}",
+        summary["best_epoch"],
+        Path(config.output) / run_state.BEST_WEIGHTS,
+    )
+
+
+TRAINING = TrainingSpec(
+    name="detect",
+    resolve=lambda config, world_size: config.resolve(),
+    build=_build,
+    finish=_finish,
+    prepare=_prepare,
+    may_differ=("class_names",),
+)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -9,7 +9,6 @@ subsets, class checks).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from collections import OrderedDict
@@ -146,12 +145,6 @@ def seeded_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
         return dataset
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
     return Subset(dataset, sorted(order.tolist()))
-
-
-def default_output(kind: str, model: str) -> str:
-    """runs/<kind>/<model>-<timestamp>."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / kind / f"{model}-{stamp}")
 
 
 def check_classes(checkpoint: str | Path, trained: Sequence[str], data: Sequence[str], where: str) -> None:

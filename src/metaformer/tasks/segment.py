@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,19 +32,17 @@ from metaformer.data.segmentation import (
     open_segmentation,
 )
 from metaformer.data.shapes import ShapesConfig, make_shapes
+from metaformer.engine import skeleton
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    broadcast_object,
-    distributed_run,
-    eval_sampler,
     pick_device,
     run_on_main,
-    train_sampler,
 )
-from metaformer.engine.loop import RunConfig, create_optimizer, evaluate, fit, show_progress
+from metaformer.engine.loop import create_optimizer, evaluate, show_progress
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec
 from metaformer.errors import CheckpointError, ConfigError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
@@ -54,7 +51,6 @@ from metaformer.tasks.fpn import (
     DenseRunOptions,
     check_classes,
     create_backbone,
-    default_output,
     default_workers,
     image_paths,
     load_strict,
@@ -424,7 +420,6 @@ DATA_HELP = (
     "ADE20K layout (DIR/images/SPLIT, DIR/annotations/SPLIT) or images/ + masks/ + classes.txt "
     "(default: the generated shapes set)"
 )
-RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
 
 
 @dataclass(frozen=True)
@@ -544,141 +539,107 @@ def segmentation_splits(config: SegmentTrainConfig) -> tuple[SegmentationDataset
 # --------------------------------------------------------------------------- train
 def train_segmenter(config: SegmentTrainConfig) -> dict[str, Any]:
     """Train (or resume) a Semantic FPN and return the run summary (also summary.json). torchrun-aware."""
-    with distributed_run(config.device) as info:
-        return _train(config, info)
+    return skeleton.train(config, TRAINING)
 
 
-def _train(config: SegmentTrainConfig, info: DistInfo) -> dict[str, Any]:
-    resolved = config.resolve()
-    output = resolved.output or str(broadcast_object(default_output("segment", resolved.model)))
-    resolved = dataclasses.replace(resolved, output=output)
-    current = {**resolved.to_dict(), "world_size": info.world_size}
-
-    prepare = partial(
-        run_state.open_run_dir,
-        output,
-        resume=resolved.resume,
-        overwrite=resolved.overwrite,
-        config=current,
-        may_differ=(*RESUME_MAY_DIFFER, "class_names", "epochs_run", "iters_run"),
-    )
-
-    run_on_main(prepare, info)
-    if resolved.data is None:
+def _prepare(config: SegmentTrainConfig, info: DistInfo) -> None:
+    if config.data is None:
         run_on_main(lambda: make_shapes(config=SHAPES_SEGMENT), info)
         barrier()
-    train_set, val_set = segmentation_splits(resolved)
-    run_state.seed_everything(resolved.seed + info.rank)
-    train = seeded_subset(train_set, resolved.limit_train, resolved.seed)
-    val = seeded_subset(val_set, resolved.limit_val, resolved.seed + 1)
-    batch_size = int(resolved.batch_size)
-    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
-    if per_rank < batch_size:
-        raise ConfigError(
-            f"batch size {batch_size} is larger than the {per_rank} training images per process; "
-            "lower --batch-size"
-        )
-    workers = int(resolved.num_workers)
-    loader_args = {
-        "num_workers": workers,
-        "pin_memory": info.device.type == "cuda",
-        "persistent_workers": workers > 0,
-    }
-    train_loader = DataLoader(
+
+
+def _build(config: SegmentTrainConfig, info: DistInfo) -> TrainingParts:
+    train_set, val_set = segmentation_splits(config)
+    train = seeded_subset(train_set, config.limit_train, config.seed)
+    val = seeded_subset(val_set, config.limit_val, config.seed + 1)
+    train_loader, val_loader = skeleton.data_loaders(
         train,
-        batch_size=batch_size,
-        sampler=train_sampler(train, info, resolved.seed),
-        drop_last=True,
-        **loader_args,
+        val,
+        info,
+        batch_size=int(config.batch_size),
+        num_workers=int(config.num_workers),
+        seed=config.seed,
+        val_batch_size=1,
     )
-    val_loader = DataLoader(val, batch_size=1, sampler=eval_sampler(val, info), **loader_args)
-    updates_per_epoch = math.ceil(len(train_loader) / resolved.accum_steps)
-    epochs = int(resolved.epochs)
-    if resolved.iters is not None:
-        epochs = math.ceil(resolved.iters / updates_per_epoch)
-    eval_every = resolved.eval_every or (
-        max(1, round(resolved.eval_iters / updates_per_epoch)) if resolved.eval_iters else 1
+    updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
+    epochs = int(config.epochs)
+    if config.iters is not None:
+        epochs = math.ceil(config.iters / updates_per_epoch)
+    eval_every = config.eval_every or (
+        max(1, round(config.eval_iters / updates_per_epoch)) if config.eval_iters else 1
     )
     model = create_segmenter(
-        resolved.segmenter_config(train_set.num_classes), backbone_checkpoint=resolved.backbone_checkpoint
+        config.segmenter_config(train_set.num_classes), backbone_checkpoint=config.backbone_checkpoint
     )
     if info.distributed and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
     model = model.to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = create_optimizer(params, lr=float(resolved.lr), weight_decay=float(resolved.weight_decay))
+    optimizer = create_optimizer(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
     scheduler = poly_scheduler(
         optimizer,
         total_updates=epochs * updates_per_epoch,
-        power=resolved.power,
-        warmup_iters=int(resolved.warmup_iters),
-        lr=float(resolved.lr),
+        power=config.power,
+        warmup_iters=int(config.warmup_iters),
+        lr=float(config.lr),
     )
-    augment = resolved.augment()
-    task = SegmentationTask(train_set.class_names, augment, class_weight=resolved.class_weight)
-    if info.is_main:
-        logger.info(
-            "Semantic FPN %s on %s: %d train / %d val images, %d classes, %d epochs x %d iterations, "
-            "recipe '%s', %d process(es), output %s",
-            resolved.model,
-            resolved.data or "the shapes data set",
-            len(train),  # type: ignore[arg-type]
-            len(val),  # type: ignore[arg-type]
-            train_set.num_classes,
-            epochs,
-            updates_per_epoch,
-            resolved.recipe,
-            info.world_size,
-            output,
-        )
-        if not resolved.resume:
-            run_state.write_json(
-                Path(output) / run_state.CONFIG_FILE,
-                {
-                    **current,
-                    "class_names": train_set.class_names,
-                    "epochs_run": epochs,
-                    "iters_run": epochs * updates_per_epoch,
-                },
-            )
-    run = RunConfig(
-        epochs=epochs,
-        output_dir=output,
-        accum_steps=resolved.accum_steps,
-        amp=resolved.amp,
-        clip_grad=resolved.clip_grad,
-        resume=resolved.resume,
-        stop_after_epoch=resolved.stop_after_epoch,
-        channels_last=resolved.channels_last,
-        eval_every=eval_every,
-        progress=resolved.progress,
+    task = SegmentationTask(train_set.class_names, config.augment(), class_weight=config.class_weight)
+    describe = (
+        f"Semantic FPN {config.model} on {config.data or 'the shapes data set'}: {len(train)} train / "  # type: ignore[arg-type]
+        f"{len(val)} val images, {train_set.num_classes} classes, {epochs} epochs x {updates_per_epoch} "  # type: ignore[arg-type]
+        f"iterations, recipe '{config.recipe}'"
     )
-    extra = {
+    summary = {
         "task": "segment",
-        "model": resolved.model,
-        "recipe": resolved.recipe,
-        "data": resolved.data or "generated:shapes",
+        "model": config.model,
+        "recipe": config.recipe,
+        "data": config.data or "generated:shapes",
         "num_classes": train_set.num_classes,
         "train_images": len(train),  # type: ignore[arg-type]
         "val_images": len(val),  # type: ignore[arg-type]
         "iterations": epochs * updates_per_epoch,
-        "output": output,
     }
-    summary = fit(
-        task, model, optimizer, scheduler, train_loader, val_loader, run, dist_info=info, summary_extra=extra
+    record = {
+        "class_names": train_set.class_names,
+        "epochs_run": epochs,
+        "iters_run": epochs * updates_per_epoch,
+    }
+    return TrainingParts(
+        task,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        describe,
+        summary,
+        record,
+        epochs,
+        eval_every,
     )
-    if info.is_main:
-        summary["per_class_IoU"] = task.per_class_iou  # of the last evaluation
-        run_state.write_json(Path(output) / run_state.SUMMARY_FILE, summary)
-        last = summary.get("last") or {}
-        logger.info(
-            "mIoU %.3f (last epoch), best %s at epoch %s; weights in %s",
-            last.get("mIoU", float("nan")),
-            "n/a" if summary["best_mIoU"] is None else f"{summary['best_mIoU']:.3f}",
-            summary["best_epoch"],
-            Path(output) / run_state.BEST_WEIGHTS,
-        )
-    return summary
+
+
+def _finish(config: SegmentTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
+    summary["per_class_IoU"] = parts.task.per_class_iou  # type: ignore[attr-defined]  # of the last evaluation
+    run_state.write_json(Path(config.output) / run_state.SUMMARY_FILE, summary)
+    last = summary.get("last") or {}
+    logger.info(
+        "mIoU %.3f (last epoch), best %s at epoch %s; weights in %s",
+        last.get("mIoU", float("nan")),
+        "n/a" if summary["best_mIoU"] is None else f"{summary['best_mIoU']:.3f}",
+        summary["best_epoch"],
+        Path(config.output) / run_state.BEST_WEIGHTS,
+    )
+
+
+TRAINING = TrainingSpec(
+    name="segment",
+    resolve=lambda config, world_size: config.resolve(),
+    build=_build,
+    finish=_finish,
+    prepare=_prepare,
+    may_differ=("class_names", "epochs_run", "iters_run"),
+)
 
 
 def poly_scheduler(

@@ -1,0 +1,180 @@
+"""The one training skeleton every task's ``train_*`` goes through.
+
+Resolve the config, open the run folder (rank 0), seed, let the task build its data, model, optimizer,
+schedule and ``Task``, write config.json, then ``fit``. A task gives only what is its own, as a
+``TrainingSpec``; everything here is shared by classification, detection and segmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from metaformer.engine import state as run_state
+from metaformer.engine.distributed import (
+    DistInfo,
+    broadcast_object,
+    distributed_run,
+    eval_sampler,
+    run_on_main,
+    train_sampler,
+)
+from metaformer.engine.loop import RunConfig, Task, fit
+from metaformer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Options that may change between a run and its --resume, in every task
+RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
+
+
+@dataclass
+class TrainingParts:
+    """What a task builds for one run. ``record``: extra config.json fields (class names...);
+    ``summary``: extra summary fields; ``epochs`` / ``eval_every``: where the task derives them
+    (segmentation counts iterations); ``describe``: the one log line that opens the run."""
+
+    task: Task
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    describe: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    eval_every: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """A task's own part of a training run.
+
+    ``resolve(config, world_size)``: the config with its recipe filled in. ``build(config, info)``: the
+    parts (datasets, loaders, model, optimizer, schedule, Task). ``before_run_dir(config)``: checks that
+    must fail before the run folder is created; ``prepare(config, info)``: work on rank 0 before anyone
+    reads the data (generating a data set); ``finish(config, summary, parts)``: the closing log line
+    (rank 0). ``may_differ``: this task's fields that may change on --resume.
+    """
+
+    name: str
+    resolve: Callable[[Any, int], Any]
+    build: Callable[[Any, DistInfo], TrainingParts]
+    finish: Callable[[Any, dict[str, Any], TrainingParts], None]
+    before_run_dir: Callable[[Any], None] | None = None
+    prepare: Callable[[Any, DistInfo], None] | None = None
+    may_differ: tuple[str, ...] = ()
+
+
+def default_output(kind: str, model: str) -> str:
+    """runs/<kind>/<model>-<timestamp>."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / kind / f"{model}-{stamp}")
+
+
+def train(config: Any, spec: TrainingSpec) -> dict[str, Any]:
+    """Train (or resume) one run of ``spec``'s task and return its summary (also summary.json).
+
+    Under torchrun every process calls this; rank 0 alone writes the run folder.
+    """
+    with distributed_run(config.device) as info:
+        return _train(config, spec, info)
+
+
+def _train(config: Any, spec: TrainingSpec, info: DistInfo) -> dict[str, Any]:
+    resolved = spec.resolve(config, info.world_size)
+    output = resolved.output or str(broadcast_object(default_output(spec.name, resolved.model)))
+    resolved = dataclasses.replace(resolved, output=output)
+    current = {**resolved.to_dict(), "world_size": info.world_size}
+    if spec.before_run_dir is not None:
+        spec.before_run_dir(resolved)
+    prepare = partial(
+        run_state.open_run_dir,
+        output,
+        resume=resolved.resume,
+        overwrite=resolved.overwrite,
+        config=current,
+        may_differ=(*RESUME_MAY_DIFFER, *spec.may_differ),
+    )
+    run_on_main(prepare, info)
+    if spec.prepare is not None:
+        spec.prepare(resolved, info)
+    run_state.seed_everything(resolved.seed + info.rank)
+    parts = spec.build(resolved, info)
+    if info.is_main:
+        logger.info("%s, %d process(es), output %s", parts.describe, info.world_size, output)
+        if not resolved.resume:
+            run_state.write_json(Path(output) / run_state.CONFIG_FILE, {**current, **parts.record})
+    run = RunConfig(
+        epochs=int(parts.epochs if parts.epochs is not None else resolved.epochs),
+        output_dir=output,
+        accum_steps=resolved.accum_steps,
+        amp=resolved.amp,
+        clip_grad=resolved.clip_grad,
+        ema_decay=getattr(resolved, "ema_decay", None),
+        channels_last=resolved.channels_last,
+        resume=resolved.resume,
+        stop_after_epoch=resolved.stop_after_epoch,
+        eval_every=int(parts.eval_every if parts.eval_every is not None else resolved.eval_every),
+        progress=resolved.progress,
+    )
+    summary = fit(
+        parts.task,
+        parts.model,
+        parts.optimizer,
+        parts.scheduler,
+        parts.train_loader,
+        parts.val_loader,
+        run,
+        dist_info=info,
+        summary_extra={**parts.summary, "output": output},
+    )
+    if info.is_main:
+        spec.finish(resolved, summary, parts)
+    return summary
+
+
+def data_loaders(
+    train: Dataset,
+    val: Dataset,
+    info: DistInfo,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    val_batch_size: int | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """The train loader (sharded, seeded, whole batches) and the val loader (sharded) of a run."""
+    per_rank = len(train) // info.world_size  # type: ignore[arg-type]
+    if per_rank < batch_size:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the {per_rank} training images per process; "
+            "lower --batch-size"
+        )
+    common: Mapping[str, Any] = {
+        "collate_fn": collate_fn,
+        "num_workers": num_workers,
+        "pin_memory": info.device.type == "cuda",
+        "persistent_workers": num_workers > 0,
+    }
+    train_loader = DataLoader(
+        train, batch_size=batch_size, sampler=train_sampler(train, info, seed), drop_last=True, **common
+    )
+    val_loader = DataLoader(
+        val, batch_size=val_batch_size or batch_size, sampler=eval_sampler(val, info), **common
+    )
+    return train_loader, val_loader
+
+
+__all__ = ["TrainingParts", "TrainingSpec", "data_loaders", "default_output", "train"]
