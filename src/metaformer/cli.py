@@ -388,7 +388,11 @@ def cmd_task(module_name: str, command: str, action: Any, args: argparse.Namespa
     result = getattr(module, action.run)(config)
     if action.rank0_only and _rank() != 0:
         return 0
-    print(json.dumps(result, indent=2, default=str) if args.json else getattr(module, action.report)(result))
+    print(
+        json.dumps(result, indent=2, default=str)
+        if args.json
+        else getattr(module, action.report_function)(result)
+    )
     return 0
 
 

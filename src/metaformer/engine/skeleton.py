@@ -16,8 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
@@ -39,9 +40,9 @@ RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_aft
 
 @dataclass
 class TrainingParts:
-    """What a task builds for one run. ``record``: extra config.json fields (class names...);
-    ``summary``: extra summary fields; ``epochs`` / ``eval_every``: where the task derives them
-    (segmentation counts iterations); ``describe``: the one log line that opens the run."""
+    """What a task builds for one run. ``describe``: the log line that opens the run; ``summary``: the
+    task's own summary fields; ``record``: extra config.json fields (class names...); ``epochs`` /
+    ``eval_every``: where the task derives them (segmentation counts iterations)."""
 
     task: Task
     model: nn.Module
@@ -61,16 +62,18 @@ class TrainingSpec:
     """A task's own part of a training run.
 
     ``resolve(config, world_size)``: the config with its recipe filled in. ``build(config, info)``: the
-    parts (datasets, loaders, model, optimizer, schedule, Task). ``before_run_dir(config)``: checks that
-    must fail before the run folder is created; ``prepare(config, info)``: work on rank 0 before anyone
-    reads the data (generating a data set); ``finish(config, summary, parts)``: the closing log line
-    (rank 0). ``may_differ``: this task's fields that may change on --resume.
+    parts (datasets, loaders, model, optimizer, schedule, Task). ``finish(config, summary, parts)``: the
+    closing log line's result text (rank 0; it may add fields to the summary). ``before_run_dir(config)``:
+    checks that must fail before the run folder is created; ``prepare(config, info)``: work on rank 0
+    before anyone reads the data (generating a data set). ``may_differ``: this task's fields that may
+    change on --resume. ``default_data``: the summary's data name when ``config.data`` is None.
     """
 
     name: str
     resolve: Callable[[Any, int], Any]
     build: Callable[[Any, DistInfo], TrainingParts]
-    finish: Callable[[Any, dict[str, Any], TrainingParts], None]
+    finish: Callable[[Any, dict[str, Any], TrainingParts], str]
+    default_data: str
     before_run_dir: Callable[[Any], None] | None = None
     prepare: Callable[[Any, DistInfo], None] | None = None
     may_differ: tuple[str, ...] = ()
@@ -128,34 +131,54 @@ def _train(config: Any, spec: TrainingSpec, info: DistInfo) -> dict[str, Any]:
         eval_every=int(parts.eval_every if parts.eval_every is not None else resolved.eval_every),
         progress=resolved.progress,
     )
+    summary_extra = {
+        "task": spec.name,
+        "model": resolved.model,
+        "recipe": resolved.recipe,
+        "data": resolved.data or spec.default_data,
+        **parts.summary,
+        "train_images": len(parts.train_loader.dataset),  # type: ignore[arg-type]
+        "val_images": len(parts.val_loader.dataset),  # type: ignore[arg-type]
+        "output": output,
+    }
+    loaders = parts.train_loader, parts.val_loader
     summary = fit(
-        parts.task,
-        parts.model,
-        parts.optimizer,
-        parts.scheduler,
-        parts.train_loader,
-        parts.val_loader,
-        run,
-        dist_info=info,
-        summary_extra={**parts.summary, "output": output},
-    )
+        parts.task, parts.model, parts.optimizer, parts.scheduler, *loaders, run, dist_info=info,
+        summary_extra=summary_extra,
+    )  # fmt: skip
     if info.is_main:
-        spec.finish(resolved, summary, parts)
+        closing = spec.finish(resolved, summary, parts)
+        run_state.write_json(Path(output) / run_state.SUMMARY_FILE, summary)
+        logger.info("%s; weights in %s", closing, Path(output) / run_state.BEST_WEIGHTS)
     return summary
 
 
+def seeded_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of ``limit`` items in index order (all of them when limit is None or larger)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= n:
+        return dataset
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    return Subset(dataset, sorted(order.tolist()))
+
+
 def data_loaders(
+    config: Any,
     train: Dataset,
     val: Dataset,
     info: DistInfo,
     *,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     val_batch_size: int | None = None,
+    subset: bool = True,
 ) -> tuple[DataLoader, DataLoader]:
-    """The train loader (sharded, seeded, whole batches) and the val loader (sharded) of a run."""
+    """The train loader (sharded, seeded, whole batches) and the val loader (sharded) of a resolved
+    run config, on seeded subsets of ``limit_train`` / ``limit_val`` images (``subset=False``: the
+    task has taken them already)."""
+    seed, batch_size, num_workers = config.seed, int(config.batch_size), int(config.num_workers)
+    if subset:
+        train = seeded_subset(train, config.limit_train, seed)
+        val = seeded_subset(val, config.limit_val, seed + 1)
     per_rank = len(train) // info.world_size  # type: ignore[arg-type]
     if per_rank < batch_size:
         raise ConfigError(
@@ -177,4 +200,4 @@ def data_loaders(
     return train_loader, val_loader
 
 
-__all__ = ["TrainingParts", "TrainingSpec", "data_loaders", "default_output", "train"]
+__all__ = ["TrainingParts", "TrainingSpec", "data_loaders", "default_output", "seeded_subset", "train"]

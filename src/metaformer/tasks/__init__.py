@@ -18,19 +18,34 @@ TASK_MODULES: list[str] = [
 ]
 
 
+JSON_HELP = {"train": "print the summary as JSON", "eval": "print the metrics as JSON"}
+
+
 @dataclass(frozen=True)
 class Action:
-    """One ``metaformer <task> <name>`` command. ``run`` and ``report`` are names of functions in the task
-    module (looked up at call time): ``run(config) -> result``, ``report(result) -> str``."""
+    """One ``metaformer <task> <name>`` command: ``run`` names the library function of the task module
+    (looked up at call time, so tests can replace it) that takes the ``config`` dataclass; ``report``
+    (default ``<name>_report``) the one that writes its result for the terminal. Under torchrun only
+    rank 0 prints a training summary."""
 
     name: str
     config: type
     run: str
-    report: str
     help: str
     description: str | None = None
-    json_help: str = "print the result as JSON"
-    rank0_only: bool = False  # training under torchrun: only rank 0 prints
+    report: str | None = None
+
+    @property
+    def report_function(self) -> str:
+        return self.report or f"{self.name}_report"
+
+    @property
+    def json_help(self) -> str:
+        return JSON_HELP.get(self.name, "print JSON")
+
+    @property
+    def rank0_only(self) -> bool:
+        return self.name == "train"
 
 
 @dataclass(frozen=True)

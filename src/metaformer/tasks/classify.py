@@ -33,7 +33,6 @@ from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
 from metaformer.data.folders import IMG_EXTENSIONS, check_layout, folder_split, folder_splits
 from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from metaformer.engine import skeleton
-from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -579,14 +578,7 @@ def _check_data(config: TrainConfig) -> None:
 
 def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
     train, val, classes, skipped = build_datasets(config)
-    train_loader, val_loader = skeleton.data_loaders(
-        train,
-        val,
-        info,
-        batch_size=int(config.batch_size),
-        num_workers=int(config.num_workers),
-        seed=config.seed,
-    )
+    train_loader, val_loader = skeleton.data_loaders(config, train, val, info, subset=False)
     model = _build_model(config, len(classes)).to(info.device)
 
     from timm.scheduler import create_scheduler_v2
@@ -621,36 +613,16 @@ def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
         f"{config.model} on {config.data or 'the embedded digits'}: {len(train)} train / {len(val)} val "  # type: ignore[arg-type]
         f"images, {len(classes)} classes, recipe '{config.recipe}'"
     )
-    summary = {
-        "model": config.model,
-        "recipe": config.recipe,
-        "data": config.data or "embedded:digits",
-        "num_classes": len(classes),
-        "train_images": len(train),  # type: ignore[arg-type]
-        "val_images": len(val),  # type: ignore[arg-type]
-        "skipped_images": skipped,
-    }
+    summary = {"num_classes": len(classes), "skipped_images": skipped}
+    loaders = train_loader, val_loader
     return TrainingParts(
-        task,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        describe,
-        summary,
-        {"class_names": classes},
+        task, model, optimizer, scheduler, *loaders, describe, summary, {"class_names": classes}
     )
 
 
-def _finish(config: TrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
+def _finish(config: TrainConfig, summary: dict[str, Any], parts: TrainingParts) -> str:
     best = summary["best_top1"]
-    logger.info(
-        "best top-1 %s at epoch %s; weights in %s",
-        "n/a" if best is None else f"{best:.2f}%",
-        summary["best_epoch"],
-        Path(config.output) / run_state.BEST_WEIGHTS,
-    )
+    return f"best top-1 {'n/a' if best is None else f'{best:.2f}%'} at epoch {summary['best_epoch']}"
 
 
 TRAINING = TrainingSpec(
@@ -658,6 +630,7 @@ TRAINING = TrainingSpec(
     resolve=lambda config, world_size: config.resolve(world_size),
     build=_build,
     finish=_finish,
+    default_data="embedded:digits",
     before_run_dir=_check_data,
     may_differ=RESUME_MAY_DIFFER,
 )
@@ -1176,34 +1149,27 @@ COMMANDS = TaskCommands(
         Action(
             "train",
             TrainConfig,
-            run="train_classifier",
-            report="train_report",
-            help="train or fine-tune a classifier",
+            "train_classifier",
+            "train or fine-tune a classifier",
             description="Train a classifier. Flags left out come from --recipe (paper: the PoolFormer "
             "ImageNet recipe, default with --data; small: the short recipe the default digits run uses). The "
             "resolved settings are saved as config.json in the run folder. Under `torchrun "
             "--nproc_per_node=N -m metaformer classify train` it trains data-parallel.",
-            json_help="print the summary as JSON",
-            rank0_only=True,
         ),
         Action(
             "eval",
             EvalConfig,
-            run="evaluate_classifier",
-            report="eval_report",
-            help="top-1/top-5/loss/images-per-s and a confusion matrix",
+            "evaluate_classifier",
+            "top-1/top-5/loss/images-per-s and a confusion matrix",
             description="Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
             "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
             "they were trained with.",
-            json_help="print the metrics as JSON",
         ),
         Action(
             "predict",
             PredictConfig,
-            run="predict",
-            report="predict_report",
-            help="class names and probabilities for images",
-            json_help="print JSON",
+            "predict",
+            "class names and probabilities for images",
         ),
     ),
 )

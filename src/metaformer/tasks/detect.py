@@ -40,7 +40,6 @@ from metaformer.data.coco import (
 )
 from metaformer.data.shapes import ShapesConfig, make_shapes
 from metaformer.engine import skeleton
-from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     barrier,
@@ -49,7 +48,7 @@ from metaformer.engine.distributed import (
     run_on_main,
 )
 from metaformer.engine.loop import create_optimizer, evaluate, show_progress
-from metaformer.engine.skeleton import TrainingParts, TrainingSpec
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
@@ -63,7 +62,6 @@ from metaformer.tasks.fpn import (
     load_strict,
     read_rgb,
     save_png,
-    seeded_subset,
     tuple_values,
 )
 from metaformer.weights import atomic_write
@@ -620,16 +618,8 @@ def _build(config: DetectTrainConfig, info: DistInfo) -> TrainingParts:
     train_set, val_set, val_ann = detection_splits(
         config.data, str(config.train_split), str(config.val_split), masks=masks
     )
-    train = seeded_subset(train_set, config.limit_train, config.seed)
-    val = seeded_subset(val_set, config.limit_val, config.seed + 1)
     train_loader, val_loader = skeleton.data_loaders(
-        train,
-        val,
-        info,
-        batch_size=int(config.batch_size),
-        num_workers=int(config.num_workers),
-        seed=config.seed,
-        collate_fn=collate_detection,
+        config, train_set, val_set, info, collate_fn=collate_detection
     )
     detector = config.detector_config(train_set.num_classes)
     model = create_detector(detector, backbone_checkpoint=config.backbone_checkpoint).to(info.device)
@@ -649,36 +639,26 @@ def _build(config: DetectTrainConfig, info: DistInfo) -> TrainingParts:
     task = DetectionTask(
         coco_ground_truth(read_coco_json(val_ann)), train_set.class_names, train_set.cat_ids, masks=masks
     )
+    images = len(train_loader.dataset), len(val_loader.dataset)  # type: ignore[arg-type]
     describe = (
-        f"{config.arch} {config.model} on {config.data or 'the shapes data set'}: {len(train)} train / "  # type: ignore[arg-type]
-        f"{len(val)} val images, {train_set.num_classes} classes, recipe '{config.recipe}'"  # type: ignore[arg-type]
+        f"{config.arch} {config.model} on {config.data or 'the shapes data set'}: {images[0]} train / "
+        f"{images[1]} val images, {train_set.num_classes} classes, recipe '{config.recipe}'"
     )
     summary = {
-        "task": "detect",
         "arch": config.arch,
-        "model": config.model,
-        "recipe": config.recipe,
-        "data": config.data or "generated:shapes",
         "num_classes": train_set.num_classes,
-        "train_images": len(train),  # type: ignore[arg-type]
-        "val_images": len(val),  # type: ignore[arg-type]
         "skipped_boxes": train_set.skipped_boxes + val_set.skipped_boxes,
     }
+    loaders = train_loader, val_loader
     record = {"class_names": train_set.class_names}
-    return TrainingParts(
-        task, model, optimizer, scheduler, train_loader, val_loader, describe, summary, record
-    )
+    return TrainingParts(task, model, optimizer, scheduler, *loaders, describe, summary, record)
 
 
-def _finish(config: DetectTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
-    last = summary.get("last") or {}
-    logger.info(
-        "bbox AP %.3f / AP50 %.3f (last epoch), best AP %s at epoch %s; weights in %s",
-        last.get("bbox_AP", float("nan")),
-        last.get("bbox_AP50", float("nan")),
-        "n/a" if summary["best_bbox_AP"] is None else f"{summary['best_bbox_AP']:.3f}",
-        summary["best_epoch"],
-        Path(config.output) / run_state.BEST_WEIGHTS,
+def _finish(config: DetectTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> str:
+    last, best = summary.get("last") or {}, summary["best_bbox_AP"]
+    return (
+        f"bbox AP {last.get('bbox_AP', float('nan')):.3f} / AP50 {last.get('bbox_AP50', float('nan')):.3f} "
+        f"(last epoch), best AP {'n/a' if best is None else f'{best:.3f}'} at epoch {summary['best_epoch']}"
     )
 
 
@@ -687,6 +667,7 @@ TRAINING = TrainingSpec(
     resolve=lambda config, world_size: config.resolve(),
     build=_build,
     finish=_finish,
+    default_data="generated:shapes",
     prepare=_prepare,
     may_differ=("class_names",),
 )
@@ -830,32 +811,25 @@ COMMANDS = TaskCommands(
         Action(
             "train",
             DetectTrainConfig,
-            run="train_detector",
-            report="train_report",
-            help="train a detector",
+            "train_detector",
+            "train a detector",
             description="Train RetinaNet or Mask R-CNN. Flags left out come from --recipe (paper: the "
             "PoolFormer COCO 1x settings, default with --data; shapes: the CPU demo on the generated "
-            "shapes). "
-            "Under `torchrun --nproc_per_node=N -m metaformer detect train` it trains data-parallel.",
-            json_help="print the summary as JSON",
-            rank0_only=True,
+            "shapes). Under `torchrun --nproc_per_node=N -m metaformer detect train` it trains "
+            "data-parallel.",
         ),
         Action(
             "eval",
             DetectEvalConfig,
-            run="evaluate_detector",
-            report="eval_report",
-            help="COCO bbox/segm AP of a checkpoint",
+            "evaluate_detector",
+            "COCO bbox/segm AP of a checkpoint",
             description="COCO AP, AP50, AP75, APs, APm, APl (pycocotools) of a detect checkpoint.",
-            json_help="print the metrics as JSON",
         ),
         Action(
             "predict",
             DetectPredictConfig,
-            run="predict_detections",
-            report="predict_report",
-            help="draw detections on images and write COCO results JSON",
-            json_help="print JSON",
+            "predict_detections",
+            "draw detections on images and write COCO results JSON",
         ),
     ),
 )

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset, Subset
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from metaformer.data.segmentation import IMAGE_EXTENSIONS
@@ -138,15 +137,6 @@ class BackboneFPN(nn.Module):
 
 
 # --------------------------------------------------------------------------- shared by detect and segment
-def seeded_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded random subset of ``limit`` items in index order (all of them when limit is None or larger)."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if limit is None or limit >= n:
-        return dataset
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, sorted(order.tolist()))
-
-
 def check_classes(checkpoint: str | Path, trained: Sequence[str], data: Sequence[str], where: str) -> None:
     """A checkpoint only fits data with as many classes as it was trained for."""
     if len(trained) != len(data):

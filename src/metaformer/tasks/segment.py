@@ -33,7 +33,6 @@ from metaformer.data.segmentation import (
 )
 from metaformer.data.shapes import ShapesConfig, make_shapes
 from metaformer.engine import skeleton
-from metaformer.engine import state as run_state
 from metaformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -42,7 +41,7 @@ from metaformer.engine.distributed import (
     run_on_main,
 )
 from metaformer.engine.loop import create_optimizer, evaluate, show_progress
-from metaformer.engine.skeleton import TrainingParts, TrainingSpec
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import CheckpointError, ConfigError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
@@ -56,7 +55,6 @@ from metaformer.tasks.fpn import (
     load_strict,
     read_rgb,
     save_png,
-    seeded_subset,
     tuple_values,
 )
 
@@ -550,17 +548,7 @@ def _prepare(config: SegmentTrainConfig, info: DistInfo) -> None:
 
 def _build(config: SegmentTrainConfig, info: DistInfo) -> TrainingParts:
     train_set, val_set = segmentation_splits(config)
-    train = seeded_subset(train_set, config.limit_train, config.seed)
-    val = seeded_subset(val_set, config.limit_val, config.seed + 1)
-    train_loader, val_loader = skeleton.data_loaders(
-        train,
-        val,
-        info,
-        batch_size=int(config.batch_size),
-        num_workers=int(config.num_workers),
-        seed=config.seed,
-        val_batch_size=1,
-    )
+    train_loader, val_loader = skeleton.data_loaders(config, train_set, val_set, info, val_batch_size=1)
     updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
     epochs = int(config.epochs)
     if config.iters is not None:
@@ -584,52 +572,30 @@ def _build(config: SegmentTrainConfig, info: DistInfo) -> TrainingParts:
         lr=float(config.lr),
     )
     task = SegmentationTask(train_set.class_names, config.augment(), class_weight=config.class_weight)
+    images = len(train_loader.dataset), len(val_loader.dataset)  # type: ignore[arg-type]
     describe = (
-        f"Semantic FPN {config.model} on {config.data or 'the shapes data set'}: {len(train)} train / "  # type: ignore[arg-type]
-        f"{len(val)} val images, {train_set.num_classes} classes, {epochs} epochs x {updates_per_epoch} "  # type: ignore[arg-type]
+        f"Semantic FPN {config.model} on {config.data or 'the shapes data set'}: {images[0]} train / "
+        f"{images[1]} val images, {train_set.num_classes} classes, {epochs} epochs x {updates_per_epoch} "
         f"iterations, recipe '{config.recipe}'"
     )
-    summary = {
-        "task": "segment",
-        "model": config.model,
-        "recipe": config.recipe,
-        "data": config.data or "generated:shapes",
-        "num_classes": train_set.num_classes,
-        "train_images": len(train),  # type: ignore[arg-type]
-        "val_images": len(val),  # type: ignore[arg-type]
-        "iterations": epochs * updates_per_epoch,
-    }
+    summary = {"num_classes": train_set.num_classes, "iterations": epochs * updates_per_epoch}
     record = {
         "class_names": train_set.class_names,
         "epochs_run": epochs,
         "iters_run": epochs * updates_per_epoch,
     }
+    loaders = train_loader, val_loader
     return TrainingParts(
-        task,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        describe,
-        summary,
-        record,
-        epochs,
-        eval_every,
+        task, model, optimizer, scheduler, *loaders, describe, summary, record, epochs, eval_every
     )
 
 
-def _finish(config: SegmentTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> None:
-    summary["per_class_IoU"] = parts.task.per_class_iou  # type: ignore[attr-defined]  # of the last evaluation
-    run_state.write_json(Path(config.output) / run_state.SUMMARY_FILE, summary)
-    last = summary.get("last") or {}
-    logger.info(
-        "mIoU %.3f (last epoch), best %s at epoch %s; weights in %s",
-        last.get("mIoU", float("nan")),
-        "n/a" if summary["best_mIoU"] is None else f"{summary['best_mIoU']:.3f}",
-        summary["best_epoch"],
-        Path(config.output) / run_state.BEST_WEIGHTS,
-    )
+def _finish(config: SegmentTrainConfig, summary: dict[str, Any], parts: TrainingParts) -> str:
+    summary["per_class_IoU"] = parts.task.per_class_iou  # type: ignore[attr-defined]  # the last evaluation's
+    last, best = summary.get("last") or {}, summary["best_mIoU"]
+    best_text = "n/a" if best is None else f"{best:.3f}"
+    miou = last.get("mIoU", float("nan"))
+    return f"mIoU {miou:.3f} (last epoch), best {best_text} at epoch {summary['best_epoch']}"
 
 
 TRAINING = TrainingSpec(
@@ -637,6 +603,7 @@ TRAINING = TrainingSpec(
     resolve=lambda config, world_size: config.resolve(),
     build=_build,
     finish=_finish,
+    default_data="generated:shapes",
     prepare=_prepare,
     may_differ=("class_names", "epochs_run", "iters_run"),
 )
@@ -783,32 +750,25 @@ COMMANDS = TaskCommands(
         Action(
             "train",
             SegmentTrainConfig,
-            run="train_segmenter",
-            report="train_report",
-            help="train a Semantic FPN",
+            "train_segmenter",
+            "train a Semantic FPN",
             description="Train Semantic FPN. Flags left out come from --recipe (paper: the PoolFormer ADE20K "
             "settings, default with --data; shapes: the CPU demo on the generated shapes). Under `torchrun "
             "--nproc_per_node=N -m metaformer segment train` it trains data-parallel.",
-            json_help="print the summary as JSON",
-            rank0_only=True,
         ),
         Action(
             "eval",
             SegmentEvalConfig,
-            run="evaluate_segmenter",
-            report="eval_report",
-            help="mIoU, per-class IoU and pixel accuracy of a checkpoint",
+            "evaluate_segmenter",
+            "mIoU, per-class IoU and pixel accuracy of a checkpoint",
             description="mIoU, mAcc, pixel accuracy and per-class IoU from one confusion matrix over the "
             "split.",
-            json_help="print the metrics as JSON",
         ),
         Action(
             "predict",
             SegmentPredictConfig,
-            run="predict_segmentation",
-            report="predict_report",
-            help="colour overlay and label PNGs for images",
-            json_help="print JSON",
+            "predict_segmentation",
+            "colour overlay and label PNGs for images",
         ),
     ),
 )
