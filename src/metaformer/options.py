@@ -165,6 +165,25 @@ class RunOptions:
         return jsonable(dataclasses.asdict(self))
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """The fields every eval command shares: the data, how to load it and where to run."""
+
+    TASK: ClassVar[str] = "eval"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    data: str | None = option(None, "data folder", metavar="DIR")
+    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N", check=NON_NEGATIVE)
+    limit: int | None = option(
+        None, "evaluate a seeded random subset of N images", metavar="N", check=AT_LEAST_1
+    )
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 # --------------------------------------------------------------------------- argparse from dataclasses
 def _hints(cls: type) -> dict[str, Any]:
     import sys
@@ -320,6 +339,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 __all__ = [
     "AMP_MODES",
+    "EvalOptions",
     "RunOptions",
     "add_config_flags",
     "add_flags",

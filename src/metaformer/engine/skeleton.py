@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +30,7 @@ from metaformer.engine.distributed import (
     run_on_main,
     train_sampler,
 )
-from metaformer.engine.loop import RunConfig, Task, fit
+from metaformer.engine.loop import RunConfig, Task, evaluate, fit, show_progress
 from metaformer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -200,4 +201,40 @@ def data_loaders(
     return train_loader, val_loader
 
 
-__all__ = ["TrainingParts", "TrainingSpec", "data_loaders", "default_output", "seeded_subset", "train"]
+def evaluate_dataset(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    **evaluate_kwargs: Any,
+) -> tuple[dict[str, float], float]:
+    """(metrics, seconds) of ``model`` (on ``device``) over ``dataset``: what every eval command runs after
+    loading its checkpoint and data."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+    )
+    start = time.perf_counter()
+    metrics = evaluate(
+        task, model, loader, device=device, progress=show_progress(progress, DistInfo()), **evaluate_kwargs
+    )
+    return metrics, time.perf_counter() - start
+
+
+__all__ = [
+    "TrainingParts",
+    "TrainingSpec",
+    "data_loaders",
+    "default_output",
+    "evaluate_dataset",
+    "seeded_subset",
+    "train",
+]

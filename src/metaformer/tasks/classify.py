@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
 from metaformer.data.folders import IMG_EXTENSIONS, check_layout, folder_split, folder_splits
@@ -41,8 +40,6 @@ from metaformer.engine.distributed import (
 from metaformer.engine.loop import (
     amp_dtype,
     create_optimizer,
-    evaluate,
-    show_progress,
     use_channels_last,
 )
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec
@@ -56,6 +53,7 @@ from metaformer.options import (
     POSITIVE,
     PROBABILITY,
     SEED_RANGE,
+    EvalOptions,
     RunOptions,
     option,
 )
@@ -763,19 +761,27 @@ def _eval_tf(preproc: Mapping[str, Any], img_size: int | None, crop_pct: float |
 
 
 # --------------------------------------------------------------------------- evaluate
-@dataclass(frozen=True)
-class EvalConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(EvalOptions):
     """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
+
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {"help": "folder with val/<class>/* images"},
+        "num_workers": {"check": {"low": 0}},
+        "limit": {"check": POSITIVE},
+    }
 
     checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
     model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
     pretrained: bool = option(False, "evaluate the released ImageNet weights of --model")
-    data: str | None = option(None, "folder with val/<class>/* images", metavar="DIR")
-    batch_size: int = option(128, metavar="N")
-    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N")
-    img_size: int | None = option(None, "override the eval input size", metavar="PX")
-    crop_pct: float | None = option(None, "override the eval centre-crop fraction", metavar="F")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    batch_size: int = option(128, metavar="N", check=POSITIVE)
+    img_size: int | None = option(None, "override the eval input size", metavar="PX", check=POSITIVE)
+    crop_pct: float | None = option(
+        None,
+        "override the eval centre-crop fraction",
+        metavar="F",
+        check={"low": 0, "high": 1, "low_open": True},
+    )
     amp: str = option("off", "autocast dtype", choices=AMP_MODES)
     channels_last: bool | None = option(
         None, "channels-last memory format (default: on for CPU, where it is faster; off for CUDA)"
@@ -783,19 +789,12 @@ class EvalConfig:
     confusion_png: str | None = option(
         None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
     )
-    limit: int | None = option(None, "evaluate a seeded random subset of N images", metavar="N")
-    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
-        _positive("batch_size", self.batch_size)
-        _positive("num_workers", self.num_workers, allow_zero=True)
-        _positive("img_size", self.img_size)
-        _positive("limit", self.limit)
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        super().__post_init__()
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{self.amp}'")
         if (self.checkpoint is None) == (not self.pretrained):
@@ -834,12 +833,6 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     channels_last = use_channels_last(config.channels_last, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
     task = ClassificationTask(classes)
     dtype = amp_dtype(config.amp, device)
     runner, backend = prepare_for_inference(
@@ -850,17 +843,10 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         batch_size=min(config.batch_size, len(dataset)),  # type: ignore[arg-type]
         amp=dtype,
     )
-    start = time.perf_counter()
-    metrics = evaluate(
-        task,
-        runner,
-        loader,
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        progress=show_progress(config.progress, DistInfo()),
-    )
-    seconds = time.perf_counter() - start
+    metrics, seconds = skeleton.evaluate_dataset(
+        task, runner, dataset, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
+        progress=config.progress, dtype=dtype, channels_last=channels_last,
+    )  # fmt: skip
     png = config.confusion_png
     if png is None:
         png = (

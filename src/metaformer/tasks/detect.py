@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from metaformer.data.coco import (
     CocoDetection,
@@ -47,13 +45,14 @@ from metaformer.engine.distributed import (
     pick_device,
     run_on_main,
 )
-from metaformer.engine.loop import create_optimizer, evaluate, show_progress
+from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
+    DenseEvalOptions,
     DenseRunOptions,
     check_classes,
     create_backbone,
@@ -674,24 +673,18 @@ TRAINING = TrainingSpec(
 
 
 # --------------------------------------------------------------------------- evaluate
-@dataclass(frozen=True)
-class DetectEvalConfig:
+@dataclass(frozen=True, kw_only=True)
+class DetectEvalConfig(DenseEvalOptions):
     """Evaluate a detector checkpoint on a COCO-layout split (default: the shapes set's val split)."""
 
-    checkpoint: str = option(help="best/last.safetensors of a detect run", metavar="PATH")
-    data: str | None = option(None, "COCO-layout folder (default: the generated shapes set)", metavar="DIR")
-    split: str | None = option(None, "split to evaluate (val2017 with --data, else val)", metavar="NAME")
-    batch_size: int = option(8, metavar="N")
-    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N")
-    limit: int | None = option(None, "evaluate a seeded random subset of N images", metavar="N")
-    results: str | None = option(None, "also write the detections as COCO results JSON", metavar="JSON")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
+    TASK: ClassVar[str] = "detect"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {"help": "COCO-layout folder (default: the generated shapes set)"},
+        "split": {"help": "split to evaluate (val2017 with --data, else val)"},
+    }
 
-    def __post_init__(self) -> None:
-        check_number("batch_size", self.batch_size, low=1)
-        check_number("num_workers", self.num_workers, low=0)
-        check_number("limit", self.limit, low=1)
+    batch_size: int = option(8, metavar="N", check=AT_LEAST_1)
+    results: str | None = option(None, "also write the detections as COCO results JSON", metavar="JSON")
 
 
 def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
@@ -703,17 +696,13 @@ def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
     images, ann = coco_split(root, split)
     dataset = CocoDetection(images, ann, masks=False)
     check_classes(config.checkpoint, class_names, dataset.class_names, str(root))
-    device = pick_device(config.device)
     task = DetectionTask(coco_ground_truth(read_coco_json(ann)), class_names, dataset.cat_ids, masks=masks)
     subset = seeded_subset(dataset, config.limit, 1)
-    loader = DataLoader(
-        subset, batch_size=config.batch_size, collate_fn=collate_detection, num_workers=config.num_workers
-    )
-    start = time.perf_counter()
-    metrics = evaluate(
-        task, model.to(device), loader, device=device, progress=show_progress(config.progress, DistInfo())
-    )
-    seconds = time.perf_counter() - start
+    device = pick_device(config.device)
+    metrics, seconds = skeleton.evaluate_dataset(
+        task, model.to(device), subset, device=device, batch_size=config.batch_size,
+        num_workers=config.num_workers, progress=config.progress, collate_fn=collate_detection,
+    )  # fmt: skip
     if config.results:
         with atomic_write(config.results) as tmp:
             tmp.write_text(json.dumps(task.results))

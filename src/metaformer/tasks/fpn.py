@@ -27,7 +27,7 @@ from metaformer.data.segmentation import IMAGE_EXTENSIONS
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.models import create_model, get_variant
 from metaformer.models.metaformer import MetaFormerFeatures
-from metaformer.options import NON_NEGATIVE, RunOptions, option
+from metaformer.options import NON_NEGATIVE, EvalOptions, RunOptions, option
 from metaformer.weights import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,14 @@ class DenseRunOptions(RunOptions):
         super().__post_init__()
         depths = self.model_kwargs.get("depths", get_variant(self.model).config.depths)
         check_number("frozen_stages", self.frozen_stages, low=-1, high=len(depths))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseEvalOptions(EvalOptions):
+    """The eval fields detect and segment share: a checkpoint of their own and a split of the data."""
+
+    checkpoint: str = option(help="best/last.safetensors of a TASK run", metavar="PATH")
+    split: str | None = option(None, "split to evaluate", metavar="NAME")
 
 
 def default_workers() -> int:

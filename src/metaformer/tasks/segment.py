@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from metaformer.data.segmentation import (
     IGNORE_INDEX,
@@ -40,13 +38,14 @@ from metaformer.engine.distributed import (
     pick_device,
     run_on_main,
 )
-from metaformer.engine.loop import create_optimizer, evaluate, show_progress
+from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import CheckpointError, ConfigError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
+    DenseEvalOptions,
     DenseRunOptions,
     check_classes,
     create_backbone,
@@ -627,23 +626,18 @@ def poly_scheduler(
 
 
 # --------------------------------------------------------------------------- evaluate
-@dataclass(frozen=True)
-class SegmentEvalConfig:
+@dataclass(frozen=True, kw_only=True)
+class SegmentEvalConfig(DenseEvalOptions):
     """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split)."""
 
-    checkpoint: str = option(help="best/last.safetensors of a segment run", metavar="PATH")
-    data: str | None = option(None, DATA_HELP, metavar="DIR")
+    TASK: ClassVar[str] = "segment"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {"help": DATA_HELP},
+        "split": {"help": "split to evaluate (validation for ADE20K, else val)"},
+    }
+
     layout: str = option("auto", "data layout", choices=LAYOUTS)
     classes: str | None = option(None, "class names, one a line (default: the layout's)", metavar="FILE")
-    split: str | None = option(None, "split to evaluate (validation for ADE20K, else val)", metavar="NAME")
-    num_workers: int = option(0, "data-loading processes", flag="--workers", metavar="N")
-    limit: int | None = option(None, "evaluate a seeded random subset of N images", metavar="N")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")
-
-    def __post_init__(self) -> None:
-        check_number("num_workers", self.num_workers, low=0)
-        check_number("limit", self.limit, low=1)
 
 
 def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
@@ -654,19 +648,22 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
         root, config.split, layout=config.layout, classes=config.classes, train=False, augment=augment
     )
     check_classes(config.checkpoint, class_names, dataset.class_names, str(root))
-    device = pick_device(config.device)
     task = SegmentationTask(class_names, augment)
     subset = seeded_subset(dataset, config.limit, 1)
-    loader = DataLoader(subset, batch_size=1, num_workers=config.num_workers)
-    start = time.perf_counter()
-    metrics = evaluate(
-        task, model.to(device), loader, device=device, progress=show_progress(config.progress, DistInfo())
+    device = pick_device(config.device)
+    metrics, seconds = skeleton.evaluate_dataset(
+        task,
+        model.to(device),
+        subset,
+        device=device,
+        num_workers=config.num_workers,
+        progress=config.progress,
     )
     return {
         "checkpoint": str(config.checkpoint),
         "data": str(root),
         "images": len(subset),  # type: ignore[arg-type]
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         **metrics,
         "per_class_IoU": task.per_class_iou,
     }
