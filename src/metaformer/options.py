@@ -16,7 +16,7 @@ import difflib
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -99,6 +99,7 @@ class RunOptions:
 
     TASK: ClassVar[str] = "run"
     RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    DEMO_RECIPE: ClassVar[str] = "shapes"  # the recipe without --data (the embedded or generated data)
     # keys a run's config.json records besides the fields; --config of that file ignores them
     RECORD_KEYS: ClassVar[tuple[str, ...]] = ("world_size", "class_names", "epochs_run", "iters_run")
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -159,6 +160,22 @@ class RunOptions:
             raise ConfigError("pass either --resume or --overwrite, not both")
         if self.resume and self.output is None:
             raise ConfigError("--resume needs --output naming the run folder to continue")
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or (self.DEMO_RECIPE if self.data is None else "paper")
+
+    def recipe_values(self, names: Iterable[str], values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Each named field as the user set it, or the recipe's value (``values``: the recipe with
+        model-dependent defaults added) where they left it None."""
+        values = self.RECIPES[self.recipe_name] if values is None else values
+        return {
+            name: getattr(self, name) if getattr(self, name) is not None else values[name] for name in names
+        }
+
+    def resolve(self, world_size: int = 1) -> Any:
+        """A copy with every recipe field filled in: what a run records in config.json and trains with."""
+        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) of every field: what config.json records."""

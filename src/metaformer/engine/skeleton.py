@@ -60,18 +60,17 @@ class TrainingParts:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """A task's own part of a training run.
+    """A task's own part of a training run; the config resolves itself (``config.resolve(world_size)``).
 
-    ``resolve(config, world_size)``: the config with its recipe filled in. ``build(config, info)``: the
-    parts (datasets, loaders, model, optimizer, schedule, Task). ``finish(config, summary, parts)``: the
-    closing log line's result text (rank 0; it may add fields to the summary). ``before_run_dir(config)``:
-    checks that must fail before the run folder is created; ``prepare(config, info)``: work on rank 0
-    before anyone reads the data (generating a data set). ``may_differ``: this task's fields that may
-    change on --resume. ``default_data``: the summary's data name when ``config.data`` is None.
+    ``build(config, info)``: the parts (datasets, loaders, model, optimizer, schedule, Task).
+    ``finish(config, summary, parts)``: the closing log line's result text (rank 0; it may add fields
+    to the summary). ``default_data``: the summary's data name when ``config.data`` is None.
+    ``before_run_dir(config)``: checks that must fail before the run folder is created.
+    ``prepare(config, info)``: work on rank 0 before anyone reads the data (generating a data set).
+    ``may_differ``: this task's fields that may change on --resume.
     """
 
     name: str
-    resolve: Callable[[Any, int], Any]
     build: Callable[[Any, DistInfo], TrainingParts]
     finish: Callable[[Any, dict[str, Any], TrainingParts], str]
     default_data: str
@@ -96,7 +95,7 @@ def train(config: Any, spec: TrainingSpec) -> dict[str, Any]:
 
 
 def _train(config: Any, spec: TrainingSpec, info: DistInfo) -> dict[str, Any]:
-    resolved = spec.resolve(config, info.world_size)
+    resolved = config.resolve(info.world_size)
     output = resolved.output or str(broadcast_object(default_output(spec.name, resolved.model)))
     resolved = dataclasses.replace(resolved, output=output)
     current = {**resolved.to_dict(), "world_size": info.world_size}

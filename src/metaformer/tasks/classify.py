@@ -205,6 +205,7 @@ class TrainConfig(RunOptions):
 
     TASK: ClassVar[str] = "classify"
     RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
+    DEMO_RECIPE: ClassVar[str] = "small"
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"help": "model name (`metaformer models` lists them)"},
         "data": {
@@ -351,10 +352,6 @@ class TrainConfig(RunOptions):
         if self.pretrained and self.init_checkpoint is not None:
             raise ConfigError("pass either --pretrained or --init-checkpoint, not both")
 
-    @property
-    def recipe_name(self) -> str:
-        return self.recipe or ("small" if self.data is None else "paper")
-
     def resolve(self, world_size: int = 1) -> TrainConfig:
         """A copy with every recipe field filled in, the lr scaled, and data-dependent defaults set."""
         recipe = self.recipe_name
@@ -362,10 +359,7 @@ class TrainConfig(RunOptions):
         variant = get_variant(self.model)
         values.setdefault("drop_path_rate", variant.drop_path_rate)
         values.setdefault("crop_pct", _default_crop_pct(self.model))
-        filled = {
-            name: getattr(self, name) if getattr(self, name) is not None else values[name]
-            for name in RECIPE_FIELDS
-        }
+        filled = self.recipe_values(RECIPE_FIELDS, values)
         global_batch = filled["batch_size"] * world_size * filled["accum_steps"]
         lr = self.lr if self.lr is not None else filled["lr_base"] * global_batch / filled["lr_base_batch"]
         head_dropout = self.head_dropout
@@ -624,13 +618,7 @@ def _finish(config: TrainConfig, summary: dict[str, Any], parts: TrainingParts) 
 
 
 TRAINING = TrainingSpec(
-    name="classify",
-    resolve=lambda config, world_size: config.resolve(world_size),
-    build=_build,
-    finish=_finish,
-    default_data="embedded:digits",
-    before_run_dir=_check_data,
-    may_differ=RESUME_MAY_DIFFER,
+    "classify", _build, _finish, "embedded:digits", _check_data, may_differ=RESUME_MAY_DIFFER
 )
 
 

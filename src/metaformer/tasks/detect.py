@@ -521,17 +521,10 @@ class DetectTrainConfig(DenseRunOptions):
             raise ConfigError(f"unknown schedule '{self.sched}'; choose one of {', '.join(SCHEDULES)}")
         super().__post_init__()
 
-    @property
-    def recipe_name(self) -> str:
-        return self.recipe or ("shapes" if self.data is None else "paper")
-
-    def resolve(self) -> DetectTrainConfig:
-        """A copy with every recipe field filled in."""
+    def resolve(self, world_size: int = 1) -> DetectTrainConfig:
+        """A copy with every recipe field filled in (the lr is not scaled by ``world_size``)."""
         values = RECIPES[self.recipe_name]
-        filled = {
-            name: getattr(self, name) if getattr(self, name) is not None else values[name]
-            for name in RECIPE_FIELDS
-        }
+        filled = self.recipe_values(RECIPE_FIELDS)
         filled["model_kwargs"] = {**values["model_kwargs"], **self.model_kwargs}  # the user's win
         if filled["lr"] is None:
             filled["lr"] = PAPER_LR[filled["arch"]]
@@ -662,13 +655,7 @@ def _finish(config: DetectTrainConfig, summary: dict[str, Any], parts: TrainingP
 
 
 TRAINING = TrainingSpec(
-    name="detect",
-    resolve=lambda config, world_size: config.resolve(),
-    build=_build,
-    finish=_finish,
-    default_data="generated:shapes",
-    prepare=_prepare,
-    may_differ=("class_names",),
+    "detect", _build, _finish, "generated:shapes", prepare=_prepare, may_differ=("class_names",)
 )
 
 

@@ -481,13 +481,10 @@ class SegmentTrainConfig(DenseRunOptions):
                     f"got {list(self.class_weight)}"
                 )
 
-    @property
-    def recipe_name(self) -> str:
-        return self.recipe or ("shapes" if self.data is None else "paper")
-
-    def resolve(self) -> SegmentTrainConfig:
+    def resolve(self, world_size: int = 1) -> SegmentTrainConfig:
+        """A copy with every recipe field filled in (the lr is not scaled by ``world_size``)."""
         values = RECIPES[self.recipe_name]
-        filled = {n: getattr(self, n) if getattr(self, n) is not None else values[n] for n in RECIPE_FIELDS}
+        filled = self.recipe_values(RECIPE_FIELDS)
         filled["model_kwargs"] = {**values["model_kwargs"], **self.model_kwargs}  # the user's win
         if self.epochs is not None and self.iters is None:
             filled["iters"] = None  # an explicit --epochs replaces the recipe's iteration count
@@ -597,14 +594,9 @@ def _finish(config: SegmentTrainConfig, summary: dict[str, Any], parts: Training
     return f"mIoU {miou:.3f} (last epoch), best {best_text} at epoch {summary['best_epoch']}"
 
 
+RESUME_MAY_DIFFER = ("class_names", "epochs_run", "iters_run")  # besides the shared ones (skeleton.py)
 TRAINING = TrainingSpec(
-    name="segment",
-    resolve=lambda config, world_size: config.resolve(),
-    build=_build,
-    finish=_finish,
-    default_data="generated:shapes",
-    prepare=_prepare,
-    may_differ=("class_names", "epochs_run", "iters_run"),
+    "segment", _build, _finish, "generated:shapes", prepare=_prepare, may_differ=RESUME_MAY_DIFFER
 )
 
 
