@@ -47,12 +47,13 @@ from metaformer.engine.distributed import (
 )
 from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
-from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
+from metaformer.errors import ConfigError, DataError
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
     DenseEvalOptions,
+    DensePredictOptions,
     DenseRunOptions,
     check_classes,
     create_backbone,
@@ -60,7 +61,9 @@ from metaformer.tasks.fpn import (
     image_paths,
     load_strict,
     read_rgb,
+    read_task_metadata,
     save_png,
+    save_task_weights,
     tuple_values,
 )
 from metaformer.weights import atomic_write
@@ -329,30 +332,17 @@ def save_detector(
     model: nn.Module, path: str | Path, *, class_names: Sequence[str], cat_ids: Sequence[int]
 ) -> None:
     """Safetensors with the DetectorConfig, class names and COCO category ids, so eval/predict rebuild it."""
-    from metaformer.weights import write_weights
-
-    config: DetectorConfig = model.detector_config  # type: ignore[assignment]
-    write_weights(
-        model.state_dict(),
-        path,
-        model_name=config.backbone,
-        config=dataclasses.asdict(config),
-        num_classes=config.num_classes,
-        class_names=class_names,
-        metadata={"task": "detect", "cat_ids": [int(c) for c in cat_ids]},
+    cat_ids = [int(c) for c in cat_ids]
+    save_task_weights(
+        model, path, model.detector_config, task="detect", class_names=class_names, cat_ids=cat_ids
     )
 
 
 def load_detector(path: str | Path) -> tuple[nn.Module, list[str], list[int]]:
     """(eval-mode detector, class names, category ids) from a file written by ``save_detector``."""
-    from metaformer.weights import read_metadata, read_state_dict
+    from metaformer.weights import read_state_dict
 
-    meta = read_metadata(path)
-    if meta.get("task") != "detect":
-        raise CheckpointError(
-            f"'{path}' is not a detector checkpoint (task {meta.get('task') or 'classify'}); pass the "
-            "best.safetensors or last.safetensors of a `metaformer detect train` run"
-        )
+    meta = read_task_metadata(path, "detect", "detector")
     fields = dict(meta["config"])
     fields["anchor_sizes"] = tuple(fields.get("anchor_sizes", DEFAULT_ANCHOR_SIZES))
     model = create_detector(DetectorConfig(**fields))
@@ -706,20 +696,16 @@ def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- predict
-@dataclass(frozen=True)
-class DetectPredictConfig:
+@dataclass(frozen=True, kw_only=True)
+class DetectPredictConfig(DensePredictOptions):
     """Run a detector on an image or a folder; draw the detections and write them as COCO results."""
 
-    inputs: str = option(
-        help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
-    )
-    checkpoint: str = option(help="best/last.safetensors of a detect run", metavar="PATH")
-    output: str = option("predictions", "where drawings and JSON go", metavar="DIR")
-    score_thresh: float = option(0.5, "keep detections scoring >= S", metavar="S")
-    device: str | None = option(None, "cpu, cuda or cuda:N")
+    TASK: ClassVar[str] = "detect"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"output": {"help": "where drawings and JSON go"}}
 
-    def __post_init__(self) -> None:
-        check_number("score_thresh", self.score_thresh, low=0, high=1)
+    score_thresh: float = option(
+        0.5, "keep detections scoring >= S", metavar="S", check={"low": 0, "high": 1}
+    )
 
 
 def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:

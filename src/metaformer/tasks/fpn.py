@@ -9,6 +9,7 @@ subsets, class checks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from metaformer.data.segmentation import IMAGE_EXTENSIONS
 from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
 from metaformer.models import create_model, get_variant
 from metaformer.models.metaformer import MetaFormerFeatures
-from metaformer.options import NON_NEGATIVE, EvalOptions, RunOptions, option
+from metaformer.options import NON_NEGATIVE, EvalOptions, RunOptions, check_fields, option
 from metaformer.weights import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,54 @@ class DenseEvalOptions(EvalOptions):
 
     checkpoint: str = option(help="best/last.safetensors of a TASK run", metavar="PATH")
     split: str | None = option(None, "split to evaluate", metavar="NAME")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DensePredictOptions:
+    """The predict fields detect and segment share: images in, a checkpoint, a folder out."""
+
+    TASK: ClassVar[str] = "predict"
+
+    inputs: str = option(
+        help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
+    )
+    checkpoint: str = option(help="best/last.safetensors of a TASK run", metavar="PATH")
+    output: str = option("predictions", "where the drawings go", metavar="DIR")
+    device: str | None = option(None, "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def save_task_weights(
+    model: nn.Module, path: str | Path, config: Any, *, task: str, class_names: Sequence[str], **metadata: Any
+) -> None:
+    """Safetensors with the model's config dataclass, class names and ``metadata``, so eval/predict rebuild
+    the model from the file alone."""
+    from metaformer.weights import write_weights
+
+    write_weights(
+        model.state_dict(),
+        path,
+        model_name=config.backbone,
+        config=dataclasses.asdict(config),
+        num_classes=config.num_classes,
+        class_names=class_names,
+        metadata={"task": task, **metadata},
+    )
+
+
+def read_task_metadata(path: str | Path, task: str, kind: str) -> dict[str, Any]:
+    """The metadata of a file ``save_task_weights`` wrote for ``task``; CheckpointError for any other."""
+    from metaformer.weights import read_metadata
+
+    meta = read_metadata(path)
+    if meta.get("task") != task:
+        raise CheckpointError(
+            f"'{path}' is not a {kind} checkpoint (task {meta.get('task') or 'classify'}); pass the "
+            f"best.safetensors or last.safetensors of a `metaformer {task} train` run"
+        )
+    return meta
 
 
 def default_workers() -> int:

@@ -40,12 +40,13 @@ from metaformer.engine.distributed import (
 )
 from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
-from metaformer.errors import CheckpointError, ConfigError, check_number
+from metaformer.errors import ConfigError, check_number
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import Action, TaskCommands
 from metaformer.tasks.fpn import (
     BackboneFPN,
     DenseEvalOptions,
+    DensePredictOptions,
     DenseRunOptions,
     check_classes,
     create_backbone,
@@ -53,7 +54,9 @@ from metaformer.tasks.fpn import (
     image_paths,
     load_strict,
     read_rgb,
+    read_task_metadata,
     save_png,
+    save_task_weights,
     tuple_values,
 )
 
@@ -251,36 +254,23 @@ def save_segmenter(
     model: nn.Module, path: str | Path, *, class_names: Sequence[str], augment: SegAugment
 ) -> None:
     """Safetensors with the SegmenterConfig, class names and the eval resize, so eval/predict rebuild it."""
-    from metaformer.weights import write_weights
-
-    config: SegmenterConfig = model.segmenter_config  # type: ignore[assignment]
-    write_weights(
-        model.state_dict(),
-        path,
-        model_name=config.backbone,
-        config=dataclasses.asdict(config),
-        num_classes=config.num_classes,
-        class_names=class_names,
-        metadata={"task": "segment", "augment": dataclasses.asdict(augment)},
+    augment_fields = dataclasses.asdict(augment)
+    save_task_weights(
+        model, path, model.segmenter_config, task="segment", class_names=class_names, augment=augment_fields
     )
 
 
 def load_segmenter(path: str | Path) -> tuple[SemanticFPN, list[str], SegAugment]:
     """(eval-mode model, class names, the augmentation it was trained with) from ``save_segmenter``,
     or from an official mmseg Semantic FPN checkpoint (with mmseg's test resize)."""
-    from metaformer.weights import read_metadata, read_state_dict
+    from metaformer.weights import read_state_dict
 
     if not str(path).endswith(".safetensors"):  # an official mmseg checkpoint loads whole (openmmlab.py)
         from metaformer.tasks.openmmlab import is_mmseg_semantic_fpn, load_mmseg_segmenter
 
         if is_mmseg_semantic_fpn(read_state_dict(path)):
             return load_mmseg_segmenter(path)
-    meta = read_metadata(path)
-    if meta.get("task") != "segment":
-        raise CheckpointError(
-            f"'{path}' is not a segmentation checkpoint (task {meta.get('task') or 'classify'}); pass the "
-            "best.safetensors or last.safetensors of a `metaformer segment train` run"
-        )
+    meta = read_task_metadata(path, "segment", "segmentation")
     model = create_segmenter(SegmenterConfig(**meta["config"]))
     load_strict(model, read_state_dict(path), path)
     aug = json.loads(meta["augment"]) if "augment" in meta else {}
@@ -662,20 +652,14 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- predict
-@dataclass(frozen=True)
-class SegmentPredictConfig:
+@dataclass(frozen=True, kw_only=True)
+class SegmentPredictConfig(DensePredictOptions):
     """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
 
-    inputs: str = option(
-        help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
-    )
-    checkpoint: str = option(help="best/last.safetensors of a segment run", metavar="PATH")
-    output: str = option("predictions", "where the PNGs go", metavar="DIR")
-    alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A")
-    device: str | None = option(None, "cpu, cuda or cuda:N")
+    TASK: ClassVar[str] = "segment"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"output": {"help": "where the PNGs go"}}
 
-    def __post_init__(self) -> None:
-        check_number("alpha", self.alpha, low=0, high=1)
+    alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A", check={"low": 0, "high": 1})
 
 
 def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
