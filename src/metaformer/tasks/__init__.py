@@ -1,15 +1,17 @@
 """Tasks that pair a MetaFormer backbone with a head: classify, detect, segment.
 
-A task module declares ``COMMANDS``, a ``TaskCommands`` naming its train / eval / predict actions: the
-config dataclass each takes, the library function it calls and the function that writes its result
-for the terminal. The CLI builds ``metaformer <task> <action>`` from it, flags and all (see
-``metaformer.options``). A new task is one module plus one line in ``TASK_MODULES`` (or a
-``register_task`` call).
+A task module marks its library functions with ``@command(name, ConfigClass, help)`` (train, eval,
+predict: each takes one config dataclass and returns a result), writes ``<name>_report(result) -> str``
+for the terminal, and declares ``COMMANDS = TaskCommands.of(__name__, task, help, description)``. The
+CLI builds ``metaformer <task> <name>`` from that, flags and all (see ``metaformer.options``). A new
+task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` call).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 TASK_MODULES: list[str] = [
     "metaformer.tasks.classify",
@@ -48,12 +50,32 @@ class Action:
         return self.name == "train"
 
 
+_ACTIONS: dict[str, list[Action]] = {}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(name: str, config: type, help: str, description: str | None = None) -> Callable[[F], F]:
+    """Declare the decorated function (which takes a ``config``) as ``metaformer <task> <name>``."""
+
+    def mark(function: F) -> F:
+        action = Action(name, config, function.__name__, help, description)
+        _ACTIONS.setdefault(function.__module__, []).append(action)
+        return function
+
+    return mark
+
+
 @dataclass(frozen=True)
 class TaskCommands:
     name: str
     help: str
     description: str
     actions: tuple[Action, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, module: str, name: str, help: str, description: str) -> TaskCommands:
+        """The commands a module declared with ``@command``, in the order it declared them."""
+        return cls(name, help, description, tuple(_ACTIONS.get(module, ())))
 
 
 def register_task(module: str) -> None:
@@ -62,4 +84,4 @@ def register_task(module: str) -> None:
         TASK_MODULES.append(module)
 
 
-__all__ = ["Action", "TASK_MODULES", "TaskCommands", "register_task"]
+__all__ = ["Action", "TASK_MODULES", "TaskCommands", "command", "register_task"]

@@ -57,7 +57,7 @@ from metaformer.options import (
     RunOptions,
     option,
 )
-from metaformer.tasks import Action, TaskCommands
+from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
 
@@ -555,6 +555,15 @@ def _preprocessing(config: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- train
+@command(
+    "train",
+    TrainConfig,
+    "train or fine-tune a classifier",
+    "Train a classifier. Flags left out come from --recipe (paper: the PoolFormer "
+    "ImageNet recipe, default with --data; small: the short recipe the default digits run uses). The "
+    "resolved settings are saved as config.json in the run folder. Under `torchrun "
+    "--nproc_per_node=N -m metaformer classify train` it trains data-parallel.",
+)
 def train_classifier(config: TrainConfig) -> dict[str, Any]:
     """Train (or fine-tune, or resume) a classifier and return the run summary (also summary.json).
 
@@ -789,6 +798,14 @@ class EvalConfig(EvalOptions):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
 
 
+@command(
+    "eval",
+    EvalConfig,
+    "top-1/top-5/loss/images-per-s and a confusion matrix",
+    "Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
+    "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
+    "they were trained with.",
+)
 def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     """Top-1, top-5, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
@@ -955,6 +972,11 @@ def _open_rgb(path: Path) -> Image.Image:
         ) from None
 
 
+@command(
+    "predict",
+    PredictConfig,
+    "class names and probabilities for images",
+)
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
     """Top-k class names and probabilities per image; unreadable files in a folder are reported, not fatal."""
     paths = _image_paths(config.inputs)
@@ -1114,36 +1136,10 @@ def predict_report(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = TaskCommands(
-    name="classify",
-    help="train, evaluate and run image classifiers",
-    description="Image classification. `metaformer classify train` with no options trains poolformer_s12 on "
+COMMANDS = TaskCommands.of(
+    __name__,
+    "classify",
+    "train, evaluate and run image classifiers",
+    "Image classification. `metaformer classify train` with no options trains poolformer_s12 on "
     "the embedded digits data set.",
-    actions=(
-        Action(
-            "train",
-            TrainConfig,
-            "train_classifier",
-            "train or fine-tune a classifier",
-            description="Train a classifier. Flags left out come from --recipe (paper: the PoolFormer "
-            "ImageNet recipe, default with --data; small: the short recipe the default digits run uses). The "
-            "resolved settings are saved as config.json in the run folder. Under `torchrun "
-            "--nproc_per_node=N -m metaformer classify train` it trains data-parallel.",
-        ),
-        Action(
-            "eval",
-            EvalConfig,
-            "evaluate_classifier",
-            "top-1/top-5/loss/images-per-s and a confusion matrix",
-            description="Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
-            "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
-            "they were trained with.",
-        ),
-        Action(
-            "predict",
-            PredictConfig,
-            "predict",
-            "class names and probabilities for images",
-        ),
-    ),
 )

@@ -49,7 +49,7 @@ from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import ConfigError, DataError
 from metaformer.options import AT_LEAST_1, option
-from metaformer.tasks import Action, TaskCommands
+from metaformer.tasks import TaskCommands, command
 from metaformer.tasks.fpn import (
     BackboneFPN,
     DenseEvalOptions,
@@ -584,6 +584,15 @@ def make_scheduler(
 
 
 # --------------------------------------------------------------------------- train
+@command(
+    "train",
+    DetectTrainConfig,
+    "train a detector",
+    "Train RetinaNet or Mask R-CNN. Flags left out come from --recipe (paper: the "
+    "PoolFormer COCO 1x settings, default with --data; shapes: the CPU demo on the generated "
+    "shapes). Under `torchrun --nproc_per_node=N -m metaformer detect train` it trains "
+    "data-parallel.",
+)
 def train_detector(config: DetectTrainConfig) -> dict[str, Any]:
     """Train (or resume) a detector and return the run summary (also summary.json). torchrun-aware."""
     return skeleton.train(config, TRAINING)
@@ -664,6 +673,12 @@ class DetectEvalConfig(DenseEvalOptions):
     results: str | None = option(None, "also write the detections as COCO results JSON", metavar="JSON")
 
 
+@command(
+    "eval",
+    DetectEvalConfig,
+    "COCO bbox/segm AP of a checkpoint",
+    "COCO AP, AP50, AP75, APs, APm, APl (pycocotools) of a detect checkpoint.",
+)
 def evaluate_detector(config: DetectEvalConfig) -> dict[str, Any]:
     """COCO bbox (and segm) metrics of a checkpoint; optionally writes the COCO results JSON."""
     model, class_names, cat_ids = load_detector(config.checkpoint)
@@ -708,6 +723,11 @@ class DetectPredictConfig(DensePredictOptions):
     )
 
 
+@command(
+    "predict",
+    DetectPredictConfig,
+    "draw detections on images and write COCO results JSON",
+)
 def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:
     """Writes ``<output>/<image stem>.png`` (boxes, masks, labels drawn) and ``<output>/detections.json``."""
     from torchvision.io import write_png  # noqa: F401 - fails early if torchvision lacks PNG support
@@ -764,34 +784,10 @@ def predict_report(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = TaskCommands(
-    name="detect",
-    help="train, evaluate and run RetinaNet / Mask R-CNN detectors",
-    description="Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
+COMMANDS = TaskCommands.of(
+    __name__,
+    "detect",
+    "train, evaluate and run RetinaNet / Mask R-CNN detectors",
+    "Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
     "trains a poolformer_s12 RetinaNet on the generated shapes data set.",
-    actions=(
-        Action(
-            "train",
-            DetectTrainConfig,
-            "train_detector",
-            "train a detector",
-            description="Train RetinaNet or Mask R-CNN. Flags left out come from --recipe (paper: the "
-            "PoolFormer COCO 1x settings, default with --data; shapes: the CPU demo on the generated "
-            "shapes). Under `torchrun --nproc_per_node=N -m metaformer detect train` it trains "
-            "data-parallel.",
-        ),
-        Action(
-            "eval",
-            DetectEvalConfig,
-            "evaluate_detector",
-            "COCO bbox/segm AP of a checkpoint",
-            description="COCO AP, AP50, AP75, APs, APm, APl (pycocotools) of a detect checkpoint.",
-        ),
-        Action(
-            "predict",
-            DetectPredictConfig,
-            "predict_detections",
-            "draw detections on images and write COCO results JSON",
-        ),
-    ),
 )

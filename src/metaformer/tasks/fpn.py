@@ -206,6 +206,7 @@ class DenseRunOptions(RunOptions):
         "weight_decay": {"help": "AdamW weight decay (paper 1e-4)"},
         "num_workers": {"help": "data-loading processes (shapes 0, folders 4)"},
         "recipe": {"help": "preset (paper with --data, else shapes)"},
+        "model_kwargs": {"help": "backbone overrides, e.g. '{\"depths\": [1,1,1,1]}'"},
     }
 
     warmup_iters: int | None = option(None, "linear warmup steps", metavar="N", check=NON_NEGATIVE)

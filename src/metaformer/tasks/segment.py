@@ -42,7 +42,7 @@ from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import ConfigError, check_number
 from metaformer.options import AT_LEAST_1, option
-from metaformer.tasks import Action, TaskCommands
+from metaformer.tasks import TaskCommands, command
 from metaformer.tasks.fpn import (
     BackboneFPN,
     DenseEvalOptions,
@@ -521,6 +521,14 @@ def segmentation_splits(config: SegmentTrainConfig) -> tuple[SegmentationDataset
 
 
 # --------------------------------------------------------------------------- train
+@command(
+    "train",
+    SegmentTrainConfig,
+    "train a Semantic FPN",
+    "Train Semantic FPN. Flags left out come from --recipe (paper: the PoolFormer ADE20K "
+    "settings, default with --data; shapes: the CPU demo on the generated shapes). Under `torchrun "
+    "--nproc_per_node=N -m metaformer segment train` it trains data-parallel.",
+)
 def train_segmenter(config: SegmentTrainConfig) -> dict[str, Any]:
     """Train (or resume) a Semantic FPN and return the run summary (also summary.json). torchrun-aware."""
     return skeleton.train(config, TRAINING)
@@ -622,6 +630,12 @@ class SegmentEvalConfig(DenseEvalOptions):
     classes: str | None = option(None, "class names, one a line (default: the layout's)", metavar="FILE")
 
 
+@command(
+    "eval",
+    SegmentEvalConfig,
+    "mIoU, per-class IoU and pixel accuracy of a checkpoint",
+    "mIoU, mAcc, pixel accuracy and per-class IoU from one confusion matrix over the split.",
+)
 def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
     """mIoU, mAcc, pixel accuracy and per-class IoU of a checkpoint, with the eval resize it trained with."""
     model, class_names, augment = load_segmenter(config.checkpoint)
@@ -662,6 +676,11 @@ class SegmentPredictConfig(DensePredictOptions):
     alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A", check={"low": 0, "high": 1})
 
 
+@command(
+    "predict",
+    SegmentPredictConfig,
+    "colour overlay and label PNGs for images",
+)
 def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
     """``<output>/<stem>_overlay.png`` (classes painted over the image) and ``<output>/<stem>_labels.png``
     (class ids 0..K-1 at the image's size)."""
@@ -714,34 +733,10 @@ def predict_report(result: Mapping[str, Any]) -> str:
     )
 
 
-COMMANDS = TaskCommands(
-    name="segment",
-    help="train, evaluate and run Semantic FPN segmenters",
-    description="Semantic segmentation with a MetaFormer backbone and Semantic FPN. `metaformer segment "
+COMMANDS = TaskCommands.of(
+    __name__,
+    "segment",
+    "train, evaluate and run Semantic FPN segmenters",
+    "Semantic segmentation with a MetaFormer backbone and Semantic FPN. `metaformer segment "
     "train` with no options trains poolformer_s12 on the generated shapes data set.",
-    actions=(
-        Action(
-            "train",
-            SegmentTrainConfig,
-            "train_segmenter",
-            "train a Semantic FPN",
-            description="Train Semantic FPN. Flags left out come from --recipe (paper: the PoolFormer ADE20K "
-            "settings, default with --data; shapes: the CPU demo on the generated shapes). Under `torchrun "
-            "--nproc_per_node=N -m metaformer segment train` it trains data-parallel.",
-        ),
-        Action(
-            "eval",
-            SegmentEvalConfig,
-            "evaluate_segmenter",
-            "mIoU, per-class IoU and pixel accuracy of a checkpoint",
-            description="mIoU, mAcc, pixel accuracy and per-class IoU from one confusion matrix over the "
-            "split.",
-        ),
-        Action(
-            "predict",
-            SegmentPredictConfig,
-            "predict_segmentation",
-            "colour overlay and label PNGs for images",
-        ),
-    ),
 )
