@@ -190,8 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_parsers(sub, common)
     add_weights_parsers(sub, common)
     add_task_parsers(sub, common)
-    add_ablate_parsers(sub, common)
-    add_export_parsers(sub, common)
     return parser
 
 
@@ -262,107 +260,23 @@ def add_weights_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
     p.set_defaults(handler=cmd_download)
 
 
-# --------------------------------------------------------------------------- ablate
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from metaformer.tasks.ablate import AblationConfig, import_mixer, run_ablation
-
-    extra = tuple(import_mixer(spec) for spec in args.mixer or ())
-    flags = {
-        "recipe": args.recipe,
-        "img_size": args.img_size,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "limit_train": args.limit_train,
-        "limit_val": args.limit_val,
-    }
-    config = AblationConfig(
-        study=args.study,
-        output=args.output,
-        data=args.data,
-        epochs=args.epochs,
-        seeds=args.seeds,
-        jobs=args.jobs,
-        depths=tuple(args.depths),
-        dims=tuple(args.dims),
-        extra_mixers=extra,
-        only=tuple(args.only or ()),
-        train_options={key: value for key, value in flags.items() if value is not None},
-    )
-    result = run_ablation(config)
-    print(result.report.read_text(), end="")
-    trained, skipped = len(result.trained), len(result.skipped)
-    print(f"\nwrote {result.report} and {result.plot} ({trained} cells trained, {skipped} already done)")
-    return 0
-
-
-def add_ablate_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from metaformer.tasks.ablate import DEFAULT_DEPTHS, DEFAULT_DIMS, DEFAULT_EPOCHS, STUDY_NAMES
-
-    p = sub.add_parser(
-        "ablate",
-        parents=[common],
-        help="train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, hybrids)",
-        description="Each (variant, seed) is one training run in OUTPUT/runs/; finished runs are never "
-        "re-run, so rerunning the command resumes an interrupted study. Writes OUTPUT/ablation.md and .png.",
-    )
-    p.add_argument(
-        "--study", choices=STUDY_NAMES, default="mixers", help="which Table 5 block (default mixers)"
-    )
-    p.add_argument("--data", help="ImageFolder root with train/ and val/ (default: the embedded digits)")
-    p.add_argument(
-        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per run (default {DEFAULT_EPOCHS})"
-    )
-    p.add_argument("--seeds", type=int, default=2, help="seeds per variant: 0..K-1 (default 2)")
-    p.add_argument("--output", default="ablation", help="study folder (default ./ablation)")
-    p.add_argument(
-        "--jobs", type=int, default=1, help="runs in parallel, each with cores/N threads (default 1)"
-    )
-    p.add_argument(
-        "--depths", type=int, nargs=4, default=DEFAULT_DEPTHS, metavar="D", help="blocks per stage"
-    )
-    p.add_argument(
-        "--dims",
-        type=int,
-        nargs=4,
-        default=DEFAULT_DIMS,
-        metavar="C",
-        help="widths per stage (default %(default)s; 64 128 320 512 is the real S12)",
-    )
-    p.add_argument(
-        "--mixer",
-        action="append",
-        metavar="NAME=module.path:Class",
-        help="add your own token mixer to the mixers study (repeatable)",
-    )
-    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these rows, e.g. baseline relu")
-    p.add_argument(
-        "--recipe", choices=("paper", "small"), help="training preset for every run (see classify train)"
-    )
-    p.add_argument("--img-size", type=int, metavar="PX", help="training input size (digits 32, folders 224)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="batch size (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's, scaled by batch size)")
-    p.add_argument(
-        "--limit-train", type=int, metavar="N", help="train each run on a seeded subset of N images"
-    )
-    p.add_argument("--limit-val", type=int, metavar="N", help="validate on a seeded subset of N images")
-    p.set_defaults(handler=cmd_ablate)
-
-
 # --------------------------------------------------------------------------- task commands
 def add_task_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """``metaformer <task> <action>`` for every registered task, flags generated from its configs."""
     import importlib
 
     from metaformer.options import add_config_flags, add_flags
-    from metaformer.tasks import TASK_MODULES
+    from metaformer.tasks import TASK_MODULES, TOOL_MODULES
 
-    for module_name in TASK_MODULES:
+    for module_name in (*TASK_MODULES, *TOOL_MODULES):
         commands = importlib.import_module(module_name).COMMANDS
-        group = sub.add_parser(
-            commands.name, parents=[common], help=commands.help, description=commands.description
-        )
-        actions = group.add_subparsers(dest=f"{commands.name}_command", metavar="ACTION")
-        actions.required = True
+        actions = sub
+        if commands.name is not None:
+            group = sub.add_parser(
+                commands.name, parents=[common], help=commands.help, description=commands.description
+            )
+            actions = group.add_subparsers(dest=f"{commands.name}_command", metavar="ACTION")
+            actions.required = True
         for action in commands.actions:
             p = actions.add_parser(
                 action.name, parents=[common], help=action.help, description=action.description
@@ -370,16 +284,19 @@ def add_task_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentP
             add_flags(p, action.config)
             add_config_flags(p)
             p.add_argument("--json", action="store_true", help=action.json_help)
-            p.set_defaults(handler=partial(cmd_task, module_name, f"{commands.name} {action.name}", action))
+            name = action.name if commands.name is None else f"{commands.name} {action.name}"
+            p.set_defaults(handler=partial(cmd_task, module_name, name, action, p))
 
 
-def cmd_task(module_name: str, command: str, action: Any, args: argparse.Namespace) -> int:
+def cmd_task(
+    module_name: str, command: str, action: Any, parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> int:
     import dataclasses
     import importlib
 
     from metaformer.options import config_from_args, jsonable
 
-    config = config_from_args(action.config, args, command)
+    config = config_from_args(action.config, args, command, parser)
     if args.print_config:
         resolve = getattr(config, "resolve", None)
         print(json.dumps(jsonable(dataclasses.asdict(resolve() if resolve else config)), indent=2))
@@ -388,62 +305,14 @@ def cmd_task(module_name: str, command: str, action: Any, args: argparse.Namespa
     result = getattr(module, action.run)(config)
     if action.rank0_only and _rank() != 0:
         return 0
+    if args.json and dataclasses.is_dataclass(result):
+        result = dataclasses.asdict(result)
     print(
         json.dumps(result, indent=2, default=str)
         if args.json
         else getattr(module, action.report_function)(result)
     )
     return 0
-
-
-# --------------------------------------------------------------------------- export
-def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from metaformer.errors import ConfigError
-    from metaformer.export import ExportConfig, run_export
-
-    if args.img_size and len(args.img_size) > 2:
-        raise ConfigError(f"--img-size takes H or H W, got {len(args.img_size)} values")
-    report = run_export(
-        ExportConfig(
-            model=args.name,
-            output=Path(args.output),
-            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-            random_init=args.random_init,
-            format=args.format,
-            img_size=_img_size(args.img_size),
-            dynamic_batch=args.dynamic_batch,
-            fold=not args.no_fold,
-        )
-    )
-    h, w = report.img_size
-    check = "onnxruntime" if report.format == "onnx" else "reloaded TorchScript"
-    print(
-        f"wrote {report.path} ({report.format}, {h}x{w}, "
-        f"{'dynamic' if report.dynamic_batch else 'fixed'} batch); {check} matches PyTorch to "
-        f"{report.max_abs_diff:.1e} (max abs diff) on batches {', '.join(map(str, report.checked_batches))}"
-    )
-    return 0
-
-
-def add_export_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "export", parents=[common], help="write a model as ONNX or TorchScript, checked against PyTorch"
-    )
-    p.add_argument("name", help="model name, e.g. poolformer_s12")
-    p.add_argument("--checkpoint", help="weights file (metaformer safetensors, timm or official checkpoint)")
-    p.add_argument(
-        "--random-init", action="store_true", help="export random weights instead (to try export out)"
-    )
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
-    p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"), help="input size (default 224 224)")
-    p.add_argument("--dynamic-batch", action="store_true", help="let the batch size vary at run time")
-    p.add_argument(
-        "--no-fold", action="store_true", help="export the plain graph instead of the folded inference graph"
-    )
-    p.add_argument("--output", "-o", required=True, help="output file (written atomically)")
-    p.set_defaults(handler=cmd_export)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,8 @@ from torch import nn
 from metaformer.errors import CheckpointError, ConfigError, ExportError, check_number
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
+from metaformer.options import option
+from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
 
@@ -206,21 +208,35 @@ def export_model(
 class ExportConfig:
     """The ``metaformer export`` command: which model and weights, and what to write."""
 
-    model: str
-    output: Path
-    checkpoint: Path | None = None
-    random_init: bool = False
-    format: str = "onnx"
-    img_size: tuple[int, int] = (224, 224)
-    dynamic_batch: bool = False
-    fold: bool = True
+    model: str = option(help="model name, e.g. poolformer_s12", metavar="name", positional=True)
+    output: Path = option(help="output file (written atomically)", flag=("--output", "-o"))
+    checkpoint: Path | None = option(
+        None, "weights file (metaformer safetensors, timm or official checkpoint)"
+    )
+    random_init: bool = option(False, "export random weights instead (to try export out)")
+    format: str = option("onnx", "default onnx", choices=("onnx", "torchscript"))
+    img_size: tuple[int, ...] = option(
+        (224, 224), "input size (default 224 224)", metavar=("H", "W"), nargs="+"
+    )
+    dynamic_batch: bool = option(False, "let the batch size vary at run time")
+    fold: bool = option(
+        True, "export the plain graph instead of the folded inference graph", flag="--no-fold", negate=True
+    )
 
     def __post_init__(self) -> None:
         from metaformer.models.metaformer import MIN_INPUT_SIZE
 
+        size = tuple(self.img_size)
+        if not 1 <= len(size) <= 2:
+            raise ConfigError(f"--img-size takes H or H W, got {len(size)} values")
+        object.__setattr__(self, "img_size", size * 2 if len(size) == 1 else size)
+        object.__setattr__(self, "output", Path(self.output))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         check_number("img_size", self.img_size, low=MIN_INPUT_SIZE)
 
 
+@command("export", ExportConfig, "write a model as ONNX or TorchScript, checked against PyTorch")
 def run_export(config: ExportConfig) -> ExportReport:
     """Build the model with its weights and export it (``random_init`` only for trying export out)."""
     from metaformer.models import create_model
@@ -272,3 +288,16 @@ __all__ = [
     "portable_model",
     "run_export",
 ]
+
+
+def export_report(report: ExportReport) -> str:
+    h, w = report.img_size
+    check = "onnxruntime" if report.format == "onnx" else "reloaded TorchScript"
+    return (
+        f"wrote {report.path} ({report.format}, {h}x{w}, "
+        f"{'dynamic' if report.dynamic_batch else 'fixed'} batch); {check} matches PyTorch to "
+        f"{report.max_abs_diff:.1e} (max abs diff) on batches {', '.join(map(str, report.checked_batches))}"
+    )
+
+
+COMMANDS = TaskCommands.of(__name__, None)

@@ -31,19 +31,21 @@ def option(
     default: Any = dataclasses.MISSING,
     help: str = "",
     *,
-    flag: str | None = None,
+    flag: str | tuple[str, ...] | None = None,
     metavar: str | tuple[str, ...] | None = None,
     choices: tuple[str, ...] | str | None = None,
     nargs: int | str | None = None,
     check: Mapping[str, Any] | None = None,
     negate: bool = False,
+    append: bool = False,
     positional: bool = False,
     cli: bool = True,
     factory: Any = None,
 ) -> Any:
     """A dataclass field with its command-line form. ``choices`` may name a class attribute (a mapping
     whose keys are the choices, e.g. "RECIPES"); ``check``: keyword arguments of ``check_number``;
-    ``negate``: a True-by-default bool whose flag (``--no-...``) turns it off."""
+    ``negate``: a True-by-default bool whose flag (``--no-...``) turns it off; ``append``: a repeatable
+    flag, one value each time; ``flag``: the flag (or flags) when not ``--field-name``."""
     metadata = {
         "help": help,
         "flag": flag,
@@ -52,6 +54,7 @@ def option(
         "nargs": nargs,
         "check": dict(check) if check is not None else None,
         "negate": negate,
+        "append": append,
         "positional": positional,
         "cli": cli,
     }
@@ -203,10 +206,7 @@ class EvalOptions:
 
 # --------------------------------------------------------------------------- argparse from dataclasses
 def _hints(cls: type) -> dict[str, Any]:
-    import sys
-
-    module = sys.modules[cls.__module__]
-    return typing.get_type_hints(cls, globalns=vars(module))
+    return typing.get_type_hints(cls)  # each field's annotation in the namespace of the class declaring it
 
 
 def _strip_none(kind: Any) -> Any:
@@ -223,9 +223,9 @@ def _choices(cls: type, meta: Mapping[str, Any]) -> tuple[str, ...] | None:
     return choices
 
 
-def flag_name(cls: type, name: str) -> str:
-    meta = field_meta(cls, name)
-    return meta.get("flag") or "--" + name.replace("_", "-")
+def flag_names(cls: type, name: str) -> tuple[str, ...]:
+    flag = field_meta(cls, name).get("flag") or "--" + name.replace("_", "-")
+    return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -256,7 +256,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             if typing.get_origin(kind) is tuple:
                 args = typing.get_args(kind)
                 kwargs["type"] = args[0]
-                kwargs["nargs"] = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+                if meta.get("append"):
+                    kwargs["action"] = "append"
+                else:
+                    kwargs["nargs"] = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
             elif kind in (int, float):
                 kwargs["type"] = kind
             choices = _choices(cls, meta)
@@ -264,9 +267,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = choices
             if meta.get("nargs") is not None:
                 kwargs["nargs"] = meta["nargs"]
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                kwargs["required"] = True
-        parser.add_argument(flag_name(cls, f.name), **kwargs)
+        parser.add_argument(*flag_names(cls, f.name), **kwargs)
 
 
 def model_kwargs_json(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -328,11 +329,25 @@ def read_config_file(path: str | Path, cls: type, command: str) -> dict[str, Any
     return out
 
 
-def config_from_args(cls: type, args: argparse.Namespace, command: str) -> Any:
-    """``cls`` from the dataclass defaults, then ``--config FILE``, then the flags given."""
+def config_from_args(
+    cls: type, args: argparse.Namespace, command: str, parser: argparse.ArgumentParser | None = None
+) -> Any:
+    """``cls`` from the dataclass defaults, then ``--config FILE``, then the flags given. A field without
+    a default that neither gives is argparse's "required" error (exit 2) on ``parser``."""
     values = read_config_file(args.config, cls, command) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({name: value for name, value in vars(args).items() if name in names})
+    missing = [
+        flag_names(cls, f.name)[0]
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        if parser is not None:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+        raise ConfigError(f"missing {', '.join(missing)}; give it as a flag or in --config")
     hints = _hints(cls)
     for name, value in list(values.items()):
         kind = _strip_none(hints[name])

@@ -121,14 +121,14 @@ def _train(config: Any, spec: TrainingSpec, info: DistInfo) -> dict[str, Any]:
     run = RunConfig(
         epochs=int(parts.epochs if parts.epochs is not None else resolved.epochs),
         output_dir=output,
-        accum_steps=resolved.accum_steps,
-        amp=resolved.amp,
+        accum_steps=resolved.accum_steps or 1,
+        amp=resolved.amp or "off",
         clip_grad=resolved.clip_grad,
         ema_decay=getattr(resolved, "ema_decay", None),
         channels_last=resolved.channels_last,
         resume=resolved.resume,
         stop_after_epoch=resolved.stop_after_epoch,
-        eval_every=int(parts.eval_every if parts.eval_every is not None else resolved.eval_every),
+        eval_every=int(parts.eval_every or resolved.eval_every or 1),
         progress=resolved.progress,
     )
     summary_extra = {

@@ -18,6 +18,8 @@ TASK_MODULES: list[str] = [
     "metaformer.tasks.detect",
     "metaformer.tasks.segment",
 ]
+# modules whose commands sit at the top level (``metaformer ablate``, ``metaformer export``)
+TOOL_MODULES: list[str] = ["metaformer.tasks.ablate", "metaformer.export"]
 
 
 JSON_HELP = {"train": "print the summary as JSON", "eval": "print the metrics as JSON"}
@@ -67,13 +69,15 @@ def command(name: str, config: type, help: str, description: str | None = None) 
 
 @dataclass(frozen=True)
 class TaskCommands:
-    name: str
+    """A task's command group; ``name=None``: its commands are top-level ones (a tool module's)."""
+
+    name: str | None
     help: str
     description: str
     actions: tuple[Action, ...] = field(default_factory=tuple)
 
     @classmethod
-    def of(cls, module: str, name: str, help: str, description: str) -> TaskCommands:
+    def of(cls, module: str, name: str | None, help: str = "", description: str = "") -> TaskCommands:
         """The commands a module declared with ``@command``, in the order it declared them."""
         return cls(name, help, description, tuple(_ACTIONS.get(module, ())))
 
@@ -84,4 +88,4 @@ def register_task(module: str) -> None:
         TASK_MODULES.append(module)
 
 
-__all__ = ["Action", "TASK_MODULES", "TaskCommands", "command", "register_task"]
+__all__ = ["Action", "TASK_MODULES", "TOOL_MODULES", "TaskCommands", "command", "register_task"]

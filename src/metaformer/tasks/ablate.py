@@ -32,13 +32,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from metaformer.errors import ConfigError, DataError, check_number
 from metaformer.models import VARIANTS, register_mixer
 from metaformer.models.mixers import MIXERS
+from metaformer.options import option
+from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
 
@@ -677,3 +679,81 @@ def _atomic(path: Path) -> Any:
     from metaformer.weights import atomic_write
 
     return atomic_write(path)
+
+
+# --------------------------------------------------------------------------- command line
+@dataclass(frozen=True)
+class AblateOptions:
+    """The ``metaformer ablate`` command line: an AblationConfig, with the classify options every cell
+    shares as flags and ``--mixer`` specs to import."""
+
+    TASK: ClassVar[str] = "ablate"
+
+    study: str = option("mixers", "which Table 5 block (default mixers)", choices=STUDY_NAMES)
+    data: str | None = option(None, "ImageFolder root with train/ and val/ (default: the embedded digits)")
+    epochs: int = option(DEFAULT_EPOCHS, f"epochs per run (default {DEFAULT_EPOCHS})")
+    seeds: int = option(2, "seeds per variant: 0..K-1 (default 2)")
+    output: str = option("ablation", "study folder (default ./ablation)")
+    jobs: int = option(1, "runs in parallel, each with cores/N threads (default 1)")
+    depths: tuple[int, ...] = option(DEFAULT_DEPTHS, "blocks per stage", metavar="D", nargs=4)
+    dims: tuple[int, ...] = option(
+        DEFAULT_DIMS,
+        f"widths per stage (default {' '.join(map(str, DEFAULT_DIMS))}; 64 128 320 512 is the real S12)",
+        metavar="C",
+        nargs=4,
+    )
+    mixer: tuple[str, ...] = option(
+        (),
+        "add your own token mixer to the mixers study (repeatable)",
+        metavar="NAME=module.path:Class",
+        append=True,
+    )
+    only: tuple[str, ...] = option((), "run only these rows, e.g. baseline relu", metavar="VARIANT")
+    recipe: str | None = option(
+        None, "training preset for every run (see classify train)", choices=("paper", "small")
+    )
+    img_size: int | None = option(None, "training input size (digits 32, folders 224)", metavar="PX")
+    batch_size: int | None = option(None, "batch size (default: the recipe's)", metavar="N")
+    lr: float | None = option(None, "learning rate (default: the recipe's, scaled by batch size)")
+    limit_train: int | None = option(None, "train each run on a seeded subset of N images", metavar="N")
+    limit_val: int | None = option(None, "validate on a seeded subset of N images", metavar="N")
+
+    def to_config(self) -> AblationConfig:
+        names = ("recipe", "img_size", "batch_size", "lr", "limit_train", "limit_val")
+        shared = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return AblationConfig(
+            study=self.study,
+            output=self.output,
+            data=self.data,
+            epochs=self.epochs,
+            seeds=self.seeds,
+            jobs=self.jobs,
+            depths=tuple(self.depths),
+            dims=tuple(self.dims),
+            extra_mixers=tuple(import_mixer(spec) for spec in self.mixer),
+            only=tuple(self.only),
+            train_options=shared,
+        )
+
+
+@command(
+    "ablate",
+    AblateOptions,
+    "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, hybrids)",
+    "Each (variant, seed) is one training run in OUTPUT/runs/; finished runs are never re-run, so rerunning "
+    "the command resumes an interrupted study. Writes OUTPUT/ablation.md and .png.",
+)
+def ablate(options: AblateOptions) -> AblationResult:
+    """Run (or resume) the study the command line describes."""
+    return run_ablation(options.to_config())
+
+
+def ablate_report(result: AblationResult) -> str:
+    trained, skipped = len(result.trained), len(result.skipped)
+    return (
+        f"{result.report.read_text()}\nwrote {result.report} and {result.plot} "
+        f"({trained} cells trained, {skipped} already done)"
+    )
+
+
+COMMANDS = TaskCommands.of(__name__, None)
