@@ -247,7 +247,7 @@ def train_report(summary: dict[str, Any]) -> str:
     return f"toy accuracy {summary['best_accuracy']:.2f}; run folder {summary['output']}"
 
 
-COMMANDS = TaskCommands.of(__name__, "toy", "a toy task", "A task that exists only in the tests.")
+COMMANDS = TaskCommands(__name__, "toy", "a toy task", "A task that exists only in the tests.")
 
 
 @pytest.fixture

@@ -300,4 +300,4 @@ def export_report(report: ExportReport) -> str:
     )
 
 
-COMMANDS = TaskCommands.of(__name__, None)
+COMMANDS = TaskCommands(__name__, None)

@@ -2,7 +2,7 @@
 
 A task module marks its library functions with ``@command(name, ConfigClass, help)`` (train, eval,
 predict: each takes one config dataclass and returns a result), writes ``<name>_report(result) -> str``
-for the terminal, and declares ``COMMANDS = TaskCommands.of(__name__, task, help, description)``. The
+for the terminal, and declares ``COMMANDS = TaskCommands(__name__, task, help, description)``. The
 CLI builds ``metaformer <task> <name>`` from that, flags and all (see ``metaformer.options``). A new
 task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` call).
 """
@@ -10,7 +10,7 @@ task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` cal
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 TASK_MODULES: list[str] = [
@@ -69,17 +69,18 @@ def command(name: str, config: type, help: str, description: str | None = None) 
 
 @dataclass(frozen=True)
 class TaskCommands:
-    """A task's command group; ``name=None``: its commands are top-level ones (a tool module's)."""
+    """A task's command group: the commands ``module`` declares with ``@command``, in their order (read
+    when the CLI is built, so ``COMMANDS`` may come first in the module). ``name=None``: they are
+    top-level commands (a tool module's)."""
 
+    module: str
     name: str | None
-    help: str
-    description: str
-    actions: tuple[Action, ...] = field(default_factory=tuple)
+    help: str = ""
+    description: str = ""
 
-    @classmethod
-    def of(cls, module: str, name: str | None, help: str = "", description: str = "") -> TaskCommands:
-        """The commands a module declared with ``@command``, in the order it declared them."""
-        return cls(name, help, description, tuple(_ACTIONS.get(module, ())))
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        return tuple(_ACTIONS.get(self.module, ()))
 
 
 def register_task(module: str) -> None:

@@ -721,19 +721,11 @@ class AblateOptions:
     def to_config(self) -> AblationConfig:
         names = ("recipe", "img_size", "batch_size", "lr", "limit_train", "limit_val")
         shared = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        return AblationConfig(
-            study=self.study,
-            output=self.output,
-            data=self.data,
-            epochs=self.epochs,
-            seeds=self.seeds,
-            jobs=self.jobs,
-            depths=tuple(self.depths),
-            dims=tuple(self.dims),
-            extra_mixers=tuple(import_mixer(spec) for spec in self.mixer),
-            only=tuple(self.only),
-            train_options=shared,
-        )
+        copied = ("study", "output", "data", "epochs", "seeds", "jobs")
+        same = {name: getattr(self, name) for name in copied}
+        extra = tuple(import_mixer(spec) for spec in self.mixer)
+        tuples = {"depths": tuple(self.depths), "dims": tuple(self.dims), "only": tuple(self.only)}
+        return AblationConfig(**same, **tuples, extra_mixers=extra, train_options=shared)
 
 
 @command(
@@ -756,4 +748,4 @@ def ablate_report(result: AblationResult) -> str:
     )
 
 
-COMMANDS = TaskCommands.of(__name__, None)
+COMMANDS = TaskCommands(__name__, None)

@@ -60,6 +60,13 @@ from metaformer.options import (
 from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
+COMMANDS = TaskCommands(
+    __name__,
+    "classify",
+    "train, evaluate and run image classifiers",
+    "Image classification. `metaformer classify train` with no options trains poolformer_s12 on "
+    "the embedded digits data set.",
+)
 
 # --------------------------------------------------------------------------- recipes
 RECIPES: dict[str, dict[str, Any]] = {
@@ -1134,12 +1141,3 @@ def predict_report(results: Sequence[Mapping[str, Any]]) -> str:
             cam = item["cam"]
             lines.append(f"  Grad-CAM for '{cam['class']}' (stage {cam['stage']}): {cam['path']}")
     return "\n".join(lines)
-
-
-COMMANDS = TaskCommands.of(
-    __name__,
-    "classify",
-    "train, evaluate and run image classifiers",
-    "Image classification. `metaformer classify train` with no options trains poolformer_s12 on "
-    "the embedded digits data set.",
-)

@@ -69,6 +69,13 @@ from metaformer.tasks.fpn import (
 from metaformer.weights import atomic_write
 
 logger = logging.getLogger(__name__)
+COMMANDS = TaskCommands(
+    __name__,
+    "detect",
+    "train, evaluate and run RetinaNet / Mask R-CNN detectors",
+    "Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
+    "trains a poolformer_s12 RetinaNet on the generated shapes data set.",
+)
 
 ARCHS = ("retinanet", "maskrcnn")
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -782,12 +789,3 @@ def predict_report(result: Mapping[str, Any]) -> str:
     ]
     lines.append(f"COCO results ({result['detections']} detections): {result['results']}")
     return "\n".join(lines)
-
-
-COMMANDS = TaskCommands.of(
-    __name__,
-    "detect",
-    "train, evaluate and run RetinaNet / Mask R-CNN detectors",
-    "Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
-    "trains a poolformer_s12 RetinaNet on the generated shapes data set.",
-)

@@ -61,6 +61,13 @@ from metaformer.tasks.fpn import (
 )
 
 logger = logging.getLogger(__name__)
+COMMANDS = TaskCommands(
+    __name__,
+    "segment",
+    "train, evaluate and run Semantic FPN segmenters",
+    "Semantic segmentation with a MetaFormer backbone and Semantic FPN. `metaformer segment "
+    "train` with no options trains poolformer_s12 on the generated shapes data set.",
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = mmseg's (123.675, 116.28, 103.53) / 255
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -731,12 +738,3 @@ def predict_report(result: Mapping[str, Any]) -> str:
     return "\n".join(
         f"{item['path']}: overlay {item['overlay']}, labels {item['labels']}" for item in result["images"]
     )
-
-
-COMMANDS = TaskCommands.of(
-    __name__,
-    "segment",
-    "train, evaluate and run Semantic FPN segmenters",
-    "Semantic segmentation with a MetaFormer backbone and Semantic FPN. `metaformer segment "
-    "train` with no options trains poolformer_s12 on the generated shapes data set.",
-)
