@@ -4,14 +4,17 @@ import pytest
 import torch
 
 from metaformer.models import routes
+from metaformer.models.kernels import native_available
 from metaformer.models.layers import Mlp
 
 
 @pytest.mark.parametrize("act", ["gelu", "starrelu"])
-@pytest.mark.parametrize("route", ["conv", "gemm"])
+@pytest.mark.parametrize("route", ["conv", "gemm", "fused"])
 def test_every_mlp_route_equals_the_convolutions_with_gradients(act, route, monkeypatch):
     monkeypatch.setenv("METAFORMER_ROUTE_TRAIN_MLP", route)
     mlp = Mlp(8, 32, act=act)
+    if route == "fused" and not mlp._fused_ok(torch.zeros(1, 8, 1, 1)):
+        pytest.skip("the fused route needs exact GELU and the native kernels (a C compiler)")
     x = torch.randn(2, 8, 5, 7)
     x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
     x.requires_grad_()
@@ -22,7 +25,7 @@ def test_every_mlp_route_equals_the_convolutions_with_gradients(act, route, monk
         Mlp, "_forward_rows", lambda self, t, real=Mlp._forward_rows: calls.append(1) or real(self, t)
     )
     out, out_cl = mlp(x), mlp(x_cl)
-    assert len(calls) == (route == "gemm")  # the forced route really ran
+    assert len(calls) == (route == "gemm")  # the forced route really ran (fused has its own method)
     weights = [p for p in mlp.parameters()]
     g = torch.autograd.grad(out, [x, *weights], grad)
     g_cl = torch.autograd.grad(out_cl, [x_cl, *weights], grad)
@@ -61,9 +64,10 @@ def test_the_mlp_route_is_measured_once_per_shape_class(monkeypatch, tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mlp(x)  # same class: no new probe
     assert len([d for d in routes.decisions() if d.route == "train_mlp"]) == 1
-    mlp(x)  # fp32 is another class, with only the conv and GEMM candidates
+    mlp(x)  # fp32 is another class: conv, GEMM and (where the native kernels build) the fused GEMM
     fp32 = [
         d for d in routes.decisions() if d.route == "train_mlp" and d.shape_class.startswith("torch.float32")
     ]
-    assert len(fp32) == 1 and set(fp32[0].times_ms) == {"conv", "gemm"}
+    expected = {"conv", "gemm"} | ({"fused"} if native_available() else set())
+    assert len(fp32) == 1 and set(fp32[0].times_ms) == expected
     routes.reset()

@@ -126,3 +126,28 @@ def test_probing_inside_activation_checkpointing_trains_as_without_it():
     assert {d.route for d in routes.decisions()} >= {"train_pool_mix", "train_mlp"}
     for a, b in zip(first, grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fewer_candidates_take_the_fastest_measured_and_leave_the_decision(tmp_path):
+    """A kernel switched off for a block of code (one candidate fewer) must not overwrite the choice
+    measured with every candidate, in memory or on disk."""
+    full = {"conv": sleeper(0.003), "gemm": sleeper(0.002), "fused": sleeper(0.0005)}
+    assert routes.choose("train_mlp", "fewer", full) == "fused"
+    calls = []
+    narrower = {"conv": sleeper(0.003, calls), "gemm": sleeper(0.002, calls)}
+    assert routes.choose("train_mlp", "fewer", narrower) == "gemm"  # the faster of the two, as measured
+    assert calls == []  # nothing measured again
+    assert routes.choose("train_mlp", "fewer", full) == "fused"
+    routes.reset()
+    assert routes.choose("train_mlp", "fewer", narrower) == "gemm" and calls == []  # from the disk cache
+
+
+def test_a_cached_choice_is_measured_again_when_a_candidate_is_new():
+    """A newer version may bring a route the cache never timed: it is measured, not ignored."""
+    assert routes.choose("train_mlp", "new", {"conv": sleeper(0.003), "gemm": sleeper(0.0015)}) == "gemm"
+    routes.reset()
+    calls = []
+    now = {"conv": sleeper(0.003), "gemm": sleeper(0.0015), "fused": sleeper(0.0002, calls)}
+    assert routes.choose("train_mlp", "new", now) == "fused" and calls
+    routes.reset()
+    assert routes.decisions()[0].choice == "fused"

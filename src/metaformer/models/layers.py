@@ -194,6 +194,8 @@ class Mlp(nn.Module):
             route = self._route(x)
             if route == "gemm":
                 return self._forward_rows(x)
+            if route == "fused":
+                return self._forward_fused(x)
             if route == "fp32":
                 return self._forward_fp32(x)
         return self._forward_conv(x)
@@ -207,6 +209,24 @@ class Mlp(nn.Module):
         x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
         x = F.linear(self.drop1(self.act(x)), self.fc2.weight.flatten(1), self.fc2.bias)
         return self.drop2(x).permute(0, 3, 1, 2)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM route with fc1's bias and GELU in one native pass that also keeps GELU's derivative
+        (``kernels.linear_gelu``): the backward then needs no erf and sums the bias gradient on the way."""
+        from metaformer.models.kernels import linear_gelu
+
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        hidden = linear_gelu(rows, self.fc1.weight.flatten(1), self.fc1.bias)
+        y = F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
+        return self.drop2(y).view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        from metaformer.models.kernels import linear_gelu_supported
+
+        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        no_dropout = not (self.training and self.drop1.p > 0)
+        return exact_gelu and no_dropout and linear_gelu_supported(x, self.fc1.weight)
 
     def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """The GEMMs outside autocast: where bf16 is emulated they beat bf16 ones ~10x."""
@@ -231,6 +251,8 @@ class Mlp(nn.Module):
             "conv": step_probe(self._forward_conv, x, weights),
             "gemm": step_probe(self._forward_rows, x, weights),
         }
+        if self._fused_ok(x):
+            candidates["fused"] = step_probe(self._forward_fused, x, weights)
         if autocast:
             candidates["fp32"] = step_probe(self._forward_fp32, x, weights)
         return choose("train_mlp", shape_class, candidates)

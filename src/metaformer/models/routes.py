@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # route name -> every choice it may take, the portable (always available) one first
 ROUTES: dict[str, tuple[str, ...]] = {
     "train_pool_mix": ("torch", "native"),
-    "train_mlp": ("conv", "gemm", "fp32"),
+    "train_mlp": ("conv", "gemm", "fused", "fp32"),
     "fast_pool_mix": ("torch", "native"),
     "fast_mlp": ("gemm", "onednn", "conv"),
     "fast_chunk": ("whole", "chunked"),
@@ -44,7 +44,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 ROUTE_HELP = {
     "train_pool_mix": "training pooling half: native C kernel or torch ops",
-    "train_mlp": "training channel MLP: 1x1 convs, GEMMs on channels-last rows, or fp32 under autocast",
+    "train_mlp": "training channel MLP: 1x1 convs, GEMMs on channels-last rows (plain, or with fc1's bias "
+    "and GELU fused natively), or fp32 under autocast",
     "fast_pool_mix": "inference pooling half and second norm: native C kernel or torch ops",
     "fast_mlp": "inference channel MLP: plain GEMMs, oneDNN fused GEMMs, or 1x1 convolutions",
     "fast_chunk": "inference stages: whole batch, or a few samples at a time (cache-sized)",
@@ -92,12 +93,13 @@ def _disk() -> dict[str, Any]:
     return _DISK
 
 
-def _save(decision: Decision) -> None:
+def _save(decision: Decision, candidates: Sequence[str]) -> None:
     """Best effort and atomic: a read-only or full cache folder only costs a probe next run."""
     disk = _disk()
     disk[f"{decision.route}|{decision.shape_class}"] = {
         "choice": decision.choice,
         "times_ms": decision.times_ms,
+        "candidates": list(candidates),  # those that raised have no time
     }
     path = _cache_file()
     try:
@@ -199,13 +201,21 @@ def choose(
     shape_class = f"{shape_class}-t{torch.get_num_threads()}"
     key = (route, shape_class)
     known = _DECISIONS.get(key)
-    if known is not None and known.choice in candidates:
-        return known.choice
     cached = _disk().get(f"{route}|{shape_class}")
-    if isinstance(cached, dict) and cached.get("choice") in candidates:
-        decision = Decision(route, shape_class, cached["choice"], dict(cached.get("times_ms", {})), "cache")
-        _DECISIONS[key] = decision
-        return decision.choice
+    if known is None and isinstance(cached, dict) and isinstance(cached.get("times_ms"), dict):
+        # a cached choice stands only if it was measured against every candidate there is now (a newer
+        # version may bring a route the cache has never timed)
+        if set(names) <= set(cached.get("candidates", cached["times_ms"])):
+            known = Decision(route, shape_class, str(cached.get("choice")), dict(cached["times_ms"]), "cache")
+            _DECISIONS[key] = known
+    if known is not None:
+        if known.choice in candidates:
+            return known.choice
+        # fewer candidates than measured (a kernel switched off for a block of code): the fastest of
+        # them as measured, leaving the decision for the full set as it is
+        timed = {name: ms for name, ms in known.times_ms.items() if name in candidates}
+        if timed:
+            return min(timed, key=timed.__getitem__)
     # fork_rng: the probe's random draws (stochastic depth) leave the run's stream as it was; plain
     # saved-tensor hooks: inside activation checkpointing the probe's graph is not the checkpoint's
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
@@ -213,7 +223,7 @@ def choose(
     choice = min(times, key=times.__getitem__) if times else names[0]
     decision = Decision(route, shape_class, choice, times)
     _DECISIONS[key] = decision
-    _save(decision)
+    _save(decision, names)
     logger.debug("route %s [%s]: %s (%s ms)", route, shape_class, choice, times)
     return choice
 

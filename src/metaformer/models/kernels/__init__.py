@@ -99,6 +99,8 @@ def native_library() -> ctypes.CDLL | None:
     signatures = {
         "metaformer_pool_mix_forward": [ptr] * 7 + [i32] * 5 + [f32] * 2 + [i32],
         "metaformer_pool_mix_train_backward": [ptr] * 8 + [i32] * 6,
+        "metaformer_bias_gelu_forward": [ptr] * 3 + [i32, ctypes.c_long, i32, i32],
+        "metaformer_bias_gelu_backward": [ptr] * 4 + [ctypes.c_long, i32, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -226,3 +228,72 @@ def pool_mix_train(
     norm's, which cancels) gets a zero gradient, so data-parallel training sees every parameter used;
     ``multiplier`` is stochastic depth's per-sample factor."""
     return _PoolMixTrain.apply(x, k, bias, multiplier, radius, eps)
+
+
+def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_gelu`` takes these rows: CPU fp32, outside autocast, kernels available."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and native_available()
+    )
+
+
+class _LinearGelu(torch.autograd.Function):
+    """gelu(x W^T + b) on (N, C) rows: one GEMM, then one native pass that adds the bias and writes the
+    activation and GELU's derivative. The derivative is kept instead of the pre-activation, so the
+    backward is one multiply (with the bias gradient summed in the same pass) and two GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        lib = native_library()
+        rows, cols = x.shape[0], weight.shape[0]
+        h = torch.mm(x, weight.t())
+        a = torch.empty_like(h)
+        b = h.new_zeros(cols) if bias is None else bias.detach().contiguous()
+        lib.metaformer_bias_gelu_forward(  # type: ignore[union-attr]
+            h.data_ptr(), b.data_ptr(), a.data_ptr(), 1, rows, cols, torch.get_num_threads()
+        )
+        ctx.save_for_backward(x, weight, h)  # h now holds gelu'(x W^T + b)
+        ctx.has_bias = bias is not None
+        return a
+
+    @staticmethod
+    def backward(ctx, grad_a):  # type: ignore[override]
+        x, weight, derivative = ctx.saved_tensors
+        grad_a = grad_a.contiguous()
+        grad_z = torch.empty_like(grad_a)
+        rows, cols = grad_a.shape
+        db = grad_a.new_empty(cols) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        backward = native_library().metaformer_bias_gelu_backward  # type: ignore[union-attr]
+        db_ptr = None if db is None else db.data_ptr()
+        status = backward(
+            grad_a.data_ptr(),
+            derivative.data_ptr(),
+            grad_z.data_ptr(),
+            db_ptr,
+            rows,
+            cols,
+            torch.get_num_threads(),
+        )
+        _check(status, "linear_gelu backward")
+        dx = grad_z.mm(weight) if ctx.needs_input_grad[0] else None
+        dw = grad_z.t().mm(x) if ctx.needs_input_grad[1] else None
+        return dx, dw, db
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias))`` (exact erf GELU) on contiguous (N, C) fp32 rows, with the
+    gradients of x, weight and bias; see ``_LinearGelu``."""
+    return _LinearGelu.apply(x.contiguous(), weight.contiguous(), bias)
+
+
+def bias_gelu_(h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``h = gelu(h + bias)`` in place on a contiguous (N, C) fp32 GEMM output (inference: no derivative)."""
+    b = h.new_zeros(h.shape[1]) if bias is None else bias.contiguous()
+    native_library().metaformer_bias_gelu_forward(  # type: ignore[union-attr]
+        h.data_ptr(), b.data_ptr(), h.data_ptr(), 0, h.shape[0], h.shape[1], torch.get_num_threads()
+    )
+    return h
