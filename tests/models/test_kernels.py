@@ -246,7 +246,7 @@ def test_linear_gelu_values_and_gradients_match_float64_autograd():
     got = torch.autograd.grad(out, [xf, wf, bf], grad.float())
 
     def rel(a, r):
-        return float((a.double() - r).abs().max() / r.abs().max())
+        return float((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max())
 
     assert rel(out, ref) < 1e-6  # float32 torch itself is ~3e-7 off the float64 values here
     assert all(rel(a, r) < 2e-6 for a, r in zip(got, expected, strict=True))
