@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metaformer import ConfigError, create_model, optimize_for_inference
-from metaformer.models import fast
+from metaformer.models import fast, kernels
 from metaformer.models.layers import StarReLU
 
 SMALL = {"depths": (1, 1, 2, 1), "dims": (16, 32, 48, 64), "num_classes": 10}
@@ -167,7 +167,7 @@ def test_bfloat16_fast_path_follows_the_plain_model(name, device, mlp_route, mon
     assert rel_diff(got.float(), expected) < 0.1  # bf16 rounding (8-bit mantissa); a wrong fold is O(1)
 
 
-@pytest.mark.parametrize("mlp_route", ["gemm", "onednn", "conv"])
+@pytest.mark.parametrize("mlp_route", ["gemm", "onednn", "conv", "native"])
 @pytest.mark.parametrize("pool_route", ["torch", "native"])
 @pytest.mark.parametrize("name", ["poolformer_s12", "caformer_s18"])
 def test_every_fast_route_gives_the_plain_models_outputs(name, mlp_route, pool_route, monkeypatch):
@@ -175,8 +175,28 @@ def test_every_fast_route_gives_the_plain_models_outputs(name, mlp_route, pool_r
     monkeypatch.setenv("METAFORMER_ROUTE_FAST_POOL_MIX", pool_route)
     model = randomize(create_model(name, **SMALL)).eval()
     x = torch.randn(3, 3, 64, 64)
+    calls = []
+    monkeypatch.setattr(fast, "bias_gelu_", lambda h, b, real=fast.bias_gelu_: calls.append(1) or real(h, b))
     with torch.no_grad():
         assert rel_diff(optimize_for_inference(model)(x), model(x)) <= 1e-5
+    if mlp_route == "native" and name == "poolformer_s12" and kernels.native_available():
+        assert calls  # the native bias + GELU pass really ran (CAFormer's StarReLU MLPs have no such route)
+    if mlp_route != "native":
+        assert not calls
+
+
+def test_the_native_mlp_route_stays_out_of_autograd(monkeypatch):
+    """The native pass works in place: with gradients wanted through the fast path (an inference copy,
+    but a user may still ask, e.g. for saliency) it must not run, so autograd never sees a changed tensor."""
+    monkeypatch.setenv("METAFORMER_ROUTE_FAST_MLP", "native")
+    model = randomize(create_model("poolformer_s12", **SMALL)).eval()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(fast, "bias_gelu_", lambda h, b, real=fast.bias_gelu_: calls.append(1) or real(h, b))
+    out = optimize_for_inference(model)(x)
+    torch.autograd.grad(out.sum(), x)  # no "modified by an inplace operation" error
+    with torch.no_grad():
+        assert not calls and rel_diff(out, model(x)) <= 1e-5
 
 
 def test_a_onednn_primitive_this_cpu_lacks_falls_back_to_torch_ops(monkeypatch):

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError
-from metaformer.models.kernels import pool_mix, pool_mix_supported, portable
+from metaformer.models.kernels import (
+    bias_gelu_,
+    linear_gelu_supported,
+    pool_mix,
+    pool_mix_supported,
+    portable,
+)
 from metaformer.models.kernels.triton_pool import pool_mix_normed_triton, triton_supported
 from metaformer.models.layers import (
     BatchNormTokens,
@@ -97,10 +103,19 @@ class FusedLinear(nn.Module):
         self.act = act  # none | gelu | gelu_tanh | relu | silu | squaredrelu (relu, then square)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, onednn: bool = True
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        onednn: bool = True,
+        native: bool = False,
     ) -> torch.Tensor:
         """``onednn=False`` takes the public ops (what a route chose); a oneDNN primitive this CPU
-        cannot create (bf16 inner products without AVX512-BF16, for one) falls back to them too."""
+        cannot create (bf16 inner products without AVX512-BF16, for one) falls back to them too.
+        ``native``: for an exact-GELU layer, the GEMM without bias, then the bias and GELU in one native
+        pass in place (``kernels.bias_gelu_``)."""
+        if native and self.native_ok(x) and residual is None:
+            return bias_gelu_(torch.mm(x, self.weight.t()), self.bias)
         if onednn and onednn_usable(x) and x.is_contiguous():
             try:
                 return self._onednn(x, residual)
@@ -109,6 +124,11 @@ class FusedLinear(nn.Module):
                 logger.debug("oneDNN fused linear failed for %s (%s); using torch ops", x.dtype, error)
         y = self._activate(F.linear(x, self.weight, self.bias))
         return y if residual is None else y + residual
+
+    def native_ok(self, x: torch.Tensor) -> bool:
+        """Exact GELU on fp32 CPU rows, with no autograd through it (the pass works in place)."""
+        no_autograd = not (torch.is_grad_enabled() and x.requires_grad)
+        return self.act == "gelu" and x.dim() == 2 and no_autograd and linear_gelu_supported(x, self.weight)
 
     def _onednn(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is not None and self.act == "none" and residual.is_contiguous():
@@ -268,17 +288,24 @@ class FoldedMlp(nn.Module):
         self.register_buffer("res_scale", None if rs is None else rs.to(dtype))
 
     def forward(
-        self, x: torch.Tensor, normalized: torch.Tensor | None = None, *, onednn: bool | None = None
+        self,
+        x: torch.Tensor,
+        normalized: torch.Tensor | None = None,
+        *,
+        onednn: bool | None = None,
+        native: bool = False,
     ) -> torch.Tensor:
         """(B, L, C) tokens or channels-last rows -> same shape; ``normalized`` is ``norm2(x)`` (without
-        its affine) when the caller already computed it. ``onednn=None``: measured (``fast_mlp``)."""
+        its affine) when the caller already computed it. ``onednn=None``: measured (``fast_mlp``);
+        ``native``: fc1's bias and GELU in one native pass."""
         c = x.shape[-1]
         rows = x.reshape(-1, c)
         if onednn is None:
-            onednn = self.route(x, tokens=True) == "onednn"
+            choice = self.route(x, tokens=True)
+            onednn, native = choice == "onednn", choice == "native"
         if normalized is None:
             normalized = _normalize(x, self.norm_kind, self.eps, self.dim)
-        h = self.fc1(normalized.reshape(-1, c), onednn=onednn)
+        h = self.fc1(normalized.reshape(-1, c), onednn=onednn, native=native)
         if self.res_scale is None:
             return self.fc2(h, residual=rows, onednn=onednn).view(x.shape)
         return self.fc2(h, onednn=onednn).addcmul_(rows, self.res_scale).view(x.shape)
@@ -293,6 +320,8 @@ class FoldedMlp(nn.Module):
             candidates = {"gemm": lambda: self(x, onednn=False)}
             if onednn_usable(x):
                 candidates["onednn"] = lambda: self(x, onednn=True)
+            if self.fc1.native_ok(x.reshape(-1, x.shape[-1])):
+                candidates["native"] = lambda: self(x, onednn=False, native=True)
         rows = x.numel() // x.shape[-1 if tokens else 1]
         shape_class = (
             f"{x.dtype}-{'tokens' if tokens else 'map'}-rows{bucket(rows)}-c{self.dim}"
@@ -401,9 +430,9 @@ def _map_mlp(mlp: FoldedMlp, x: torch.Tensor, normalized: torch.Tensor | None = 
         return mlp.forward_map(x)
     b, c, h, w = x.shape
 
-    def as_rows(onednn: bool) -> torch.Tensor:
+    def as_rows(onednn: bool, native: bool = False) -> torch.Tensor:
         rows = None if normalized is None else normalized.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        out = mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c), rows, onednn=onednn)
+        out = mlp(x.permute(0, 2, 3, 1).reshape(b, h * w, c), rows, onednn=onednn, native=native)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
     candidates: dict[str, Callable[[], object]] = {"gemm": lambda: as_rows(False)}
@@ -411,10 +440,12 @@ def _map_mlp(mlp: FoldedMlp, x: torch.Tensor, normalized: torch.Tensor | None = 
         candidates["onednn"] = lambda: as_rows(True)
     if x.device.type == "cpu":
         candidates["conv"] = lambda: mlp.forward_map(x, normalized)
+    if x.is_contiguous(memory_format=torch.channels_last) and mlp.fc1.native_ok(x.new_empty(1, c)):
+        candidates["native"] = lambda: as_rows(False, native=True)
     choice = mlp.route(x, tokens=False, candidates=candidates)
     if choice == "conv":
         return mlp.forward_map(x, normalized)
-    return as_rows(choice == "onednn")
+    return as_rows(choice == "onednn", native=choice == "native")
 
 
 class FoldedSepConv(nn.Module):

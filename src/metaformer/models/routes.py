@@ -38,7 +38,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "train_pool_mix": ("torch", "native"),
     "train_mlp": ("conv", "gemm", "fused", "fp32"),
     "fast_pool_mix": ("torch", "native"),
-    "fast_mlp": ("gemm", "onednn", "conv"),
+    "fast_mlp": ("gemm", "onednn", "conv", "native"),
     "fast_chunk": ("whole", "chunked"),
     "backend": ("torch", "onnxruntime"),
 }
@@ -47,7 +47,8 @@ ROUTE_HELP = {
     "train_mlp": "training channel MLP: 1x1 convs, GEMMs on channels-last rows (plain, or with fc1's bias "
     "and GELU fused natively), or fp32 under autocast",
     "fast_pool_mix": "inference pooling half and second norm: native C kernel or torch ops",
-    "fast_mlp": "inference channel MLP: plain GEMMs, oneDNN fused GEMMs, or 1x1 convolutions",
+    "fast_mlp": "inference channel MLP: plain GEMMs, oneDNN fused GEMMs, 1x1 convolutions, or GEMMs with "
+    "fc1's bias and GELU in one native pass",
     "fast_chunk": "inference stages: whole batch, or a few samples at a time (cache-sized)",
     "backend": "eval/predict runtime: PyTorch fast path or onnxruntime on the exported graph",
 }
