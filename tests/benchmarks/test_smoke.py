@@ -60,3 +60,11 @@ def test_training_benchmark_quick():
         assert float(cells[0]) > 0  # img/s
         assert float(cells[3]) <= 1e-4  # |first-step loss - timm's|
     assert re.search(r"gradient checkpointing: peak memory \d+ MiB vs \d+ MiB", out)
+
+
+@pytest.mark.timeout(300)
+def test_mlp_routes_benchmark_quick():
+    out = run("mlp_routes.py")  # it asserts every route's output equals the first's before timing
+    assert "whole network, weighted by depth" in out
+    for route in ("conv", "gemm") + (("fused",) if native_available() else ()):
+        assert re.search(rf"weighted by depth:.*\b{route}\s+[\d.]+", out), route
