@@ -161,6 +161,32 @@ def test_dense_train_and_eval_take_config_files(tmp_path, capsys, task) -> None:
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["classify", "train"],
+        ["classify", "eval", "--checkpoint", "w.safetensors"],
+        ["classify", "predict", "img.png", "--checkpoint", "w.safetensors"],
+        ["detect", "train"],
+        ["detect", "eval", "--checkpoint", "w.safetensors"],
+        ["detect", "predict", "img.png", "--checkpoint", "w.safetensors"],
+        ["segment", "train"],
+        ["segment", "eval", "--checkpoint", "w.safetensors"],
+        ["segment", "predict", "img.png", "--checkpoint", "w.safetensors"],
+        ["ablate"],
+        ["export", "poolformer_s12", "--output", "m.onnx", "--random-init"],
+    ],
+)
+def test_every_generated_command_prints_its_config_and_runs_nothing(
+    tmp_path, capsys, argv, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert isinstance(printed, dict) and printed
+    assert list(tmp_path.iterdir()) == []  # no run folder, no output file
+
+
+@pytest.mark.parametrize(
     ("text", "suffix", "message"),
     [
         (None, ".json", "does not exist; pass a JSON or YAML file"),

@@ -299,7 +299,8 @@ def cmd_task(
     config = config_from_args(action.config, args, command, parser)
     if args.print_config:
         resolve = getattr(config, "resolve", None)
-        print(json.dumps(jsonable(dataclasses.asdict(resolve() if resolve else config)), indent=2))
+        resolved = dataclasses.asdict(resolve() if resolve else config)
+        print(json.dumps(jsonable(resolved), indent=2, default=str))  # default: paths
         return 0
     module = importlib.import_module(module_name)
     result = getattr(module, action.run)(config)
