@@ -200,6 +200,8 @@ def test_every_generated_command_prints_its_config_and_runs_nothing(
         ),
         ('{"epochs": 0}', ".json", "epochs must be positive, got 0"),
         ('{"model_kwargs": "[1]"}', ".json", "--model-kwargs must be a JSON object"),
+        ("model_kwargs: [1, 2]\n", ".yaml", "--model-kwargs must be a JSON object"),
+        ('{"resume": "yes"}', ".json", "resume must be true or false, got 'yes'"),
     ],
 )
 def test_bad_config_files_fail_in_one_sentence(tmp_path, capsys, text, suffix, message) -> None:

@@ -81,6 +81,13 @@ def check_number(
             raise ConfigError(f"{name} must be {_range_text(low, high, low_open, high_open)}, got {shown}")
 
 
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    """ConfigError naming ``name`` and the choices unless ``value`` is one of them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+
+
 def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
         if low is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaformer.errors import CheckpointError, ConfigError, ExportError, check_number
+from metaformer.errors import CheckpointError, ConfigError, ExportError, check_choice, check_number
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 from metaformer.options import option
@@ -165,8 +165,7 @@ def export_model(
     """
     from metaformer.weights.io import atomic_write
 
-    if format not in FORMATS:
-        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got '{format}'")
+    check_choice("export format", format, FORMATS)
     h, w = int(img_size[0]), int(img_size[1])
     in_chans = getattr(model, "in_chans", 3)
     start = time.perf_counter()

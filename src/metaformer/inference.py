@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaformer.errors import ConfigError, ExportError
+from metaformer.errors import ConfigError, ExportError, check_choice
 from metaformer.models import routes
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
@@ -86,8 +86,7 @@ def prepare_for_inference(
     ``torch`` is the fast path (plain model under autocast, which it does not fold); ``onnxruntime``
     runs on the CPU in fp32; ``auto`` takes onnxruntime only where it is installed and measured faster.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    check_choice("backend", backend, BACKENDS)
     device = torch.device(device)
     foldable = isinstance(model, (MetaFormer, MetaFormerFeatures))
     if backend == "onnxruntime":

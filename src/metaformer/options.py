@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
-from metaformer.errors import ConfigError, check_number
+from metaformer.errors import ConfigError, check_choice, check_number
 
 AMP_MODES = ("off", "auto", "bf16", "fp16")
 MODEL_KWARGS_EXAMPLE = "'{\"depths\": [1, 1, 1, 1]}'"
@@ -39,7 +39,6 @@ def option(
     negate: bool = False,
     append: bool = False,
     positional: bool = False,
-    cli: bool = True,
     factory: Any = None,
 ) -> Any:
     """A dataclass field with its command-line form. ``choices`` may name a class attribute (a mapping
@@ -56,7 +55,6 @@ def option(
         "negate": negate,
         "append": append,
         "positional": positional,
-        "cli": cli,
     }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -157,8 +155,8 @@ class RunOptions:
             raise ConfigError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(self.RECIPES)}")
         check_fields(self)
         check_number("stop_after_epoch", self.stop_after_epoch, low=1, high=self.epochs)
-        if self.amp is not None and self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{self.amp}'")
+        if self.amp is not None:
+            check_choice("amp", self.amp, AMP_MODES)
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
         if self.resume and self.output is None:
@@ -234,8 +232,6 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         meta = field_meta(cls, f.name)
-        if not meta.get("cli", True):
-            continue
         kind = _strip_none(hints[f.name])
         text = (meta.get("help") or "").replace("TASK", getattr(cls, "TASK", "run")) or None
         kwargs: dict[str, Any] = {"help": text, "dest": f.name}
@@ -276,6 +272,8 @@ def model_kwargs_json(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if isinstance(text, Mapping):
         return dict(text)
+    if not isinstance(text, str):  # a config file's list or number
+        raise ConfigError(f"--model-kwargs must be a JSON object, e.g. {MODEL_KWARGS_EXAMPLE}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -351,6 +349,8 @@ def config_from_args(
     hints = _hints(cls)
     for name, value in list(values.items()):
         kind = _strip_none(hints[name])
+        if kind is bool and value is not None and not isinstance(value, bool):  # YAML's "yes" is a string
+            raise ConfigError(f"{name} must be true or false, got {value!r}; fix it in {args.config}")
         if typing.get_origin(kind) is tuple and isinstance(value, list):
             values[name] = tuple(value)
         elif typing.get_origin(kind) is Mapping or kind is Mapping:

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from metaformer.engine import state as run_state
 from metaformer.engine.distributed import DistInfo, all_reduce_sum, run_on_main
-from metaformer.errors import CheckpointError, ConfigError, from_worker
+from metaformer.errors import CheckpointError, ConfigError, check_choice, from_worker
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
 from metaformer.options import AMP_MODES
 from metaformer.weights import load_state, save_state
@@ -93,8 +93,7 @@ class RunConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.accum_steps < 1:
             raise ConfigError(f"accum_steps must be at least 1, got {self.accum_steps}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{self.amp}'")
+        check_choice("amp", self.amp, AMP_MODES)
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"clip_grad must be positive (or None for no clipping), got {self.clip_grad}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

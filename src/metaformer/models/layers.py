@@ -234,7 +234,8 @@ class Mlp(nn.Module):
             return self._forward_rows(x.float()).to(x.dtype)
 
     def _route(self, x: torch.Tensor) -> str:
-        """1x1 convolutions, GEMMs, or (under autocast) fp32 GEMMs: measured on this shape. On the 2-core
+        """1x1 convolutions, GEMMs, GEMMs with fc1's bias and GELU fused natively, or (under autocast)
+        fp32 GEMMs: measured on this shape. On the 2-core
         AVX512 machine the convolutions won in fp32 and the GEMMs under bf16 autocast; on an AVX2 CPU,
         where bf16 is emulated, fp32 wins under autocast by ~10x."""
         autocast = torch.is_autocast_enabled("cpu")

@@ -43,7 +43,7 @@ from metaformer.engine.loop import (
     use_channels_last,
 )
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec
-from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_choice
 from metaformer.inference import BACKENDS, prepare_for_inference
 from metaformer.models import create_model, get_variant
 from metaformer.options import (
@@ -55,6 +55,7 @@ from metaformer.options import (
     SEED_RANGE,
     EvalOptions,
     RunOptions,
+    check_fields,
     option,
 )
 from metaformer.tasks import TaskCommands, command
@@ -191,14 +192,6 @@ BACKEND_HELP = (
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 EMBEDDED_IMG_SIZE = 32
 FOLDER_IMG_SIZE = 224
-
-
-def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
-    check_number(name, value, low=0, low_open=not allow_zero)
-
-
-def _probability(name: str, value: float | None) -> None:
-    check_number(name, value, low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -348,8 +341,8 @@ class TrainConfig(RunOptions):
             raise ConfigError(f"label_smoothing must be below 1, got {self.label_smoothing}")
         for name in ("interpolation", "train_interpolation"):
             value = getattr(self, name)
-            if value is not None and value not in INTERPOLATIONS:
-                raise ConfigError(f"{name} must be one of {', '.join(INTERPOLATIONS)}, got '{value}'")
+            if value is not None:
+                check_choice(name, value, INTERPOLATIONS)
         for name in ("scale", "ratio"):
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
@@ -771,7 +764,6 @@ class EvalConfig(EvalOptions):
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "data": {"help": "folder with val/<class>/* images"},
-        "num_workers": {"check": {"low": 0}},
         "limit": {"check": POSITIVE},
     }
 
@@ -796,11 +788,9 @@ class EvalConfig(EvalOptions):
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        check_choice("backend", self.backend, BACKENDS)
         super().__post_init__()
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{self.amp}'")
+        check_choice("amp", self.amp, AMP_MODES)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
 
@@ -938,19 +928,17 @@ class PredictConfig:
     checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
     model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
     pretrained: bool = option(False, "use the released ImageNet weights of --model")
-    topk: int = option(5, "classes to list per image (5)", metavar="K")
+    topk: int = option(5, "classes to list per image (5)", metavar="K", check=POSITIVE)
     cam: str | None = option(
         None, "write a Grad-CAM heat map of the top class (one image)", metavar="OUT.png"
     )
-    batch_size: int = option(32, metavar="N")
+    batch_size: int = option(32, metavar="N", check=POSITIVE)
     device: str | None = option(None, "cpu, cuda or cuda:N")
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
-        _positive("topk", self.topk)
-        _positive("batch_size", self.batch_size)
+        check_choice("backend", self.backend, BACKENDS)
+        check_fields(self)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
 
