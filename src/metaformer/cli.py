@@ -102,6 +102,8 @@ def cmd_system(args: argparse.Namespace) -> int:
             f"{k} {v:.3g}" for k, v in sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
         )
         source = "" if decision["source"] == "probe" else f" [{decision['source']}]"
+        if decision.get("probes", 1) > 1:
+            times += f" (fastest over {decision['probes']} probes)"
         print(
             f"  {decision['route']:<16}{decision['shape_class']:<52}{decision['choice'] + source:<12}{times}"
         )

@@ -64,7 +64,7 @@ def machine_line(*, calibrate: bool = True) -> str:
 def routes_summary() -> list[str]:
     """Lines naming the routes this process measured (what the fast and training paths took here)."""
     made = routes.decisions(include_cached=False)
-    lines = ["", "routes chosen in this run (median ms per candidate):"] if made else []
+    lines = ["", "routes chosen in this run (fastest round per candidate, ms):"] if made else []
     for d in made:
         times = ", ".join(f"{k} {v:.3g}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
         lines.append(f"  {d.route} [{d.shape_class}]: {d.choice} ({times or d.source})")

@@ -7,8 +7,16 @@ machine the code was written on. At the first call with a new shape class, ``cho
 candidate a few times, interleaved (about a quarter of a second in all), keeps the fastest and
 caches the choice in memory and in ``$METAFORMER_HOME/routes`` (keyed by CPU signature and torch
 version, like the kernel build cache), so later runs start with it. A candidate that raises (a
-primitive this CPU lacks) is dropped. ``METAFORMER_ROUTE_<NAME>=<choice>`` forces a choice;
-``METAFORMER_ROUTE_PROBE=0`` skips measuring and takes each route's first (portable) candidate.
+primitive this CPU lacks) is dropped.
+
+On a shared machine other processes only ever add time, in bursts, so a candidate's figure is its
+fastest round, not its median: a burst that lands on one candidate's rounds cannot flip the choice.
+A close call (the runner-up within ``CLOSE`` of the winner) read from the cache is measured once more
+in each of the next few processes (``RECHECKS`` probes in all), keeping every candidate's fastest
+time over all of them, so a choice that one unlucky probe got wrong does not stay wrong.
+
+``METAFORMER_ROUTE_<NAME>=<choice>`` forces a choice; ``METAFORMER_ROUTE_PROBE=0`` skips measuring
+and takes each route's first (portable) candidate.
 Random number generators are restored after a probe, so a seeded run draws the same numbers whether
 or not it measured.
 """
@@ -18,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +62,8 @@ ROUTE_HELP = {
 
 PROBE_SECONDS = 0.25  # per decision, after the warm-up call of each candidate
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
+CLOSE = 0.15  # a runner-up this close (relative) to the winner makes a cached choice worth re-checking
+RECHECKS = 3  # probes in all (over separate processes) that a close call gets
 
 
 @dataclass
@@ -62,8 +71,9 @@ class Decision:
     route: str
     shape_class: str
     choice: str
-    times_ms: dict[str, float] = field(default_factory=dict)  # median per candidate; empty unless measured
+    times_ms: dict[str, float] = field(default_factory=dict)  # fastest round per candidate, if measured
     source: str = "probe"  # probe | cache | env | default
+    probes: int = 1  # measurements merged into times_ms (one per process at most)
 
 
 _DECISIONS: dict[tuple[str, str], Decision] = {}
@@ -101,6 +111,7 @@ def _save(decision: Decision, candidates: Sequence[str]) -> None:
         "choice": decision.choice,
         "times_ms": decision.times_ms,
         "candidates": list(candidates),  # those that raised have no time
+        "probes": decision.probes,
     }
     path = _cache_file()
     try:
@@ -126,7 +137,7 @@ def _override(route: str) -> str | None:
 
 
 def _measure(candidates: Mapping[str, Callable[[], Any]], min_rounds: int = MIN_ROUNDS) -> dict[str, float]:
-    """Median milliseconds per candidate; a candidate that raises is left out."""
+    """Milliseconds of each candidate's fastest round; a candidate that raises is left out."""
     alive: dict[str, Callable[[], Any]] = {}
     for name, run in candidates.items():
         try:
@@ -146,7 +157,7 @@ def _measure(candidates: Mapping[str, Callable[[], Any]], min_rounds: int = MIN_
             times[name].append(time.perf_counter() - t0)
         if round_ + 1 >= min_rounds and time.perf_counter() - start > PROBE_SECONDS:
             break
-    return {name: round(statistics.median(ts) * 1e3, 4) for name, ts in times.items()}
+    return {name: round(min(ts) * 1e3, 4) for name, ts in times.items()}
 
 
 def step_probe(
@@ -203,12 +214,20 @@ def choose(
     key = (route, shape_class)
     known = _DECISIONS.get(key)
     cached = _disk().get(f"{route}|{shape_class}")
+    earlier: Decision | None = None  # a close cached call, measured again below and merged
     if known is None and isinstance(cached, dict) and isinstance(cached.get("times_ms"), dict):
         # a cached choice stands only if it was measured against every candidate there is now (a newer
         # version may bring a route the cache has never timed)
         if set(names) <= set(cached.get("candidates", cached["times_ms"])):
-            known = Decision(route, shape_class, str(cached.get("choice")), dict(cached["times_ms"]), "cache")
-            _DECISIONS[key] = known
+            probes = cached.get("probes", 1)
+            probes = probes if isinstance(probes, int) and probes > 0 else 1
+            known = Decision(
+                route, shape_class, str(cached.get("choice")), dict(cached["times_ms"]), "cache", probes
+            )
+            if known.probes < RECHECKS and _close(known.times_ms, names):
+                earlier, known = known, None
+            else:
+                _DECISIONS[key] = known
     if known is not None:
         if known.choice in candidates:
             return known.choice
@@ -221,12 +240,22 @@ def choose(
     # saved-tensor hooks: inside activation checkpointing the probe's graph is not the checkpoint's
     with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         times = _measure(candidates, min_rounds)
+    probes = 1
+    if earlier is not None:  # every candidate's fastest time over all probes (one that now raises is out)
+        times = {name: min(ms, earlier.times_ms.get(name, ms)) for name, ms in times.items()}
+        probes = earlier.probes + 1
     choice = min(times, key=times.__getitem__) if times else names[0]
-    decision = Decision(route, shape_class, choice, times)
+    decision = Decision(route, shape_class, choice, times, probes=probes)
     _DECISIONS[key] = decision
     _save(decision, names)
     logger.debug("route %s [%s]: %s (%s ms)", route, shape_class, choice, times)
     return choice
+
+
+def _close(times_ms: Mapping[str, float], names: Sequence[str]) -> bool:
+    """Whether the two fastest of ``names`` are within ``CLOSE`` of each other."""
+    timed = sorted(ms for name, ms in times_ms.items() if name in names and isinstance(ms, (int, float)))
+    return len(timed) >= 2 and timed[1] <= timed[0] * (1 + CLOSE)
 
 
 def decisions(*, include_cached: bool = True) -> list[Decision]:
@@ -236,9 +265,11 @@ def decisions(*, include_cached: bool = True) -> list[Decision]:
         for key, value in _disk().items():
             route, _, shape_class = key.partition("|")
             if (route, shape_class) not in found and isinstance(value, dict):
+                probes = value.get("probes", 1)
                 found[route, shape_class] = Decision(
-                    route, shape_class, str(value.get("choice")), dict(value.get("times_ms", {})), "cache"
-                )
+                    route, shape_class, str(value.get("choice")), dict(value.get("times_ms", {})), "cache",
+                    probes if isinstance(probes, int) else 1,
+                )  # fmt: skip
     for route in ROUTES:
         forced = os.environ.get(f"METAFORMER_ROUTE_{route.upper()}")
         if forced:
