@@ -91,6 +91,12 @@ def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
+def paired_ratio(base: list[float], times: list[float]) -> float:
+    """The median over rounds of base / row, each pair timed in the same round: the host's slow drift
+    (a shared machine's speed moves by tens of percent over minutes) cancels within a pair."""
+    return statistics.median(a / b for a, b in zip(base, times, strict=True))
+
+
 def matmul_peak_once(device: str, dtype: torch.dtype) -> float:
     """GFLOP/s of one 2048 x 2048 x 2048 matmul."""
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
@@ -217,8 +223,7 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
             for k, fn in rows.items():
                 times1[k].append(timed(lambda fn=fn: fn(x1), device, runs=args.latency_runs))
     peak = statistics.median(peaks)
-    base32, base1 = statistics.median(times32["timm (NCHW)"]), statistics.median(times1["timm (NCHW)"])
-    channels_last32 = statistics.median(times32["timm channels_last"])
+    base32, base1 = times32["timm (NCHW)"], times1["timm (NCHW)"]
     results = []
     for k in rows:
         t32, t1 = statistics.median(times32[k]), statistics.median(times1[k])
@@ -228,12 +233,16 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
                 "model": name,
                 "impl": k,
                 "img_s": args.batch / t32,
-                "speedup": base32 / t32,
-                "vs_channels_last": channels_last32 / t32,
+                "speedup": paired_ratio(base32, times32[k]),
+                "vs_channels_last": paired_ratio(times32["timm channels_last"], times32[k]),
                 "latency_ms": t1 * 1e3,
-                "latency_ratio": t1 / base1,
+                "latency_ratio": paired_ratio(times1[k], base1),
                 "gflops": gflops,
-                "pct_peak": 100 * gflops / peak,
+                # each round's matmul peak against the same round's time
+                "pct_peak": 100
+                * statistics.median(
+                    2 * macs * args.batch / t / 1e9 / pk for t, pk in zip(times32[k], peaks, strict=True)
+                ),
                 "rel_diff": diffs[k],
                 "peak": peak,
                 "gmacs": macs / 1e9,
@@ -283,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"batch {args.batch} (throughput) and 1 (latency), {args.img_size}x{args.img_size}, "
-        f"{args.repeats} interleaved rounds, medians"
+        f"{args.repeats} interleaved rounds; img/s and ms: medians; ratios and % peak: medians of the "
+        "per-round ratios"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:

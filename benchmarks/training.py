@@ -222,7 +222,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[row].append(time.perf_counter() - start)
-    base = statistics.median(times["timm (NCHW)"])
+    base, channels_last = times["timm (NCHW)"], times["timm channels_last"]
     # --quick probes only the two rows of the checkpointing comparison (each probe is a new process)
     memory_rows = ("ours channels_last", "ours + grad checkpointing") if args.quick else rows
     memory_rows = args.memory_rows or memory_rows
@@ -230,12 +230,15 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for row in rows:
         t = statistics.median(times[row])
         ref = losses["timm (NCHW)"]
+        speedups = sorted(a / b for a, b in zip(base, times[row], strict=True))
         results.append(
             {
                 "model": name,
                 "impl": row,
                 "img_s": args.batch / t,
-                "speedup": base / t,
+                "speedup": statistics.median(speedups),
+                "speedup_range": (speedups[0], speedups[-1]),
+                "vs_channels_last": paired_ratio(channels_last, times[row]),
                 "first_loss": losses[row][0],
                 "first_loss_diff": abs(losses[row][0] - ref[0]),
                 "max_loss_diff": max(abs(a - b) for a, b in zip(losses[row], ref, strict=True)),
@@ -247,20 +250,28 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def paired_ratio(base: list[float], times: list[float]) -> float:
+    """The median over rounds of base / row, each pair timed in the same round: the host's slow drift
+    (a shared machine's speed moves by tens of percent over minutes) cancels within a pair."""
+    return statistics.median(a / b for a, b in zip(base, times, strict=True))
+
+
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
     memory = "peak RSS growth" if args.device == "cpu" else "max_memory_allocated"
     print(f"\n{results[0]['model']}: train step (fwd + bwd + AdamW), batch {args.batch}, {args.img_size}px")
     header = (
-        f"{'implementation':<32}{'img/s':>8}{'x timm':>8}{'loss step 1':>13}{'|d| step 1':>12}"
-        f"{'max |d| all steps':>19}{memory + ' MiB':>27}"
+        f"{'implementation':<32}{'img/s':>8}{'x timm':>8}{'rounds':>12}{'x timm CL':>10}{'loss step 1':>13}"
+        f"{'|d| step 1':>12}{'max |d| all steps':>19}{memory + ' MiB':>23}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        low, high = r["speedup_range"]
         print(
-            f"{r['impl']:<32}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{r['first_loss']:>13.6f}"
-            f"{r['first_loss_diff']:>12.1e}{r['max_loss_diff']:>19.1e}{mem:>27}"
+            f"{r['impl']:<32}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{f'{low:.2f}-{high:.2f}':>12}"
+            f"{r['vs_channels_last']:>10.2f}{r['first_loss']:>13.6f}"
+            f"{r['first_loss_diff']:>12.1e}{r['max_loss_diff']:>19.1e}{mem:>23}"
         )
     by_row = {r["impl"]: r["peak_mib"] for r in results}
     full, ckpt = by_row["ours channels_last"], by_row["ours + grad checkpointing"]
@@ -282,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(calibrate=args.device == "cpu"))
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"{args.steps} interleaved steps per row after one warm-up step, medians"
+        f"{args.steps} interleaved steps per row after one warm-up step; img/s: median step; x timm: "
+        "median of the per-round ratios (rounds: their range)"
     )
     for name in args.models:
         print_table(bench_model(name, args), args)
