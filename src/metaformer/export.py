@@ -142,9 +142,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, n_outputs:
 def _run_onnx(path: Path, x: torch.Tensor) -> list:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from metaformer.inference import onnxruntime_options
+
+    session = ort.InferenceSession(str(path), onnxruntime_options(), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": x.numpy()})
 
 

@@ -180,6 +180,12 @@ def test_onnxruntime_backend_gives_the_fast_paths_outputs():
         assert (fast_name, ort_name) == ("torch", "onnxruntime")
         assert (fast(x) - want).abs().max() < 1e-4
         assert (ort(x) - want).abs().max() < 1e-4
+    # its threads block between runs instead of spinning, leaving the cores to the data loader and
+    # PyTorch (spinning slowed a PyTorch forward right after a run 1.7x on 2 cores), and it takes
+    # PyTorch's thread count
+    options = ort.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == torch.get_num_threads()
 
 
 def test_auto_backend_keeps_the_one_measured_faster(monkeypatch, tmp_path):
