@@ -372,3 +372,28 @@ def test_eval_takes_a_hub_style_folder(trained_run, tmp_path):
         )
     )
     assert from_folder["top1"] == from_file["top1"] and from_folder["images"] == 360
+
+
+def test_two_runs_in_one_process_train_alike(tmp_path):
+    """A fresh interpreter (scikit-learn not yet imported) trains twice: the same metrics both times.
+    The first import of scikit-learn used to draw from Python's seeded ``random``, so the first run in
+    a process (``ablate --jobs 1``, a notebook) trained differently from every later one."""
+    script = f"""
+import json, sys
+from pathlib import Path
+from metaformer.tasks.classify import TrainConfig, train_classifier
+runs = []
+for name in ("a", "b"):
+    out = Path({str(tmp_path)!r}) / name
+    train_classifier(TrainConfig(output=str(out), model_kwargs={TINY!r}, epochs=1, batch_size=32,
+                                 limit_train=96, limit_val=32, progress=False))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    runs.append({{k: record[k] for k in ("train_loss", "val_loss", "top1")}})
+print(json.dumps(runs))
+"""
+    env = dict(os.environ, METAFORMER_ROUTE_PROBE="0", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first == second

@@ -10,7 +10,9 @@ so every run sees the same held-out images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,18 @@ from metaformer.errors import ConfigError
 
 DIGITS_IMG_SIZE = 32
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
+
+
+@contextlib.contextmanager
+def _python_random_kept() -> Iterator[None]:
+    """Importing scikit-learn the first time draws from Python's ``random``, which the run has seeded
+    and timm's transforms draw from: without this the first run in a process trained differently from
+    the next (``ablate --jobs 1``, a notebook) and from a separate process."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 class ImageArrayDataset(Dataset):
@@ -51,7 +65,8 @@ class ImageArrayDataset(Dataset):
 
 def render_digits(img_size: int = DIGITS_IMG_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as (N, img_size, img_size, 3) uint8 RGB images and their (N,) labels."""
-    from sklearn.datasets import load_digits
+    with _python_random_kept():
+        from sklearn.datasets import load_digits
 
     if img_size < 8:
         raise ConfigError(f"img_size must be at least 8 for the digits data set, got {img_size}")
@@ -72,7 +87,8 @@ def digits_splits(
     val_transform: Callable[[Image.Image], Any] | None = None,
 ) -> tuple[ImageArrayDataset, ImageArrayDataset]:
     """Seeded, stratified train/val split of the digits (default 1,437 train / 360 val images)."""
-    from sklearn.model_selection import train_test_split
+    with _python_random_kept():
+        from sklearn.model_selection import train_test_split
 
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
