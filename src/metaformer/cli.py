@@ -96,7 +96,7 @@ def cmd_system(args: argparse.Namespace) -> int:
         f"torch        {report['torch']}, {report['threads']} threads; "
         f"routes cached per CPU {report['signature']}"
     )
-    print(f"  {'route':<16}{'shape class':<52}{'choice':<12}measured (ms)")
+    print(f"  {'route':<16}{'shape class':<52}{'choice':<18}measured (ms)")
     for decision in report["routes"]:
         times = ", ".join(
             f"{k} {v:.3g}" for k, v in sorted(decision["times_ms"].items(), key=lambda kv: kv[1])
@@ -105,7 +105,7 @@ def cmd_system(args: argparse.Namespace) -> int:
         if decision.get("probes", 1) > 1:
             times += f" (fastest over {decision['probes']} probes)"
         print(
-            f"  {decision['route']:<16}{decision['shape_class']:<52}{decision['choice'] + source:<12}{times}"
+            f"  {decision['route']:<16}{decision['shape_class']:<52}{decision['choice'] + source:<18}{times}"
         )
     return 0
 
