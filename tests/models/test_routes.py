@@ -215,3 +215,16 @@ def test_a_close_call_stands_after_its_rechecks(tmp_path):
     routes.choose("train_mlp", "even", {"conv": sleeper(0.002, calls), "gemm": sleeper(0.002, calls)})
     assert calls == []  # RECHECKS probes done: no more measuring in later processes
     assert routes.decisions()[0].probes == routes.RECHECKS
+
+
+def test_a_narrower_call_does_not_recheck_a_close_choice(tmp_path):
+    """Code with a kernel switched off (one candidate fewer) must not re-measure a close cached call
+    on its narrower set and overwrite the decision made with every candidate."""
+    full = {"conv": sleeper(0.0021), "gemm": sleeper(0.002), "fused": sleeper(0.0019)}
+    assert routes.choose("train_mlp", "narrow", full) == "fused"
+    before = json.loads(routes._cache_file().read_text())
+    routes.reset()
+    calls = []
+    narrower = {"conv": sleeper(0.0021, calls), "gemm": sleeper(0.002, calls)}
+    assert routes.choose("train_mlp", "narrow", narrower) == "gemm"  # the faster of the two, as measured
+    assert calls == [] and json.loads(routes._cache_file().read_text()) == before

@@ -219,12 +219,11 @@ def choose(
         # a cached choice stands only if it was measured against every candidate there is now (a newer
         # version may bring a route the cache has never timed)
         if set(names) <= set(cached.get("candidates", cached["times_ms"])):
-            probes = cached.get("probes", 1)
-            probes = probes if isinstance(probes, int) and probes > 0 else 1
-            known = Decision(
-                route, shape_class, str(cached.get("choice")), dict(cached["times_ms"]), "cache", probes
-            )
-            if known.probes < RECHECKS and _close(known.times_ms, names):
+            known = _cached_decision(route, shape_class, cached)
+            # re-checked only on the full set: a narrower one (a kernel switched off) must not
+            # overwrite the decision made with every candidate
+            full_set = set(known.times_ms) <= set(names)
+            if full_set and known.probes < RECHECKS and _close(known.times_ms, names):
                 earlier, known = known, None
             else:
                 _DECISIONS[key] = known
@@ -252,6 +251,20 @@ def choose(
     return choice
 
 
+def _cached_decision(route: str, shape_class: str, value: Mapping[str, Any]) -> Decision:
+    """A decision as the cache file holds it (files written before ``probes`` existed count one)."""
+    probes = value.get("probes", 1)
+    times = value.get("times_ms")
+    return Decision(
+        route,
+        shape_class,
+        str(value.get("choice")),
+        dict(times) if isinstance(times, dict) else {},
+        "cache",
+        probes if isinstance(probes, int) and probes > 0 else 1,
+    )
+
+
 def _close(times_ms: Mapping[str, float], names: Sequence[str]) -> bool:
     """Whether the two fastest of ``names`` are within ``CLOSE`` of each other."""
     timed = sorted(ms for name, ms in times_ms.items() if name in names and isinstance(ms, (int, float)))
@@ -265,11 +278,7 @@ def decisions(*, include_cached: bool = True) -> list[Decision]:
         for key, value in _disk().items():
             route, _, shape_class = key.partition("|")
             if (route, shape_class) not in found and isinstance(value, dict):
-                probes = value.get("probes", 1)
-                found[route, shape_class] = Decision(
-                    route, shape_class, str(value.get("choice")), dict(value.get("times_ms", {})), "cache",
-                    probes if isinstance(probes, int) else 1,
-                )  # fmt: skip
+                found[route, shape_class] = _cached_decision(route, shape_class, value)
     for route in ROUTES:
         forced = os.environ.get(f"METAFORMER_ROUTE_{route.upper()}")
         if forced:
