@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from metaformer.models.kernels import native_library
-from metaformer.system import machine_line, routes_summary
+from metaformer.system import machine_line, paired_ratio, routes_summary
 
 POOLFORMERS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 EXTRA = ["convformer_s18", "caformer_s18"]
@@ -89,12 +89,6 @@ def timed(fn: Callable[[], object], device: str, runs: int = 1) -> float:
 def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.float()
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
-
-
-def paired_ratio(base: list[float], times: list[float]) -> float:
-    """The median over rounds of base / row, each pair timed in the same round: the host's slow drift
-    (a shared machine's speed moves by tens of percent over minutes) cancels within a pair."""
-    return statistics.median(a / b for a, b in zip(base, times, strict=True))
 
 
 def matmul_peak_once(device: str, dtype: torch.dtype) -> float:

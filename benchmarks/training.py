@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from metaformer.system import machine_line, routes_summary
+from metaformer.system import machine_line, paired_ratio, routes_summary
 
 ROWS = (
     "timm (NCHW)",
@@ -230,14 +230,14 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for row in rows:
         t = statistics.median(times[row])
         ref = losses["timm (NCHW)"]
-        speedups = sorted(a / b for a, b in zip(base, times[row], strict=True))
+        speedups = [a / b for a, b in zip(base, times[row], strict=True)]
         results.append(
             {
                 "model": name,
                 "impl": row,
                 "img_s": args.batch / t,
-                "speedup": statistics.median(speedups),
-                "speedup_range": (speedups[0], speedups[-1]),
+                "speedup": paired_ratio(base, times[row]),
+                "speedup_range": (min(speedups), max(speedups)),
                 "vs_channels_last": paired_ratio(channels_last, times[row]),
                 "first_loss": losses[row][0],
                 "first_loss_diff": abs(losses[row][0] - ref[0]),
@@ -248,12 +248,6 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             }
         )
     return results
-
-
-def paired_ratio(base: list[float], times: list[float]) -> float:
-    """The median over rounds of base / row, each pair timed in the same round: the host's slow drift
-    (a shared machine's speed moves by tens of percent over minutes) cancels within a pair."""
-    return statistics.median(a / b for a, b in zip(base, times, strict=True))
 
 
 def print_table(results: list[dict], args: argparse.Namespace) -> None:

@@ -61,6 +61,13 @@ def machine_line(*, calibrate: bool = True) -> str:
     return line
 
 
+def paired_ratio(base: list[float], times: list[float]) -> float:
+    """The median over rounds of base / row, each pair timed in the same round: the host's slow drift
+    (a shared machine's speed moves by tens of percent over minutes) cancels within a pair. For the
+    benchmarks, which interleave their rows round by round."""
+    return statistics.median(a / b for a, b in zip(base, times, strict=True))
+
+
 def routes_summary() -> list[str]:
     """Lines naming the routes this process measured (what the fast and training paths took here)."""
     made = routes.decisions(include_cached=False)
