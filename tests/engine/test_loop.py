@@ -14,6 +14,7 @@ from metaformer.engine.loop import (
     amp_dtype,
     create_optimizer,
     fit,
+    head_lr,
     to_device,
     use_channels_last,
 )
@@ -253,3 +254,46 @@ def test_adamw_is_fused_and_steps_like_the_foreach_version():
     for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not create_optimizer(ToyDetector(), opt="sgd", lr=0.1, weight_decay=0).defaults.get("fused")
+
+
+def test_layer_decay_comes_from_the_models_group_matcher_and_the_log_shows_the_heads_lr(tmp_path):
+    from timm.scheduler import create_scheduler_v2
+
+    from metaformer import create_model
+
+    torch.manual_seed(0)
+    model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=2)
+    optimizer = create_optimizer(model, lr=0.01, weight_decay=0.05, layer_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    assert scales == [0.5**i for i in range(5, -1, -1)]  # stem, 4 blocks, head
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=2, warmup_epochs=0)
+    images = torch.randn(8, 3, 32, 32)
+    data = [(images[i], int(i % 2)) for i in range(8)]
+
+    class Classify(DictLossTask):
+        primary_metric = "acc"
+
+        def train_step(self, model, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y), len(x)
+
+        def evaluate(self, model, loader):
+            return {"acc": 0.5}
+
+    config = RunConfig(epochs=2, output_dir=str(tmp_path / "run"), channels_last=False)
+    fit(Classify(), model, optimizer, scheduler, DataLoader(data, batch_size=4), DataLoader(data), config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(0.01)  # the head's, not the stem's 0.01 * 0.5**5
+    assert head_lr(optimizer) == max(g["lr"] for g in optimizer.param_groups)
+    stem = next(g for g in optimizer.param_groups if g["lr_scale"] == min(scales))
+    assert stem["lr"] == pytest.approx(head_lr(optimizer) * 0.5**5)
+
+
+def test_layer_decay_needs_a_model_and_a_factor_in_range():
+    with pytest.raises(ConfigError, match="group_matcher"):
+        create_optimizer(list(ToyDetector().parameters()), lr=0.1, weight_decay=0, layer_decay=0.7)
+    from metaformer import create_model
+
+    model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    with pytest.raises(ConfigError, match=r"layer decay must be in \(0, 1\], got 1.5"):
+        create_optimizer(model, lr=0.1, weight_decay=0, layer_decay=1.5)

@@ -230,3 +230,66 @@ def test_equal_adjacent_widths_still_downsample_so_grids_match_the_formula():
         == stage_grid_sizes((64, 64))
         == [(16, 16), (8, 8), (4, 4), (2, 2)]
     )
+
+
+def _layer_scales(model: nn.Module, **kw) -> dict[str, tuple[float, float]]:
+    """Parameter name -> (lr scale, weight decay) in timm's own layer-decay groups."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, no_weight_decay_list=model.no_weight_decay(), **kw)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return {ids[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_timm_layer_decay_gives_poolformer_s12_one_rising_lr_scale_per_block():
+    model = create_model("poolformer_s12", num_classes=5)
+    scales = _layer_scales(model, weight_decay=0.05, layer_decay=0.5)
+    per_layer = {}
+    for name, (scale, _) in scales.items():
+        if name.startswith("stem"):
+            key = "stem"
+        elif name.startswith("head"):
+            key = "head"
+        else:
+            stage, kind, block = name.split(".")[1:4]
+            key = (int(stage), 0 if kind == "downsample" else int(block))  # a downsampling joins block 0
+        per_layer.setdefault(key, set()).add(scale)
+    assert all(len(s) == 1 for s in per_layer.values())  # one scale per layer
+    blocks = sorted(k for k in per_layer if isinstance(k, tuple))
+    assert len(blocks) == sum(model.depths) == 12
+    order = [per_layer["stem"].pop()] + [per_layer[k].pop() for k in blocks] + [per_layer["head"].pop()]
+    assert order == [0.5 ** (13 - i) for i in range(14)]  # stem, 12 blocks, head: rising to 1.0
+
+
+def test_no_weight_decay_on_norms_biases_and_scales_only():
+    model = create_model("poolformer_s12", **TINY, num_classes=5, res_scale_init=1.0, act="starrelu")
+    scales = _layer_scales(model, weight_decay=0.05, layer_decay=0.7, weight_decay_exclude_1d=False)
+    decayed = {name for name, (_, wd) in scales.items() if wd > 0}
+    kinds = {name.split(".")[-2] + "." + name.split(".")[-1] for name in scales}
+    assert {"norm1.weight", "layer_scale1.scale", "res_scale1.scale", "fc1.bias", "act.scale"} <= kinds
+    for name in scales:
+        assert (name in decayed) == (name.endswith(".weight") and "norm" not in name), name
+    assert decayed and all(model.get_parameter(n).ndim >= 2 for n in decayed)
+
+
+def test_coarse_groups_are_stem_stages_head_and_positional_embeddings_join_their_stage():
+    from timm.models import group_parameters
+
+    model = create_model("metaformer_ppaa_s12_224", **TINY, num_classes=3)
+    layers = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    assert max(layers.values()) == 5  # stem, 4 stages, head
+    fine = group_parameters(model, model.group_matcher(), reverse=True)
+    pos = [n for n in fine if "pos_embed" in n]
+    assert pos and all(fine[n] == fine[n.replace("pos_embed", "blocks.0.norm1.weight")] for n in pos)
+    assert "pos_embed" in " ".join(model.no_weight_decay())
+
+
+def test_timm_optimizer_factory_layer_decay_on_the_features_backbone():
+    from timm.optim import create_optimizer_v2
+
+    backbone = create_model("poolformer_s12", **TINY, features_only=True, out_norm=True)
+    optimizer = create_optimizer_v2(backbone, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [0.8**i for i in range(5, -1, -1)]
+    assert all(
+        g["weight_decay"] == 0 for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"])
+    )

@@ -470,6 +470,16 @@ class MetaFormer(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Groups for timm's layer-wise lr decay: stem, one per block (per stage if coarse), head."""
+        return _group_matcher(coarse)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters timm's optimizer factory leaves without weight decay."""
+        return _no_weight_decay(self)
+
 
 class MetaFormerFeatures(nn.Module):
     """The backbone without its head, returning stage maps (strides 4, 8, 16, 32) for dense tasks.
@@ -521,6 +531,16 @@ class MetaFormerFeatures(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Groups for timm's layer-wise lr decay: stem, one per block (per stage if coarse), head."""
+        return _group_matcher(coarse)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters timm's optimizer factory leaves without weight decay."""
+        return _no_weight_decay(self)
+
 
 def check_out_indices(indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
     indices = tuple(int(i) for i in indices)
@@ -529,6 +549,36 @@ def check_out_indices(indices: Sequence[int], num_stages: int) -> tuple[int, ...
             f"out_indices must be distinct increasing stage indices in 0..{num_stages - 1}, got {indices}"
         )
     return indices
+
+
+def _group_matcher(coarse: bool) -> dict[str, Any]:
+    """timm's layer grouping (``timm.models._manipulate.group_with_matcher``) for a MetaFormer trunk.
+
+    The stem comes first; then one group per block (``coarse``: per stage), each stage's downsampling
+    and position embedding joining the group of the stage's first block (as timm's ConvNeXt does);
+    whatever matches nothing (the head, a features wrapper's output norms) is last. Layer-wise lr
+    decay (``create_optimizer_v2(model, layer_decay=...)``) scales the lr by these groups.
+    """
+    if coarse:
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
+    return {
+        "stem": r"^stem",
+        "blocks": [
+            (r"^stages\.(\d+)\.(?:downsample|pos_embed)", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+        ],
+    }
+
+
+def _no_weight_decay(module: nn.Module) -> set[str]:
+    """Every parameter but a convolution's or linear layer's weight: norms, biases, layer/res scales,
+    activation scales and position embeddings, so weight decay never pulls them towards zero."""
+    decayed = {
+        f"{name}.weight" if name else "weight"
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    return {name for name, _ in module.named_parameters() if name not in decayed}
 
 
 def _init_weights(module: nn.Module) -> None:
