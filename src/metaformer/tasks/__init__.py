@@ -70,8 +70,10 @@ def command(name: str, config: type, help: str, description: str | None = None) 
 @dataclass(frozen=True)
 class TaskCommands:
     """A task's command group: the commands ``module`` declares with ``@command``, in their order (read
-    when the CLI is built, so ``COMMANDS`` may come first in the module). ``name=None``: they are
-    top-level commands (a tool module's)."""
+    when the CLI is built, so ``COMMANDS`` may come first in the module). A task that is a package
+    (``tasks/classify/``) declares them in its submodules, in the order it imports them, and re-exports
+    the functions: the CLI calls them by name on ``module``. ``name=None``: they are top-level commands
+    (a tool module's)."""
 
     module: str
     name: str | None
@@ -80,7 +82,13 @@ class TaskCommands:
 
     @property
     def actions(self) -> tuple[Action, ...]:
-        return tuple(_ACTIONS.get(self.module, ()))
+        inside = f"{self.module}."
+        return tuple(
+            action
+            for module, actions in _ACTIONS.items()
+            if module == self.module or module.startswith(inside)
+            for action in actions
+        )
 
 
 def register_task(module: str) -> None:

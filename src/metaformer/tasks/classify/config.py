@@ -1,0 +1,219 @@
+"""``TrainConfig``: every option of a classification training run; ``resolve`` fills what is left as None
+from the recipe (``recipes.RECIPES``) and the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from metaformer.errors import ConfigError, check_choice
+from metaformer.models import get_variant
+from metaformer.options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED_RANGE, RunOptions, option
+from metaformer.tasks.classify.recipes import (
+    EMBEDDED_IMG_SIZE,
+    FOLDER_IMG_SIZE,
+    INTERPOLATIONS,
+    RECIPE_FIELDS,
+    RECIPES,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunOptions):
+    """Everything a training run needs; None fields come from the recipe (see ``RECIPES``).
+
+    ``data=None`` trains on the embedded digits. ``lr=None`` scales ``lr_base`` by the global batch
+    (batch_size x processes x accum_steps) / ``lr_base_batch``, as the paper does (1e-3 per 1024).
+    ``auto_augment="none"`` turns RandAugment off; ``ema_decay``/``clip_grad`` None mean off.
+    """
+
+    TASK: ClassVar[str] = "classify"
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
+    DEMO_RECIPE: ClassVar[str] = "small"
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "model": {"help": "model name (`metaformer models` lists them)"},
+        "data": {
+            "help": "ImageFolder tree DIR/train/<class>/*, DIR/val/<class>/* (default: the embedded digits)"
+        },
+        "recipe": {"help": "hyperparameter preset (paper with --data, else small)"},
+        "epochs": {"help": "epochs (paper 300, small 12)"},
+        "batch_size": {"help": "images per process per step (paper 128, small 64)"},
+        "lr": {"help": "peak learning rate (default: lr-base x global batch / lr-base-batch)"},
+        "weight_decay": {"help": "AdamW weight decay, not applied to norms, biases, layer scales (0.05)"},
+        "amp": {"help": "off, auto, bf16 or fp16 (auto: bf16 where native, else off)", "choices": None,
+                "metavar": "MODE"},
+        "clip_grad": {"help": "clip the gradient norm (off)"},
+        "num_workers": {"help": "data-loading processes (digits 0, folders up to 8)"},
+        "limit_train": {"check": POSITIVE},
+        "limit_val": {"check": POSITIVE},
+        "stop_after_epoch": {"help": "stop (resumably) after epoch N, e.g. to fit a job time limit"},
+    }  # fmt: skip
+
+    accum_steps: int | None = option(None, "gradient accumulation steps (1)", metavar="N", check=POSITIVE)
+    seed: int | None = option(None, "random seed (paper 42, small 0)", metavar="N", check=SEED_RANGE)
+    eval_every: int | None = option(
+        1, "validate every N epochs (and the last)", metavar="N", check=AT_LEAST_1
+    )
+    lr_base: float | None = option(
+        None,
+        "lr at the reference batch (paper 1e-3 per 1024, small 2e-3 per 64)",
+        metavar="LR",
+        check=POSITIVE,
+    )
+    lr_base_batch: int | None = option(
+        None, "reference global batch for lr scaling", metavar="N", check=POSITIVE
+    )
+    opt: str | None = option(
+        None, "timm optimizer name (adamw; lamb for CAFormer in the baselines paper)", metavar="NAME"
+    )
+    opt_eps: float | None = option(None, "optimizer epsilon (1e-8)", metavar="EPS", check=NON_NEGATIVE)
+    opt_betas: tuple[float, float] | None = option(
+        None,
+        "optimizer betas (0.9 0.999)",
+        metavar=("B1", "B2"),
+        check={"low": 0, "high": 1, "high_open": True},
+    )
+    sched: str | None = option(None, "timm scheduler name (cosine)", metavar="NAME")
+    sched_on_steps: bool | None = option(
+        None, "update the lr every optimizer step instead of every epoch (paper: per epoch; small: per step)"
+    )
+    warmup_epochs: int | None = option(
+        None, "linear warmup epochs (paper 5, small 1)", metavar="N", check=NON_NEGATIVE
+    )
+    warmup_lr: float | None = option(
+        None, "lr at the start of warmup (paper 1e-6)", metavar="LR", check=NON_NEGATIVE
+    )
+    min_lr: float | None = option(None, "cosine floor (1e-5)", metavar="LR", check=NON_NEGATIVE)
+    label_smoothing: float | None = option(None, "label smoothing (0.1)", metavar="P", check=PROBABILITY)
+    mixup: float | None = option(
+        None, "mixup alpha, 0 = off (paper 0.8, small 0)", metavar="ALPHA", check=NON_NEGATIVE
+    )
+    cutmix: float | None = option(
+        None, "cutmix alpha, 0 = off (paper 1.0, small 0)", metavar="ALPHA", check=NON_NEGATIVE
+    )
+    mixup_prob: float | None = option(
+        None, "probability of mixing a batch (1.0)", metavar="P", check=PROBABILITY
+    )
+    mixup_switch_prob: float | None = option(
+        None, "probability of cutmix instead of mixup (0.5)", metavar="P", check=PROBABILITY
+    )
+    mixup_mode: str | None = option(None, "batch, pair or elem (batch)", metavar="MODE")
+    auto_augment: str | None = option(
+        None, "timm RandAugment string, or 'none' (paper rand-m9-mstd0.5-inc1)", metavar="POLICY"
+    )
+    re_prob: float | None = option(
+        None, "random erasing probability (paper 0.25, small 0)", metavar="P", check=PROBABILITY
+    )
+    re_mode: str | None = option(None, "random erasing fill (pixel)", metavar="MODE")
+    scale: tuple[float, float] | None = option(
+        None,
+        "random-resized-crop area range (paper 0.08 1, small 0.8 1)",
+        metavar=("LOW", "HIGH"),
+        check=POSITIVE,
+    )
+    ratio: tuple[float, float] | None = option(
+        None, "random-resized-crop aspect range (paper 0.75 1.33)", metavar=("LOW", "HIGH"), check=POSITIVE
+    )
+    hflip: float | None = option(
+        None, "horizontal flip probability (paper 0.5, small 0)", metavar="P", check=PROBABILITY
+    )
+    train_interpolation: str | None = option(
+        None, "bilinear, bicubic or random (paper random)", metavar="MODE"
+    )
+    interpolation: str | None = option(None, "eval resize interpolation (bicubic)", metavar="MODE")
+    mean: tuple[float, float, float] | None = option(
+        None, "normalisation mean (ImageNet)", metavar=("R", "G", "B"), check={}
+    )
+    std: tuple[float, float, float] | None = option(
+        None, "normalisation std (ImageNet)", metavar=("R", "G", "B"), check=POSITIVE
+    )
+    img_size: int | None = option(
+        None, "input size (embedded digits 32, folders 224)", metavar="PX", check=POSITIVE
+    )
+    crop_pct: float | None = option(
+        None, "eval centre-crop fraction (paper 0.9 for S, 0.95 for M; small 1.0)", metavar="F",
+        check={"low": 0, "high": 1, "low_open": True},
+    )  # fmt: skip
+    drop_path_rate: float | None = option(
+        None, "stochastic depth (paper: per model, S12 0.1; small 0)", metavar="P",
+        check={"low": 0, "high": 1, "high_open": True},
+    )  # fmt: skip
+    head_dropout: float | None = option(
+        None,
+        "classifier dropout (0; CAFormer-S36+ in the paper recipe 0.4-0.5)",
+        metavar="P",
+        check=PROBABILITY,
+    )
+    ema_decay: float | None = option(
+        None, "keep a timm ModelEmaV3 with this decay, e.g. 0.9999 (off)", metavar="D",
+        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+    )  # fmt: skip
+    init_checkpoint: str | None = option(
+        None,
+        "start from these weights (official, timm or metaformer; another class count re-initialises only "
+        "the classifier)",
+        metavar="PATH",
+    )
+    pretrained: bool = option(False, "start from the released ImageNet weights")
+    verify_images: bool = option(
+        True, "skip opening every image up front", flag="--no-verify-images", negate=True
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.label_smoothing is not None and self.label_smoothing >= 1.0:
+            raise ConfigError(f"label_smoothing must be below 1, got {self.label_smoothing}")
+        for name in ("interpolation", "train_interpolation"):
+            value = getattr(self, name)
+            if value is not None:
+                check_choice(name, value, INTERPOLATIONS)
+        for name in ("scale", "ratio"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
+                raise ConfigError(f"{name} must be two numbers 0 < low <= high, got {value}")
+        if self.mixup_mode is not None and self.mixup_mode not in ("batch", "pair", "elem"):
+            raise ConfigError(f"mixup_mode must be batch, pair or elem, got '{self.mixup_mode}'")
+        if self.pretrained and self.init_checkpoint is not None:
+            raise ConfigError("pass either --pretrained or --init-checkpoint, not both")
+
+    def resolve(self, world_size: int = 1) -> TrainConfig:
+        """A copy with every recipe field filled in, the lr scaled, and data-dependent defaults set."""
+        recipe = self.recipe_name
+        values = dict(RECIPES[recipe])
+        variant = get_variant(self.model)
+        values.setdefault("drop_path_rate", variant.drop_path_rate)
+        values.setdefault("crop_pct", _default_crop_pct(self.model))
+        filled = self.recipe_values(RECIPE_FIELDS, values)
+        global_batch = filled["batch_size"] * world_size * filled["accum_steps"]
+        lr = self.lr if self.lr is not None else filled["lr_base"] * global_batch / filled["lr_base_batch"]
+        head_dropout = self.head_dropout
+        if head_dropout is None:
+            head_dropout = (
+                float(variant.train_overrides.get("head_dropout", 0.0)) if recipe == "paper" else 0.0
+            )
+        img_size = self.img_size
+        if img_size is None:
+            img_size = EMBEDDED_IMG_SIZE if self.data is None else FOLDER_IMG_SIZE
+        workers = self.num_workers
+        if workers is None:
+            workers = 0 if self.data is None else min(8, max(1, (os.cpu_count() or 2) - 1))
+        return dataclasses.replace(
+            self,
+            recipe=recipe,
+            lr=lr,
+            head_dropout=head_dropout,
+            img_size=img_size,
+            num_workers=workers,
+            **filled,
+        )
+
+
+def _default_crop_pct(model: str) -> float:
+    """The eval crop of the model's released ImageNet weights (0.9 for S, 0.95 for M PoolFormers)."""
+    from metaformer.weights import DEFAULT_TAGS, PRETRAINED
+
+    tag = DEFAULT_TAGS.get(model)
+    return PRETRAINED[tag].crop_pct if tag else 0.9

@@ -1,0 +1,184 @@
+"""``metaformer classify eval``: top-1, top-5, loss and images/s of a checkpoint, and its confusion-matrix
+PNG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import Dataset
+
+from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
+from metaformer.data.folders import folder_split
+from metaformer.engine import skeleton
+from metaformer.engine.distributed import pick_device
+from metaformer.engine.loop import amp_dtype, use_channels_last
+from metaformer.errors import CheckpointError, ConfigError, check_choice
+from metaformer.inference import BACKENDS, prepare_for_inference
+from metaformer.options import AMP_MODES, POSITIVE, EvalOptions, option
+from metaformer.tasks import command
+from metaformer.tasks.classify.loading import BACKEND_HELP, _eval_tf, _readable_names, load_classifier
+from metaformer.tasks.classify.train import ClassificationTask, _subset
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(EvalOptions):
+    """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
+
+    FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {"help": "folder with val/<class>/* images"},
+        "limit": {"check": POSITIVE},
+    }
+
+    checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
+    model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
+    pretrained: bool = option(False, "evaluate the released ImageNet weights of --model")
+    batch_size: int = option(128, metavar="N", check=POSITIVE)
+    img_size: int | None = option(None, "override the eval input size", metavar="PX", check=POSITIVE)
+    crop_pct: float | None = option(
+        None,
+        "override the eval centre-crop fraction",
+        metavar="F",
+        check={"low": 0, "high": 1, "low_open": True},
+    )
+    amp: str = option("off", "autocast dtype", choices=AMP_MODES)
+    channels_last: bool | None = option(
+        None, "channels-last memory format (default: on for CPU, where it is faster; off for CUDA)"
+    )
+    confusion_png: str | None = option(
+        None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
+    )
+    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
+        super().__post_init__()
+        check_choice("amp", self.amp, AMP_MODES)
+        if (self.checkpoint is None) == (not self.pretrained):
+            raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
+
+
+@command(
+    "eval",
+    EvalConfig,
+    "top-1/top-5/loss/images-per-s and a confusion matrix",
+    "Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
+    "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
+    "they were trained with.",
+)
+def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
+    """Top-1, top-5, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
+    model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
+    transform = _eval_tf(preproc, config.img_size, config.crop_pct)
+    size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
+    if config.data is None:
+        if len(classes) != len(DIGITS_CLASSES):
+            raise CheckpointError(
+                f"the checkpoint has {len(classes)} classes but the embedded digits have 10; pass --data DIR "
+                "with matching class folders"
+            )
+        dataset: Dataset = digits_splits(size, val_transform=transform)[1]
+        skipped = 0
+    else:
+        folder = Path(config.data)
+        val_dir = folder / "val"
+        found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise CheckpointError(
+                f"the checkpoint has {len(classes)} classes but '{val_dir}' has {len(found)} class folders, "
+                f"{len(unknown)} of them unknown to it (e.g. '{unknown[0]}'); evaluate on matching data or "
+                "fine-tune first with `metaformer classify train --init-checkpoint`"
+            )
+        dataset = folder_split(folder, "val", transform, classes=classes)
+        skipped = len(dataset.skipped)  # type: ignore[attr-defined]
+    dataset = _subset(dataset, config.limit, 0)
+    device = pick_device(config.device)
+    model = model.to(device)
+    channels_last = use_channels_last(config.channels_last, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = ClassificationTask(classes)
+    dtype = amp_dtype(config.amp, device)
+    runner, backend = prepare_for_inference(
+        model,
+        backend=config.backend,
+        device=device,
+        img_size=(size, size),
+        batch_size=min(config.batch_size, len(dataset)),  # type: ignore[arg-type]
+        amp=dtype,
+    )
+    metrics, seconds = skeleton.evaluate_dataset(
+        task, runner, dataset, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
+        progress=config.progress, dtype=dtype, channels_last=channels_last,
+    )  # fmt: skip
+    png = config.confusion_png
+    if png is None:
+        png = (
+            str(Path(config.checkpoint).with_name(Path(config.checkpoint).stem + "-confusion.png"))
+            if config.checkpoint
+            else "confusion.png"
+        )
+    if task.confusion is not None:
+        plot_confusion(task.confusion, _readable_names(classes), png)
+    return {
+        "model": getattr(model, "model_name", config.model),
+        "checkpoint": config.checkpoint or f"pretrained:{config.model}",
+        "backend": backend,
+        "data": config.data or "embedded:digits (val split)",
+        "images": len(dataset),  # type: ignore[arg-type]
+        "skipped_images": skipped,
+        "top1": metrics["top1"],
+        "top5": metrics.get("top5", metrics.get(f"top{min(5, len(classes))}")),
+        "loss": metrics["loss"],
+        "images_per_s": len(dataset) / seconds if seconds > 0 else None,  # type: ignore[arg-type]
+        "seconds": seconds,
+        "confusion_png": png,
+        "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preproc.items()},
+    }
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike) -> None:
+    """Row-normalised confusion matrix (true class down, predicted across) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metaformer.weights import atomic_write
+
+    counts = matrix.double()
+    rates = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    n = len(class_names)
+    size = min(4 + 0.35 * n, 14)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+        if n <= 15:
+            for i in range(n):
+                for j in range(n):
+                    if counts[i, j] > 0:
+                        ax.text(
+                            j,
+                            i,
+                            int(counts[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black",
+                        )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = counts.diagonal().sum() / counts.sum().clamp(min=1)
+    ax.set_title(f"confusion matrix (top-1 {100 * float(accuracy):.2f}%)")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)

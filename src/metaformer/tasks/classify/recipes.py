@@ -1,0 +1,128 @@
+"""Classification recipes: the hyperparameter presets ``TrainConfig`` fills its None fields from (``paper``
+and ``small``), and the constants that go with them (default image sizes, interpolations, what may change
+between a run and its ``--resume``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # PAPER.md section 4 (PoolFormer v1 on ImageNet-1K); drop path and crop_pct come from the model.
+    "paper": {
+        "epochs": 300,
+        "batch_size": 128,
+        "lr_base": 1e-3,
+        "lr_base_batch": 1024,
+        "weight_decay": 0.05,
+        "opt": "adamw",
+        "opt_eps": 1e-8,
+        "opt_betas": (0.9, 0.999),
+        "sched": "cosine",
+        "sched_on_steps": False,
+        "warmup_epochs": 5,
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-5,
+        "label_smoothing": 0.1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "re_prob": 0.25,
+        "re_mode": "pixel",
+        "scale": (0.08, 1.0),
+        "ratio": (3 / 4, 4 / 3),
+        "hflip": 0.5,
+        "train_interpolation": "random",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "accum_steps": 1,
+        "amp": "auto",
+        "seed": 42,
+    },
+    # Small data sets (the default run on the 32x32 digits): short per-step cosine schedule, light
+    # geometric augmentation, no flips (digits are not mirror-symmetric), no mixup, no random erasing.
+    "small": {
+        "epochs": 12,
+        "batch_size": 64,
+        "lr_base": 2e-3,
+        "lr_base_batch": 64,
+        "weight_decay": 0.05,
+        "opt": "adamw",
+        "opt_eps": 1e-8,
+        "opt_betas": (0.9, 0.999),
+        "sched": "cosine",
+        "sched_on_steps": True,
+        "warmup_epochs": 1,
+        "warmup_lr": 1e-5,
+        "min_lr": 1e-5,
+        "label_smoothing": 0.1,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "auto_augment": "none",
+        "re_prob": 0.0,
+        "re_mode": "pixel",
+        "scale": (0.8, 1.0),
+        "ratio": (0.85, 1.18),
+        "hflip": 0.0,
+        "train_interpolation": "bicubic",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "crop_pct": 1.0,
+        "drop_path_rate": 0.0,
+        "accum_steps": 1,
+        "amp": "off",  # fp32 on every CPU, so the demo gives the same numbers everywhere
+        "seed": 0,
+    },
+}
+RECIPE_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr_base",
+    "lr_base_batch",
+    "weight_decay",
+    "opt",
+    "opt_eps",
+    "opt_betas",
+    "sched",
+    "sched_on_steps",
+    "warmup_epochs",
+    "warmup_lr",
+    "min_lr",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "mixup_mode",
+    "auto_augment",
+    "re_prob",
+    "re_mode",
+    "scale",
+    "ratio",
+    "hflip",
+    "train_interpolation",
+    "interpolation",
+    "mean",
+    "std",
+    "crop_pct",
+    "drop_path_rate",
+    "accum_steps",
+    "amp",
+    "seed",
+)
+# Options that may change between a run and its --resume, besides the shared ones (skeleton.py). The
+# process count may change too (the lr, scaled by the global batch, is still checked: pass --lr to keep
+# it); then random streams differ.
+RESUME_MAY_DIFFER = ("eval_every", "class_names", "world_size")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+EMBEDDED_IMG_SIZE = 32
+FOLDER_IMG_SIZE = 224

@@ -1,0 +1,42 @@
+"""What ``metaformer classify train|eval|predict`` print on the terminal (``--json`` prints the result
+itself instead)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def train_report(summary: Mapping[str, Any]) -> str:
+    best = summary["best_top1"]
+    best_text = "n/a" if best is None else f"{best:.2f}%"
+    return (
+        f"best top-1 {best_text} at epoch {summary['best_epoch']} of {summary['epochs']}; "
+        f"run folder {summary['output']}"
+    )
+
+
+def eval_report(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"{result['model']} on {result['data']}: {result['images']} images",
+        f"  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
+        f"  {result['images_per_s']:.1f} images/s ({result['backend']}); "
+        f"confusion matrix: {result['confusion_png']}",
+    ]
+    if result["skipped_images"]:
+        lines.append(f"  skipped {result['skipped_images']} unreadable image(s)")
+    return "\n".join(lines)
+
+
+def predict_report(results: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for item in results:
+        if "error" in item:
+            lines.append(f"{item['path']}: skipped ({item['error']})")
+            continue
+        ranked = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in item["predictions"])
+        lines.append(f"{item['path']}: {ranked}")
+        if "cam" in item:
+            cam = item["cam"]
+            lines.append(f"  Grad-CAM for '{cam['class']}' (stage {cam['stage']}): {cam['path']}")
+    return "\n".join(lines)
