@@ -38,7 +38,10 @@ def _python_random_kept() -> Iterator[None]:
 
 
 class ImageArrayDataset(Dataset):
-    """(N, H, W, 3) uint8 images in memory; items are (transform(PIL image), label)."""
+    """(N, H, W, 3) uint8 RGB or (N, H, W) grey images in memory; items are (transform(RGB PIL image), label).
+
+    Grey images stay one byte a pixel in memory (Fashion-MNIST's 60,000) and become RGB per item.
+    """
 
     def __init__(
         self,
@@ -59,7 +62,8 @@ class ImageArrayDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.images[index], mode="RGB")
+        pixels = self.images[index]
+        image = Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L").convert("RGB")
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
