@@ -52,7 +52,7 @@ def remap_mmseg_semantic_fpn(state: Mapping[str, torch.Tensor]) -> dict[str, tor
 def load_mmseg_segmenter(path: str | Path):  # -> tuple[SemanticFPN, list[str], SegAugment]
     """(eval-mode SemanticFPN, class names, mmseg's test resize) from an official mmseg checkpoint."""
     from metaformer.data.segmentation import SegAugment
-    from metaformer.tasks.segment import SegmenterConfig, create_segmenter
+    from metaformer.tasks.segmenter import SegmenterConfig, create_segmenter
     from metaformer.weights import compare_state_dict, read_state_dict
     from metaformer.weights.io import read_checkpoint_extras
     from metaformer.weights.layouts import infer_model_name
