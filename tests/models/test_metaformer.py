@@ -1,5 +1,6 @@
 """Properties of every registered variant and of the generic MetaFormer class."""
 
+import closed_form
 import pytest
 import torch
 from torch import nn
@@ -143,16 +144,47 @@ def test_activations_are_swappable(act):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = create_model("poolformer_s12", **TINY, drop_path_rate=0.0)
+def _checkpointed_step(model: nn.Module, x: torch.Tensor, monkeypatch) -> tuple[int, int, int]:
+    """(block forwards during the forward pass, block forwards during backward, bytes autograd saved
+    for backward outside checkpointed blocks: what the graph holds at the end of the forward).
+    The block's forward is counted itself: a recomputation does not run module hooks."""
+    from metaformer.models.metaformer import MetaFormerBlock
+
+    calls: list[int] = []
+    real = MetaFormerBlock.forward
+    monkeypatch.setattr(MetaFormerBlock, "forward", lambda self, t: calls.append(1) or real(self, t))
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+        out = out if isinstance(out, torch.Tensor) else sum(o.sum() for o in out)
+    forward_calls = len(calls)
+    out.sum().backward()
+    monkeypatch.setattr(MetaFormerBlock, "forward", real)
+    return forward_calls, len(calls) - forward_calls, sum(saved)
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_grad_checkpointing_recomputes_every_block_and_holds_less_for_backward(features_only, monkeypatch):
+    model = create_model("poolformer_s12", **TINY, drop_path_rate=0.0, features_only=features_only)
+    blocks = sum(len(stage.blocks) for stage in model.stages)
     x = torch.randn(2, 3, 64, 64)
-    model(x).sum().backward()
+    forward, backward, full_bytes = _checkpointed_step(model, x, monkeypatch)
+    assert (forward, backward) == (blocks, 0)
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.set_grad_checkpointing(True)
-    model(x).sum().backward()
+    forward, backward, checkpointed_bytes = _checkpointed_step(model, x, monkeypatch)
+    assert (forward, backward) == (blocks, blocks)  # each block runs again in the backward pass
+    assert checkpointed_bytes < 0.5 * full_bytes  # only the blocks' inputs are kept
     for a, p in zip(plain, model.parameters(), strict=True):
-        torch.testing.assert_close(a, p.grad)
+        torch.testing.assert_close(a, p.grad)  # and the gradients are the same
+    model.set_grad_checkpointing(False)
+    assert _checkpointed_step(model, x, monkeypatch)[1] == 0
 
 
 def test_features_only_returns_requested_stages_with_optional_out_norm():
@@ -293,3 +325,52 @@ def test_timm_optimizer_factory_layer_decay_on_the_features_backbone():
     assert all(
         g["weight_decay"] == 0 for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"])
     )
+
+
+# --------------------------------------------------------------------------- against the closed form
+# Every family, norm, activation and mixer against tests/models/closed_form.py (the formulas written with
+# torch.nn.functional, parameters read by name): in float64, where a wrong eps (1e-5 for 1e-6 moves the
+# outputs ~1e-6), a dropped bias or a missing position embedding is far above the 1e-10 tolerance.
+def _closed_form_check(model: nn.Module, size: int = 64) -> None:
+    model = closed_form.randomize(model).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        got_maps, got = model.forward_intermediates(x), model(x)
+        want_maps, want = closed_form.features(model, x), closed_form.forward(model, x)
+    for i, (a, b) in enumerate(zip(got_maps, want_maps, strict=True)):
+        assert closed_form.rel_err(a, b) < 1e-10, f"stage {i}"
+    assert closed_form.rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "name", FAMILY_REPRESENTATIVES + ["metaformer_pppf_s12_224", "metaformer_ppaa_s12_224"]
+)
+def test_every_family_equals_the_closed_form(name):
+    _closed_form_check(create_model(name, **TINY, img_size=64, num_classes=5))
+
+
+@pytest.mark.parametrize(
+    "norm", ["groupnorm1", "groupnorm1_nobias", "layernorm", "layernorm_nobias", "batchnorm"]
+)
+@pytest.mark.parametrize("mixers", [("pooling",) * 4, ("pooling", "pooling", "attention", "attention")])
+def test_every_norm_equals_the_closed_form_in_map_and_token_stages(norm, mixers):
+    _closed_form_check(create_model("poolformer_s12", **TINY, num_classes=5, norms=norm, mixers=mixers,
+                                    stem_norm=norm, downsample_norm=norm))  # fmt: skip
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu", "starrelu", "squaredrelu"])
+def test_every_activation_equals_the_closed_form(act):
+    _closed_form_check(create_model("poolformer_s12", **TINY, num_classes=5, act=act))
+
+
+def test_the_position_embedding_is_added_before_the_attention_stage():
+    model = (
+        closed_form.randomize(create_model("metaformer_pppa_s12_224", **TINY, img_size=64)).double().eval()
+    )
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        with_embedding = model(x)
+        model.stages[3].pos_embed.zero_()
+        without = model(x)
+    assert closed_form.rel_err(with_embedding, without) > 1e-3  # the embedding matters at this scale
+    assert closed_form.rel_err(without, closed_form.forward(model, x)) < 1e-10
