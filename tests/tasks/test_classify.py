@@ -198,7 +198,7 @@ def test_auto_backend_keeps_the_one_measured_faster(monkeypatch, tmp_path):
     model = create_model("poolformer_s12", num_classes=10, **TINY).eval()
     runner, name = prepare_for_inference(model, backend="auto", img_size=(32, 32), batch_size=4)
     [decision] = [d for d in routes.decisions() if d.route == "backend"]
-    assert set(decision.times_ms) == {"torch", "onnxruntime"}
+    assert set(decision.times_ms) == {"torch", "onnxruntime", "openvino"}
     assert name == decision.choice == min(decision.times_ms, key=decision.times_ms.get)
     assert isinstance(runner, OnnxRuntimeModel) == (name == "onnxruntime")
     routes.reset()
@@ -208,7 +208,7 @@ def test_backend_misuse_is_one_sentence():
     from metaformer.inference import prepare_for_inference
 
     model = create_model("poolformer_s12", num_classes=10, **TINY).eval()
-    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnxruntime"):
+    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnxruntime, openvino"):
         EvalConfig(checkpoint="x.safetensors", backend="tensorrt")
     with pytest.raises(ConfigError, match="runs in fp32; drop --amp"):
         prepare_for_inference(model, backend="onnxruntime", amp=torch.bfloat16)

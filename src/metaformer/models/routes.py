@@ -47,7 +47,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "fast_pool_mix": ("torch", "native"),
     "fast_mlp": ("gemm", "onednn", "conv", "native"),
     "fast_chunk": ("whole", "chunked"),
-    "backend": ("torch", "onnxruntime"),
+    "backend": ("torch", "onnxruntime", "openvino"),
 }
 ROUTE_HELP = {
     "train_pool_mix": "training pooling half: native C kernel or torch ops",
@@ -57,7 +57,7 @@ ROUTE_HELP = {
     "fast_mlp": "inference channel MLP: plain GEMMs, oneDNN fused GEMMs, 1x1 convolutions, or GEMMs with "
     "fc1's bias and GELU in one native pass",
     "fast_chunk": "inference stages: whole batch, or a few samples at a time (cache-sized)",
-    "backend": "eval/predict runtime: PyTorch fast path or onnxruntime on the exported graph",
+    "backend": "eval/predict runtime: PyTorch fast path, or onnxruntime or OpenVINO on the exported graph",
 }
 
 PROBE_SECONDS = 0.25  # per decision, after the warm-up call of each candidate
@@ -196,6 +196,25 @@ def known(route: str, shape_class: str) -> str | None:
         return decided.choice
     cached = _disk().get(f"{route}|{shape_class}")
     return cached.get("choice") if isinstance(cached, dict) else None
+
+
+def known_decision(route: str, shape_class: str, candidates: Sequence[str]) -> Decision | None:
+    """The decision already made for ``route`` here, measured against every one of ``candidates``
+    (its times tell a caller what the choice saves), or None: a decision that never timed one of
+    them (a newly installed runtime) does not stand. A forced choice has no times."""
+    forced = _override(route)
+    if forced is not None:
+        return Decision(route, shape_class, forced, {}, "env")
+    shape_class = f"{shape_class}-t{torch.get_num_threads()}"
+    decided = _DECISIONS.get((route, shape_class))
+    if decided is None:
+        cached = _disk().get(f"{route}|{shape_class}")
+        if not isinstance(cached, dict) or not isinstance(cached.get("times_ms"), dict):
+            return None
+        if not set(candidates) <= set(cached.get("candidates", cached["times_ms"])):
+            return None
+        decided = _cached_decision(route, shape_class, cached)
+    return decided
 
 
 def choose(

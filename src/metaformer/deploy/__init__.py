@@ -1,0 +1,332 @@
+"""Deployment: run a trained model on the fastest backend and precision this machine has.
+
+The layer below the tasks (classify eval and predict call ``prepare_for_inference``, the export
+command calls ``export_model`` and ``build``); it imports no task. One module per backend behind one
+interface (``base``): ``backend_torch`` (our fast path, fp32/bf16), ``backend_onnxruntime`` (fp32 and
+QDQ int8), ``backend_openvino`` (fp32/bf16 and NNCF int8); beside them ``onnx_export`` (the folded,
+checked ONNX graph every runtime starts from), ``quantize`` (calibration and the quantizers),
+``runtimes`` (how sessions are opened) and ``cache`` (artefacts kept by the weights' hash).
+
+``backend="auto"`` measures every backend that can run the precision on the real batch shape the
+first time (route ``backend`` in ``models.routes``, cached per machine), and weighs a backend's
+one-off cost (building or loading its artefact) against the time it saves over the work announced
+by ``images``: a single image is not worth a 4 s export to save 5 ms.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaformer.errors import ConfigError, ExportError, check_choice
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+_MODULES = {
+    "torch": "metaformer.deploy.backend_torch",
+    "onnxruntime": "metaformer.deploy.backend_onnxruntime",
+    "openvino": "metaformer.deploy.backend_openvino",
+}
+SMALL_WORK_BATCHES = 4  # work this small is not worth probing every backend (that builds each artefact)
+# one-off seconds assumed for a backend never built here, per precision (replaced by measured ones)
+DEFAULT_BUILD_S = {"fp32": 5.0, "bf16": 5.0, "int8": 60.0}
+
+
+def backend_module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def _runnable(name: str, precision: str) -> bool:
+    try:
+        backend_module(name).check(precision)
+    except (ConfigError, ImportError):
+        return False
+    return True
+
+
+def candidates(precision: str) -> list[str]:
+    """The backends that can run ``precision`` here, the default first."""
+    order = ("openvino", "onnxruntime") if precision == "int8" else ("torch", "onnxruntime", "openvino")
+    return [name for name in order if _runnable(name, precision)]
+
+
+def _cache_parts(
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+) -> dict:
+    from metaformer import __version__
+    from metaformer.deploy.cache import weights_digest
+    from metaformer.deploy.onnx_export import DEFAULT_OPSET
+    from metaformer.deploy.runtimes import runtime_version
+    from metaformer.models.hardware import cpu_profile
+
+    return {
+        "weights": weights_digest(model),
+        "img_size": list(size),
+        "backend": backend,
+        "precision": precision,
+        "calibration": calibration.digest() if precision == "int8" else None,
+        "cpu": cpu_profile().signature,
+        "metaformer": __version__,
+        "torch": torch.__version__,
+        "runtime": runtime_version(backend),
+        "opset": DEFAULT_OPSET,
+    }
+
+
+def _shape(model: nn.Module, size: tuple[int, int]) -> str:
+    return f"{getattr(model, 'model_name', type(model).__name__)}-{size[0]}x{size[1]}"
+
+
+def cached_entry(
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+) -> Any:
+    """The cache entry holding ``backend``'s artefact for this model and precision, or None."""
+    from metaformer.deploy import cache
+
+    if not backend_module(backend).ARTEFACT:
+        return None
+    return cache.lookup(cache.make_key(_cache_parts(model, backend, precision, size, calibration)))
+
+
+def build(
+    model: nn.Module,
+    backend: str,
+    precision: str = "fp32",
+    *,
+    img_size: tuple[int, int] = (224, 224),
+    batch_size: int = 1,
+    threads: int | None = None,
+    calibration: Any = None,
+    use_cache: bool = True,
+) -> nn.Module:
+    """A runner of ``model`` on ``backend`` (not auto) at ``precision``: loaded from the cache when its
+    artefact is there, else built (exported, quantized, checked against PyTorch) and cached."""
+    from metaformer.deploy import cache
+    from metaformer.deploy.quantize import as_calibration, require_calibration
+
+    module = backend_module(backend)
+    module.check(precision)
+    calibration = as_calibration(calibration)
+    if precision == "int8":
+        require_calibration(calibration)
+    model = model.eval()
+    h, w = int(img_size[0]), int(img_size[1])
+    in_chans = getattr(model, "in_chans", 3)
+    if not module.ARTEFACT:
+        start = time.perf_counter()
+        runner = module.build(model, precision, torch.zeros(batch_size, in_chans, h, w), threads=threads)
+        cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
+        return runner
+    key = cache.make_key(_cache_parts(model, backend, precision, (h, w), calibration)) if use_cache else None
+    entry = cache.lookup(key) if key else None
+    if entry is not None:
+        start = time.perf_counter()
+        runner = module.load(entry.folder, precision, threads=threads)
+        runner.check = entry.meta.get("check", {})
+        cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
+        return runner
+    example = torch.zeros(batch_size, in_chans, h, w)
+    start = time.perf_counter()
+    with cache.building(key) as (folder, meta):
+        runner = module.build(
+            model.cpu().float(), precision, example, threads=threads, calibration=calibration, folder=folder
+        )
+        seconds = time.perf_counter() - start
+        meta.update(
+            parts=_cache_parts(model, backend, precision, (h, w), calibration),
+            check=runner.check,
+            settings=runner.settings,
+            build_s=round(seconds, 3),
+        )
+    cache.record_cost(backend, precision, _shape(model, (h, w)), build_s=seconds)
+    return runner
+
+
+def _one_off_s(
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+) -> float:
+    """Seconds ``backend`` costs before its first batch: loading a cached artefact, or building one."""
+    from metaformer.deploy import cache
+
+    costs = cache.costs(backend, precision, _shape(model, size))
+    if not backend_module(backend).ARTEFACT:
+        return costs.get("load_s", 0.2)
+    if precision == "int8" and calibration is None:
+        return math.inf
+    if cached_entry(model, backend, precision, size, calibration) is not None:
+        return costs.get("load_s", 0.5)
+    return costs.get("build_s", DEFAULT_BUILD_S[precision])
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    img_size: tuple[int, int] = (224, 224),
+    batch_size: int = 32,
+    amp: torch.dtype | None = None,
+    threads: int | None = None,
+    calibration: Any = None,
+    images: int | None = None,
+    use_cache: bool = True,
+) -> tuple[nn.Module, str]:
+    """(a module to call on image batches, the backend it runs on) for an eval-mode ``model``.
+
+    ``precision``: fp32 (exact outputs, the default), bf16, or int8 (post-training quantization
+    calibrated on ``calibration``, an iterable of preprocessed image batches or a ``Calibration``).
+    ``torch`` is our fast path (or, with ``amp``, the plain model under autocast); ``onnxruntime`` and
+    ``openvino`` run the exported graph on the CPU; ``auto`` measures them. ``images``: how many images
+    the caller will run (None: many), which decides whether a backend's one-off cost pays off.
+    ``threads``: the runtimes' threads (default: PyTorch's).
+    """
+    check_choice("backend", backend, BACKENDS)
+    check_choice("precision", precision, PRECISIONS)
+    device = torch.device(device)
+    from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
+
+    foldable = isinstance(model, (MetaFormer, MetaFormerFeatures))
+    if amp is not None:
+        if precision != "fp32":
+            raise ConfigError(f"pass either --amp or --precision {precision}, not both")
+        if backend not in ("auto", "torch"):
+            raise ConfigError(
+                f"the {backend} backend runs in fp32; drop --amp (or use --precision) or use --backend torch"
+            )
+        return model, "torch"  # the plain model under the caller's autocast
+    if device.type != "cpu":
+        if backend not in ("auto", "torch") or precision == "int8":
+            raise ConfigError(
+                f"{'int8' if precision == 'int8' else f'the {backend} backend'} runs on the CPU; "
+                "drop --device or use --backend torch"
+            )
+        from metaformer.deploy.backend_torch import TorchRunner, fold
+
+        return TorchRunner(fold(model, precision), precision, threads), "torch"
+    size = (int(img_size[0]), int(img_size[1]))
+    calibration_set = _calibration(calibration)
+    if backend != "auto":
+        runner = build(
+            model, backend, precision, img_size=size, batch_size=batch_size, threads=threads,
+            calibration=calibration_set, use_cache=use_cache,
+        )  # fmt: skip
+        return runner, backend
+    names = candidates(precision) if foldable else (["torch"] if precision != "int8" else [])
+    if not names:
+        raise ConfigError(
+            f"no installed backend runs {precision} here; pip install 'metaformer[openvino]' "
+            "or use --precision fp32"
+        )
+    if precision == "int8" and calibration_set is None:
+        raise ConfigError(
+            "int8 needs calibration images: pass calibration= (image batches) in Python or "
+            "--calibration-data DIR on the command line"
+        )
+    if len(names) == 1:
+        return _build_named(model, names[0], precision, size, batch_size, threads, calibration_set, use_cache)
+    return _auto(model, names, precision, size, batch_size, threads, calibration_set, images, use_cache)
+
+
+def _calibration(calibration: Any) -> Any:
+    from metaformer.deploy.quantize import as_calibration
+
+    return as_calibration(calibration)
+
+
+def _build_named(
+    model: nn.Module, name: str, precision: str, size: tuple[int, int], batch_size: int, threads: int | None,
+    calibration: Any, use_cache: bool,
+) -> tuple[nn.Module, str]:  # fmt: skip
+    runner = build(
+        model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
+        calibration=calibration, use_cache=use_cache,
+    )  # fmt: skip
+    return runner, name
+
+
+def _auto(
+    model: nn.Module, names: list[str], precision: str, size: tuple[int, int], batch_size: int,
+    threads: int | None, calibration: Any, images: int | None, use_cache: bool,
+) -> tuple[nn.Module, str]:  # fmt: skip
+    from metaformer.models import routes
+
+    h, w = size
+    shape_class = f"{getattr(model, 'model_name', type(model).__name__)}-{h}x{w}-b{routes.bucket(batch_size)}"
+    if precision != "fp32":
+        shape_class += f"-{precision}"
+    batches = None if images is None else max(1, math.ceil(images / batch_size))
+    decision = routes.known_decision("backend", shape_class, names)
+    if decision is not None and decision.choice in names:
+        choice = _weigh(model, decision, names, precision, size, calibration, batches)
+        return _build_named(model, choice, precision, size, batch_size, threads, calibration, use_cache)
+    if batches is not None and batches <= SMALL_WORK_BATCHES:
+        # measuring builds every backend's artefact: a short run takes one that needs none or is built
+        ready = [
+            name for name in names
+            if not backend_module(name).ARTEFACT or cached_entry(model, name, precision, size, calibration)
+        ]  # fmt: skip
+        return _build_named(
+            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache
+        )
+    runners: dict[str, nn.Module] = {}
+    for name in names:
+        try:
+            runners[name] = build(
+                model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
+                calibration=calibration, use_cache=use_cache,
+            )  # fmt: skip
+        except ExportError as error:  # its outputs were wrong: it is not a candidate
+            logger.warning("%s backend skipped: %s", name, error)
+    if not runners:
+        raise ExportError(f"no backend could run {precision} with outputs matching PyTorch")
+    example = torch.randn(batch_size, getattr(model, "in_chans", 3), h, w)
+    with torch.no_grad():
+        for runner in runners.values():
+            runner(example)  # first calls (the fast path's own route probes) are not part of its time
+        timed = {name: (lambda runner=runner: runner(example)) for name, runner in runners.items()}
+        choice = routes.choose("backend", shape_class, timed, min_rounds=5)
+    return runners[choice], choice
+
+
+def _weigh(
+    model: nn.Module,
+    decision: Any,
+    names: list[str],
+    precision: str,
+    size: tuple[int, int],
+    calibration: Any,
+    batches: int | None,
+) -> str:
+    """The measured choice, unless another candidate's total (one-off cost + the announced batches at
+    its measured speed) is smaller: a cheap-to-start backend wins a short run."""
+    times = {name: ms for name, ms in decision.times_ms.items() if name in names}
+    if batches is None or not times or decision.choice not in times:
+        return decision.choice
+    totals = {
+        name: _one_off_s(model, name, precision, size, calibration) + batches * ms / 1e3
+        for name, ms in times.items()
+    }
+    best = min(totals, key=totals.__getitem__)
+    if best != decision.choice:
+        logger.debug("backend %s instead of %s for %d batches (%s)", best, decision.choice, batches, totals)
+    return best
+
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "backend_module",
+    "build",
+    "candidates",
+    "prepare_for_inference",
+]

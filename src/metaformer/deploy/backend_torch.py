@@ -1,0 +1,77 @@
+"""The PyTorch backend: our fast path (``optimize_for_inference``), in fp32 or bf16.
+
+bf16 folds the model in fp32 first (norm affines, layer scales and StarReLU's scale multiply into the
+weights at full precision) and only then casts the folded weights to bf16, so the one rounding is
+the final one; inputs go in as bf16 and logits come back as fp32. On a CPU without native bf16
+(no AVX512-BF16 or AMX) oneDNN emulates it many times slower than fp32: one warning sentence says so.
+int8 is not offered here: PyTorch's int8 CPU path (PT2E) runs fast only through ``torch.compile``'s
+Inductor, whose start-up costs minutes; the runtimes run the same quantization at once.
+Nothing is cached: folding takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metaformer.deploy.base import Runner
+from metaformer.errors import ConfigError
+from metaformer.models.fast import optimize_for_inference
+from metaformer.models.hardware import native_bf16, warn_emulated_bf16
+from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
+
+NAME = "torch"
+PRECISIONS = ("fp32", "bf16")
+ARTEFACT: dict[str, str] = {}
+
+
+def check(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"the torch backend runs fp32 and bf16, not {precision}; "
+            "use --backend openvino (or auto) for int8"
+        )
+
+
+class TorchRunner(Runner):
+    """The folded model, with bf16 inputs and fp32 outputs when it runs in bf16."""
+
+    def __init__(self, model: nn.Module, precision: str, threads: int | None = None):
+        super().__init__(NAME, precision, {"threads": threads or torch.get_num_threads()})
+        self.model = model
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x.to(self.dtype))
+        return out.float() if isinstance(out, torch.Tensor) else [o.float() for o in out]
+
+
+def fold(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """The fast path of ``model`` (folded in fp32), cast to bf16 for ``precision="bf16"``."""
+    foldable = isinstance(model, (MetaFormer, MetaFormerFeatures))
+    fast = optimize_for_inference(model.float()) if foldable else model.float().eval()
+    if precision == "bf16":
+        if not native_bf16(next(model.parameters()).device):
+            warn_emulated_bf16()
+        fast = fast.to(torch.bfloat16)
+    return fast
+
+
+def build(
+    model: nn.Module,
+    precision: str,
+    example: torch.Tensor,
+    *,
+    threads: int | None = None,
+    calibration: object = None,
+    folder: object = None,
+) -> TorchRunner:
+    check(precision)
+    return TorchRunner(fold(model, precision), precision, threads)
+
+
+def load(folder: object, precision: str, *, threads: int | None = None) -> TorchRunner:  # pragma: no cover
+    raise ConfigError("the torch backend caches nothing; build it instead")
+
+
+__all__ = ["NAME", "PRECISIONS", "TorchRunner", "build", "check", "fold"]

@@ -1,0 +1,198 @@
+"""int8 post-training static quantization of our exported graph, calibrated on the user's own images.
+
+Two of the field's quantizers, both starting from the folded ONNX graph (``onnx_export``):
+
+- ``quantize_openvino``: NNCF's ``quantize`` on the OpenVINO model read from that graph (per-channel
+  int8 weights, int8 activations, fast bias correction). OpenVINO runs it with VNNI/AMX int8 kernels.
+  This is what the ``openvino`` backend ships.
+- ``quantize_qdq``: onnxruntime's ``quantize_static`` writing a QDQ ONNX file (per-channel int8
+  weights, uint8 activations, MinMax calibration), the portable int8 file. onnxruntime itself runs
+  it slower than its fp32 graph on the CPUs we measured (see docs/performance.md); OpenVINO reads the
+  same file and runs it fast.
+
+Both quantize the matmuls and convolutions (stem, downsampling, the channel MLP); the GroupNorm
+statistics, the pooling mix, GELU and the head's norm stay in float (``float_ops`` lists them).
+
+A calibration set is a ``Calibration``: image batches preprocessed as for eval, read lazily (a cached
+int8 model never reads them) and a ``key`` naming them for the cache (a folder's listing, or the
+images' own hash when no key is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaformer.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 300  # NNCF's default subset size; a few hundred images settle the ranges
+COMPUTE_OPS = {
+    # ONNX and OpenVINO names of the ops that carry the FLOPs, and of those that stay in float
+    "Conv", "Convolution", "MatMul", "Gemm", "Add", "Multiply", "Mul", "Sub", "Subtract", "Div", "Divide",
+    "AveragePool", "AvgPool", "ReduceMean", "Erf", "Gelu", "Sqrt", "Power", "Pow", "Softmax",
+}  # fmt: skip
+
+
+@dataclass
+class Calibration:
+    """Images to calibrate int8 ranges on: ``batches`` of (B, C, H, W) float tensors, preprocessed as for
+    eval; ``key`` names the set for the cache (None: the images' hash); at most ``limit`` are used."""
+
+    batches: Iterable[torch.Tensor]
+    key: str | None = None
+    limit: int = CALIBRATION_IMAGES
+    _images: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def images(self) -> list[np.ndarray]:
+        """The calibration images as (1, C, H, W) float32 arrays, read once."""
+        if self._images is None:
+            images: list[np.ndarray] = []
+            for batch in self.batches:
+                batch = torch.as_tensor(batch)
+                if batch.ndim == 3:
+                    batch = batch.unsqueeze(0)
+                if batch.ndim != 4:
+                    raise DataError(
+                        "calibration batches must be (B, C, H, W) image tensors, "
+                        f"got shape {tuple(batch.shape)}"
+                    )
+                for image in batch.detach().to("cpu", torch.float32):
+                    images.append(image.unsqueeze(0).contiguous().numpy())
+                    if len(images) >= self.limit:
+                        break
+                if len(images) >= self.limit:
+                    break
+            if not images:
+                raise DataError("the calibration set holds no images; pass a folder or batches with some")
+            self._images = images
+        return self._images
+
+    def digest(self) -> str:
+        """A short key for the cache: ``key`` if given, else the hash of the images themselves."""
+        if self.key is not None:
+            return hashlib.sha256(f"{self.key}|{self.limit}".encode()).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for image in self.images():
+            digest.update(image.tobytes())
+        return digest.hexdigest()[:16]
+
+    def stacked(self, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        images = self.images()
+        for start in range(0, len(images), batch_size):
+            yield torch.from_numpy(np.concatenate(images[start : start + batch_size]))
+
+
+def as_calibration(calibration: Calibration | Iterable[torch.Tensor] | None) -> Calibration | None:
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        return Calibration([calibration])
+    return Calibration(calibration)
+
+
+def require_calibration(calibration: Calibration | None) -> Calibration:
+    if calibration is None:
+        raise ConfigError(
+            "int8 needs calibration images: pass calibration= (image batches) in Python or "
+            "--calibration-data DIR on the command line"
+        )
+    return calibration
+
+
+def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
+    """NNCF post-training quantization of the OpenVINO model read from ``onnx_path``; returns an ov.Model."""
+    import nncf
+
+    from metaformer.deploy.runtimes import openvino_core
+
+    model = openvino_core().read_model(str(onnx_path))
+    images = calibration.images()
+    dataset = nncf.Dataset(images)
+    _quiet_nncf()
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout
+        return nncf.quantize(
+            model,
+            dataset,
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(images),
+            fast_bias_correction=True,
+        )
+
+
+def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> None:
+    """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    images = calibration.images()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self.items, None)
+            return None if image is None else {"images": image}
+
+    quantize_static(
+        str(onnx_path),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def float_ops(model: Any) -> dict[str, dict[str, int]]:
+    """{"int8": {op: count}, "float": {op: count}} for the compute ops of a quantized model: an op is int8
+    when one of its inputs comes from a quantize node (ONNX DequantizeLinear, OpenVINO FakeQuantize)."""
+    found: dict[str, dict[str, int]] = {"int8": {}, "float": {}}
+    if hasattr(model, "get_ordered_ops"):  # an OpenVINO model
+        nodes = [
+            (op.get_type_name(), [inp.get_source_output().get_node().get_type_name() for inp in op.inputs()])
+            for op in model.get_ordered_ops()
+        ]
+        quant = {"FakeQuantize"}
+    else:  # an onnx.ModelProto
+        producer = {out: node.op_type for node in model.graph.node for out in node.output}
+        nodes = [(node.op_type, [producer.get(name, "") for name in node.input]) for node in model.graph.node]
+        quant = {"DequantizeLinear"}
+    for op, sources in nodes:
+        if op in COMPUTE_OPS:
+            kind = "int8" if any(source in quant for source in sources) else "float"
+            found[kind][op] = found[kind].get(op, 0) + 1
+    return found
+
+
+def _quiet_nncf() -> None:
+    """NNCF logs its progress bars and notes at INFO; a library call should not print them."""
+    try:
+        from nncf.common.logging.logger import set_log_level
+
+        set_log_level(logging.ERROR)
+    except ImportError:  # pragma: no cover - another NNCF layout
+        pass
+
+
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "Calibration",
+    "as_calibration",
+    "float_ops",
+    "quantize_openvino",
+    "quantize_qdq",
+    "require_calibration",
+]
