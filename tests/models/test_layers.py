@@ -8,13 +8,20 @@ from metaformer.models.kernels import native_available
 from metaformer.models.layers import Mlp
 
 
-@pytest.mark.parametrize("act", ["gelu", "starrelu"])
-@pytest.mark.parametrize("route", ["conv", "gemm", "fused"])
+# the fused route exists for exact GELU only (StarReLU MLPs never take it: see the test below)
+@pytest.mark.parametrize(
+    "act, route",
+    [("gelu", "conv"), ("gelu", "gemm"), ("gelu", "fused"), ("starrelu", "conv"), ("starrelu", "gemm")],
+)
 def test_every_mlp_route_equals_the_convolutions_with_gradients(act, route, monkeypatch):
     monkeypatch.setenv("METAFORMER_ROUTE_TRAIN_MLP", route)
     mlp = Mlp(8, 32, act=act)
-    if route == "fused" and not mlp._fused_ok(torch.zeros(1, 8, 1, 1)):
-        pytest.skip("the fused route needs exact GELU and the native kernels (a C compiler)")
+    if route == "fused" and not native_available():
+        pytest.skip("the fused route needs the native kernels (a C compiler)")
+    fused_calls = []
+    monkeypatch.setattr(
+        Mlp, "_forward_fused", lambda self, t, real=Mlp._forward_fused: fused_calls.append(1) or real(self, t)
+    )
     x = torch.randn(2, 8, 5, 7)
     x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
     x.requires_grad_()
@@ -25,7 +32,8 @@ def test_every_mlp_route_equals_the_convolutions_with_gradients(act, route, monk
         Mlp, "_forward_rows", lambda self, t, real=Mlp._forward_rows: calls.append(1) or real(self, t)
     )
     out, out_cl = mlp(x), mlp(x_cl)
-    assert len(calls) == (route == "gemm")  # the forced route really ran (fused has its own method)
+    assert len(calls) == (route == "gemm")  # the forced route really ran
+    assert len(fused_calls) == (route == "fused")
     weights = [p for p in mlp.parameters()]
     g = torch.autograd.grad(out, [x, *weights], grad)
     g_cl = torch.autograd.grad(out_cl, [x_cl, *weights], grad)
@@ -71,3 +79,11 @@ def test_the_mlp_route_is_measured_once_per_shape_class(monkeypatch, tmp_path):
     expected = {"conv", "gemm"} | ({"fused"} if native_available() else set())
     assert len(fp32) == 1 and set(fp32[0].times_ms) == expected
     routes.reset()
+
+
+def test_a_starrelu_mlp_never_offers_the_fused_route():
+    """The fused kernel computes exact GELU: any other activation must stay off it, even when forced."""
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert not Mlp(8, 32, act="starrelu")._fused_ok(x)
+    assert not Mlp(8, 32, act=lambda: torch.nn.GELU("tanh"))._fused_ok(x)
+    assert Mlp(8, 32)._fused_ok(x) == native_available()
