@@ -2,6 +2,7 @@
 
 import shutil
 
+import closed_form
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ def test_build_is_cached_and_leaves_no_temporaries(fresh_build):
 @needs_compiler
 def test_fast_path_runs_the_kernel_and_matches_torch_ops(fresh_build, monkeypatch):
     model = create_model("poolformer_s12", depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=10)
-    faster = optimize_for_inference(model.eval())
+    faster = optimize_for_inference(closed_form.randomize(model).eval())  # layer scales near 1
     x = torch.randn(2, 3, 64, 64)
     calls = []
     real = fast.pool_mix
@@ -85,7 +86,8 @@ def test_fast_path_runs_the_kernel_and_matches_torch_ops(fresh_build, monkeypatc
         assert len(calls) == 5  # every pooling block
         monkeypatch.setattr(fast, "pool_mix_supported", lambda x: False)
         torch_ops = faster(x)
-    torch.testing.assert_close(native, torch_ops, rtol=1e-5, atol=1e-5)
+        independent = closed_form.forward(model, x.double())
+    assert rel(native, torch_ops) < 1e-5 and rel(native, independent) < 1e-5
 
 
 def test_switched_off_or_without_compiler_falls_back(fresh_build, monkeypatch):
@@ -152,32 +154,42 @@ def test_training_step_equals_the_torch_ops_path(fresh_build, monkeypatch, amp):
     model = create_model(
         "poolformer_s12", depths=(2, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=10, drop_path_rate=0.3
     ).train()
-    model = model.to(memory_format=torch.channels_last)
+    # layer scales near 1, not their 1e-5 init: a kernel that got them wrong moves the outputs by O(1)
+    model = closed_form.randomize(model, scale=0.2).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (4,))
     calls = []
     real = blocks.pool_mix_train
 
-    def step(native: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    def step(native: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         monkeypatch.setattr(blocks, "pool_mix_train", (lambda *a, **k: calls.append(1) or real(*a, **k)))
         if not native:
             monkeypatch.setattr(blocks, "_native_ok", lambda x: False)
         model.zero_grad()
         torch.manual_seed(1)  # the same drop-path draws
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x).float(), target)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+            logits = model(x).float()
+        F.cross_entropy(logits, target).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    loss, grads = step(True)
+    logits, grads = step(True)
     assert len(calls) == 5
-    ref_loss, ref_grads = step(False)
+    ref_logits, ref_grads = step(False)
     assert len(calls) == 5
-    assert abs(loss - ref_loss) < 1e-4
-    if not amp:  # bf16 rounds the matmuls differently on each path; fp32 must agree
-        for name, grad in grads.items():
-            if not name.endswith("norm1.bias"):  # exactly 0 natively, rounding noise in torch ops
-                torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+    # fp32 agrees to rounding (1.1e-6 measured); under bf16 autocast the paths round differently (the
+    # kernel keeps fp32): logits and gradients within 2.7e-2 measured, a dropped layer scale moves them O(1)
+    tol = 6e-2 if amp else 1e-5
+    assert rel(logits, ref_logits) < tol
+    for name, grad in grads.items():
+        if not name.endswith("norm1.bias"):  # exactly 0 natively, rounding noise in torch ops
+            assert rel(grad, ref_grads[name]) < tol, name
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest value (0 where both are exactly zero: a
+    branch stochastic depth dropped for every sample)."""
+    diff = (a.double() - b.double()).abs().max().item()
+    return 0.0 if diff == 0 else diff / b.double().abs().max().item()
 
 
 def test_switching_the_kernels_off_for_a_block_of_code(fresh_build):
