@@ -109,6 +109,8 @@ def test_fine_tune_with_the_paper_recipe_and_another_class_count(tiny_run, tmp_p
         str(tmp_path / "ft"),
         "--init-checkpoint",
         str(tiny_run / "best.safetensors"),
+        "--recipe",
+        "paper",
         "--model-kwargs",
         TINY,
         "--img-size",
@@ -122,9 +124,47 @@ def test_fine_tune_with_the_paper_recipe_and_another_class_count(tiny_run, tmp_p
     assert code == 0
     summary = json.loads(out)
     assert summary["num_classes"] == 2 and summary["train_images"] == 8
-    config = json.loads((tmp_path / "ft" / "config.json").read_text())  # --data defaults to the paper recipe
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["recipe"] == "paper" and config["mixup"] == 0.8 and config["re_prob"] == 0.25
     assert config["lr"] == pytest.approx(1e-3 * 4 / 1024)
+
+
+def test_weights_start_the_finetune_recipe_on_one_folder_of_class_folders(tiny_run, tmp_path, capsys):
+    data = tmp_path / "mine"  # DIR/<class>/*: no train/ or val/
+    names = [f"kind{d}" for d in range(10)]  # as many classes as the digits, other ones
+    for name in names:
+        _images(data / name, 5)
+    argv = ["classify", "train", "--data", str(data), "--init-checkpoint", str(tiny_run / "best.safetensors")]
+    argv += [
+        "--model-kwargs",
+        TINY,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--val-split",
+        "0.2",
+    ]
+    argv += ["--warmup-epochs", "0", "--img-size", "32"]
+    code, out, err = run_cli(capsys, *argv, "--output", str(tmp_path / "ft"), "--json")
+    assert code == 0, err
+    assert "re-initialising the classifier" in err  # same count, other classes (metaformer.tasks... logs)
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["recipe"] == "finetune" and config["layer_decay"] == 0.75 and config["val_split"] == 0.2
+    assert config["mixup"] == 0 and config["drop_path_rate"] == 0.1 and config["ema_decay"] is None
+    summary = json.loads(out)
+    assert (summary["train_images"], summary["val_images"]) == (40, 10)  # one of each class's 5 held out
+    records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(0.01)  # the head's lr, not the stem's 0.75**5 of it
+    code, out, _ = run_cli(
+        capsys, "classify", "eval", "--checkpoint", str(tmp_path / "ft" / "best.safetensors"),
+        "--data", str(data), "--val-split", "0.2", "--json",
+    )  # fmt: skip
+    result = json.loads(out)
+    assert code == 0 and result["images"] == 10 and set(result["per_class_top1"]) == set(names)
+    assert sum(result["per_class_top1"].values()) / 10 == pytest.approx(result["top1"])
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path):
@@ -180,7 +220,7 @@ def test_folder_without_train_val_class_folders(tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "classify", "train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "o")
     )
-    assert_clean_error(code, err, "no 'val' folder")
+    assert_clean_error(code, err, "too few images to hold 0.1 of each class out")
 
 
 def test_unknown_model_with_close_matches(capsys):

@@ -9,15 +9,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from metaformer.data.fashion_mnist import is_fashion_mnist
 from metaformer.errors import ConfigError, check_choice
 from metaformer.models import get_variant
 from metaformer.options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED_RANGE, RunOptions, option
 from metaformer.tasks.classify.recipes import (
     EMBEDDED_IMG_SIZE,
+    FASHION_MNIST_IMG_SIZE,
     FOLDER_IMG_SIZE,
     INTERPOLATIONS,
     RECIPE_FIELDS,
     RECIPES,
+    VAL_SPLIT,
 )
 
 
@@ -36,9 +39,12 @@ class TrainConfig(RunOptions):
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"help": "model name (`metaformer models` lists them)"},
         "data": {
-            "help": "ImageFolder tree DIR/train/<class>/*, DIR/val/<class>/* (default: the embedded digits)"
+            "help": "ImageFolder tree DIR/train/<class>/*, DIR/val/<class>/* (without val/, or as "
+            "DIR/<class>/*: --val-split holds out a part), or fashion-mnist[:DIR] "
+            "(default: the embedded digits)"
         },
-        "recipe": {"help": "hyperparameter preset (paper with --data, else small)"},
+        "recipe": {"help": "hyperparameter preset (finetune from --pretrained/--init-checkpoint, else paper "
+                   "with --data, small without)"},
         "epochs": {"help": "epochs (paper 300, small 12)"},
         "batch_size": {"help": "images per process per step (paper 128, small 64)"},
         "lr": {"help": "peak learning rate (default: lr-base x global batch / lr-base-batch)"},
@@ -158,6 +164,16 @@ class TrainConfig(RunOptions):
         metavar="PATH",
     )
     pretrained: bool = option(False, "start from the released ImageNet weights")
+    layer_decay: float | None = option(
+        None, "layer-wise lr decay: block k of n trains at lr x D**(n-k) (finetune 0.75; paper, small off)",
+        metavar="D", check={"low": 0, "high": 1, "low_open": True},
+    )  # fmt: skip
+    val_split: float = option(
+        VAL_SPLIT,
+        f"fraction of each class held out for validation when the data folder has no val/ ({VAL_SPLIT})",
+        metavar="F",
+        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+    )
     verify_images: bool = option(
         True, "skip opening every image up front", flag="--no-verify-images", negate=True
     )
@@ -179,27 +195,39 @@ class TrainConfig(RunOptions):
         if self.pretrained and self.init_checkpoint is not None:
             raise ConfigError("pass either --pretrained or --init-checkpoint, not both")
 
+    @property
+    def recipe_name(self) -> str:
+        """The recipe asked for, else finetune from weights, paper with --data, small without."""
+        if self.recipe is None and (self.pretrained or self.init_checkpoint is not None):
+            return "finetune"
+        return super().recipe_name
+
     def resolve(self, world_size: int = 1) -> TrainConfig:
         """A copy with every recipe field filled in, the lr scaled, and data-dependent defaults set."""
         recipe = self.recipe_name
         values = dict(RECIPES[recipe])
         variant = get_variant(self.model)
         values.setdefault("drop_path_rate", variant.drop_path_rate)
-        values.setdefault("crop_pct", _default_crop_pct(self.model))
+        fashion = is_fashion_mnist(self.data)
+        values.setdefault("crop_pct", 1.0 if fashion else _default_crop_pct(self.model))  # 28 px: keep all
         filled = self.recipe_values(RECIPE_FIELDS, values)
         global_batch = filled["batch_size"] * world_size * filled["accum_steps"]
         lr = self.lr if self.lr is not None else filled["lr_base"] * global_batch / filled["lr_base_batch"]
         head_dropout = self.head_dropout
         if head_dropout is None:
             head_dropout = (
-                float(variant.train_overrides.get("head_dropout", 0.0)) if recipe == "paper" else 0.0
+                float(variant.train_overrides.get("head_dropout", 0.0))
+                if recipe in ("paper", "finetune")
+                else 0.0
             )
         img_size = self.img_size
         if img_size is None:
             img_size = EMBEDDED_IMG_SIZE if self.data is None else FOLDER_IMG_SIZE
+            img_size = FASHION_MNIST_IMG_SIZE if fashion else img_size
         workers = self.num_workers
         if workers is None:
-            workers = 0 if self.data is None else min(8, max(1, (os.cpu_count() or 2) - 1))
+            in_memory = self.data is None or fashion  # decoded arrays: loader processes only add copies
+            workers = 0 if in_memory else min(8, max(1, (os.cpu_count() or 2) - 1))
         return dataclasses.replace(
             self,
             recipe=recipe,

@@ -1,5 +1,5 @@
-"""``metaformer classify eval``: top-1, top-5, loss and images/s of a checkpoint, and its confusion-matrix
-PNG."""
+"""``metaformer classify eval``: top-1, top-5, per-class accuracy, loss and images/s of a checkpoint, and its
+confusion-matrix PNG."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
-from metaformer.data.folders import folder_split
+from metaformer.data.fashion_mnist import fashion_mnist_splits, is_fashion_mnist
+from metaformer.data.folders import folder_split, held_out_split
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
@@ -22,6 +23,7 @@ from metaformer.inference import BACKENDS, prepare_for_inference
 from metaformer.options import AMP_MODES, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
 from metaformer.tasks.classify.loading import BACKEND_HELP, _eval_tf, _readable_names, load_classifier
+from metaformer.tasks.classify.recipes import VAL_SPLIT
 from metaformer.tasks.classify.train import ClassificationTask, _subset
 
 
@@ -30,7 +32,10 @@ class EvalConfig(EvalOptions):
     """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
-        "data": {"help": "folder with val/<class>/* images"},
+        "data": {
+            "help": "folder with val/<class>/* images (without val/: the part --val-split held out in "
+            "training), or fashion-mnist[:DIR] (its 10,000 test images)"
+        },
         "limit": {"check": POSITIVE},
     }
 
@@ -53,6 +58,12 @@ class EvalConfig(EvalOptions):
         None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
     )
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
+    val_split: float = option(
+        VAL_SPLIT,
+        f"for a folder without val/: the fraction training held out ({VAL_SPLIT})",
+        metavar="F",
+        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+    )
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -71,7 +82,7 @@ class EvalConfig(EvalOptions):
     "they were trained with.",
 )
 def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
-    """Top-1, top-5, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
+    """Top-1, top-5, per-class top-1, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
     transform = _eval_tf(preproc, config.img_size, config.crop_pct)
     size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
@@ -83,18 +94,20 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
             )
         dataset: Dataset = digits_splits(size, val_transform=transform)[1]
         skipped = 0
+    elif is_fashion_mnist(config.data):
+        dataset = fashion_mnist_splits(config.data, val_transform=transform)[1]
+        _check_classes(classes, dataset.classes, config.data)
+        skipped = 0
     else:
         folder = Path(config.data)
-        val_dir = folder / "val"
-        found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise CheckpointError(
-                f"the checkpoint has {len(classes)} classes but '{val_dir}' has {len(found)} class folders, "
-                f"{len(unknown)} of them unknown to it (e.g. '{unknown[0]}'); evaluate on matching data or "
-                "fine-tune first with `metaformer classify train --init-checkpoint`"
-            )
-        dataset = folder_split(folder, "val", transform, classes=classes)
+        if (folder / "val").is_dir() or not folder.is_dir():
+            val_dir = folder / "val"
+            found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
+            _check_classes(classes, found, val_dir, exact=False)  # folder_split maps names to indices
+            dataset = folder_split(folder, "val", transform, classes=classes)
+        else:  # the part a training run on this folder held out
+            dataset = held_out_split(folder, config.val_split, val_transform=transform)[1]
+            _check_classes(classes, dataset.classes, folder)
         skipped = len(dataset.skipped)  # type: ignore[attr-defined]
     dataset = _subset(dataset, config.limit, 0)
     device = pick_device(config.device)
@@ -123,8 +136,10 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
             if config.checkpoint
             else "confusion.png"
         )
+    per_class: dict[str, float | None] = {}
     if task.confusion is not None:
         plot_confusion(task.confusion, _readable_names(classes), png)
+        per_class = per_class_accuracy(task.confusion, classes)
     return {
         "model": getattr(model, "model_name", config.model),
         "checkpoint": config.checkpoint or f"pretrained:{config.model}",
@@ -134,11 +149,37 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "skipped_images": skipped,
         "top1": metrics["top1"],
         "top5": metrics.get("top5", metrics.get(f"top{min(5, len(classes))}")),
+        "per_class_top1": per_class,
         "loss": metrics["loss"],
         "images_per_s": len(dataset) / seconds if seconds > 0 else None,  # type: ignore[arg-type]
         "seconds": seconds,
         "confusion_png": png,
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preproc.items()},
+    }
+
+
+def _check_classes(classes: Sequence[str], found: Sequence[str], where: Any, exact: bool = True) -> None:
+    """The data's classes must be the checkpoint's (in its order, unless the data set maps them itself)."""
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise CheckpointError(
+            f"the checkpoint has {len(classes)} classes but '{where}' has {len(found)} class folders, "
+            f"{len(unknown)} of them unknown to it (e.g. '{unknown[0]}'); evaluate on matching data or "
+            "fine-tune first with `metaformer classify train --init-checkpoint`"
+        )
+    if exact and list(found) != list(classes):
+        raise CheckpointError(
+            f"'{where}' has {len(found)} of the checkpoint's {len(classes)} classes or another order of "
+            "them; evaluate on the data it was trained on"
+        )
+
+
+def per_class_accuracy(confusion: torch.Tensor, classes: Sequence[str]) -> dict[str, float | None]:
+    """Top-1 in percent of each class's images (None for a class with no image in the data)."""
+    counts = confusion.sum(dim=1)
+    return {
+        str(name): (100.0 * float(confusion[i, i]) / float(counts[i]) if counts[i] > 0 else None)
+        for i, name in enumerate(classes)
     }
 
 

@@ -1,6 +1,6 @@
-"""Classification recipes: the hyperparameter presets ``TrainConfig`` fills its None fields from (``paper``
-and ``small``), and the constants that go with them (default image sizes, interpolations, what may change
-between a run and its ``--resume``)."""
+"""Classification recipes: the hyperparameter presets ``TrainConfig`` fills its None fields from (``paper``,
+``small`` and ``finetune``), and the constants that go with them (default image sizes, interpolations, what
+may change between a run and its ``--resume``)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "accum_steps": 1,
         "amp": "auto",
         "seed": 42,
+        "layer_decay": None,  # every layer at the full lr
     },
     # Small data sets (the default run on the 32x32 digits): short per-step cosine schedule, light
     # geometric augmentation, no flips (digits are not mirror-symmetric), no mixup, no random erasing.
@@ -81,6 +82,49 @@ RECIPES: dict[str, dict[str, Any]] = {
         "accum_steps": 1,
         "amp": "off",  # fp32 on every CPU, so the demo gives the same numbers everywhere
         "seed": 0,
+        "layer_decay": None,
+    },
+    # Fine-tuning from weights (the default with --pretrained or --init-checkpoint). From sail-sg/metaformer's
+    # fine-tuning commands: AdamW, a few tens of epochs, no mixup or cutmix, the model's drop path and head
+    # dropout; their lr 5e-5 re-tunes ImageNet weights at batch 1024, so the lr here is per 64 images and
+    # was chosen by the sweep in benchmarks/finetune.py (docs/training.md). From timm's conventions: a short
+    # per-step cosine schedule, layer-wise lr decay over the model's group_matcher() (the stem learns at
+    # 0.75**13 of the head's lr on S12), light augmentation. No EMA: at a few hundred steps an average with
+    # the usual 0.9999 decay stays at the starting weights (--ema-decay turns it on for long runs).
+    "finetune": {
+        "epochs": 30,
+        "batch_size": 32,
+        "lr_base": 5e-4,
+        "lr_base_batch": 64,
+        "weight_decay": 0.05,
+        "opt": "adamw",
+        "opt_eps": 1e-8,
+        "opt_betas": (0.9, 0.999),
+        "sched": "cosine",
+        "sched_on_steps": True,
+        "warmup_epochs": 2,
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-6,
+        "label_smoothing": 0.1,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "auto_augment": "none",
+        "re_prob": 0.0,
+        "re_mode": "pixel",
+        "scale": (0.5, 1.0),
+        "ratio": (3 / 4, 4 / 3),
+        "hflip": 0.5,
+        "train_interpolation": "bicubic",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "accum_steps": 1,
+        "amp": "auto",
+        "seed": 0,
+        "layer_decay": 0.75,
     },
 }
 RECIPE_FIELDS = (
@@ -118,6 +162,7 @@ RECIPE_FIELDS = (
     "accum_steps",
     "amp",
     "seed",
+    "layer_decay",
 )
 # Options that may change between a run and its --resume, besides the shared ones (skeleton.py). The
 # process count may change too (the lr, scaled by the global batch, is still checked: pass --lr to keep
@@ -126,3 +171,5 @@ RESUME_MAY_DIFFER = ("eval_every", "class_names", "world_size")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 EMBEDDED_IMG_SIZE = 32
 FOLDER_IMG_SIZE = 224
+FASHION_MNIST_IMG_SIZE = 32  # the 28x28 photographs, enlarged to the smallest input a MetaFormer takes
+VAL_SPLIT = 0.1  # the fraction held out of a folder without val/

@@ -23,6 +23,16 @@ def eval_report(result: Mapping[str, Any]) -> str:
         f"  {result['images_per_s']:.1f} images/s ({result['backend']}); "
         f"confusion matrix: {result['confusion_png']}",
     ]
+    per_class = {k: v for k, v in (result.get("per_class_top1") or {}).items() if v is not None}
+    if per_class:
+        shown = list(per_class.items())
+        if len(shown) > 20:
+            shown = sorted(shown, key=lambda item: item[1])[:10]
+            lines.append(f"  per-class top-1, the 10 lowest of {len(per_class)} (--json lists all):")
+        else:
+            lines.append("  per-class top-1:")
+        width = max(len(name) for name, _ in shown)
+        lines.extend(f"    {name:<{width}}  {value:6.2f}%" for name, value in shown)
     if result["skipped_images"]:
         lines.append(f"  skipped {result['skipped_images']} unreadable image(s)")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ the model, and ``train_classifier``, which hands them to the shared skeleton (``
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
+from metaformer.data.fashion_mnist import fashion_mnist_dir, fashion_mnist_splits, is_fashion_mnist
 from metaformer.data.folders import check_layout, folder_splits
 from metaformer.data.transforms import eval_transform, train_transform
 from metaformer.engine import skeleton
@@ -26,6 +28,8 @@ from metaformer.models import create_model
 from metaformer.tasks import command
 from metaformer.tasks.classify.config import TrainConfig
 from metaformer.tasks.classify.recipes import RESUME_MAY_DIFFER
+
+logger = logging.getLogger(__name__)
 
 
 class ClassificationTask:
@@ -131,8 +135,13 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], di
     if config.data is None:
         train, val = digits_splits(config.img_size, train_transform=train_tf, val_transform=val_tf)
         classes = list(DIGITS_CLASSES)
+    elif is_fashion_mnist(config.data):
+        train, val = fashion_mnist_splits(config.data, train_tf, val_tf)  # val: the 10,000 test images
+        classes = list(train.classes)
     else:
-        train, val = folder_splits(config.data, train_tf, val_tf, verify=config.verify_images)
+        train, val = folder_splits(
+            config.data, train_tf, val_tf, verify=config.verify_images, val_split=config.val_split
+        )
         classes = list(train.classes)
     skipped = {"train": len(train.skipped), "val": len(val.skipped)}
     seed = config.seed
@@ -164,11 +173,15 @@ def _mixup(config: TrainConfig, num_classes: int) -> Any | None:
     )
 
 
-def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+def _build_model(
+    config: TrainConfig, num_classes: int, class_names: Sequence[str] | None = None
+) -> nn.Module:
+    """The model, from weights where asked; a classifier trained on other classes starts afresh (another
+    count always; the same count when the weights record other ``class_names``)."""
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("img_size", config.img_size)
     kwargs.setdefault("head_dropout", config.head_dropout)
-    return create_model(
+    model = create_model(
         config.model,
         num_classes=num_classes,
         drop_path_rate=config.drop_path_rate,
@@ -176,6 +189,37 @@ def _build_model(config: TrainConfig, num_classes: int) -> nn.Module:
         checkpoint_path=config.init_checkpoint,
         **kwargs,
     )
+    before = _start_classes(config) if class_names is not None else None
+    if before is not None and list(before) != list(class_names) and len(before) == num_classes:
+        # the same number of classes but other ones (or another order): the loaded head would mislabel
+        logger.info(
+            "re-initialising the classifier: the weights were trained on classes %s, this data has %s",
+            ", ".join(before[:5]), ", ".join(class_names[:5]),
+        )  # fmt: skip
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _start_classes(config: TrainConfig) -> list[str] | None:
+    """The class names of the weights a run starts from, where they are known."""
+    if config.pretrained:
+        from metaformer.tasks.classify.loading import _imagenet_names
+
+        return _imagenet_names(1000)
+    if config.init_checkpoint is None:
+        return None
+    from metaformer.weights import read_checkpoint, read_metadata
+    from metaformer.weights.io import read_folder_config
+
+    path = Path(config.init_checkpoint)
+    folder = read_folder_config(path)
+    if folder is not None:
+        names = folder.get("class_names")
+    elif read_checkpoint(path)[1].get("format") == "metaformer":
+        names = read_metadata(path).get("class_names")
+    else:
+        names = None
+    return [str(n) for n in names] if names else None
 
 
 def _preprocessing(config: TrainConfig) -> dict[str, Any]:
@@ -208,14 +252,16 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_data(config: TrainConfig) -> None:
-    if config.data is not None:
-        check_layout(config.data)  # before the output folder is created
+    if is_fashion_mnist(config.data):
+        fashion_mnist_dir(str(config.data))  # before the output folder is created
+    elif config.data is not None:
+        check_layout(config.data)
 
 
 def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
     train, val, classes, skipped = build_datasets(config)
     train_loader, val_loader = skeleton.data_loaders(config, train, val, info, subset=False)
-    model = _build_model(config, len(classes)).to(info.device)
+    model = _build_model(config, len(classes), classes).to(info.device)
 
     from timm.scheduler import create_scheduler_v2
 
@@ -226,6 +272,7 @@ def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
         weight_decay=config.weight_decay,
         eps=config.opt_eps,
         betas=tuple(config.opt_betas),
+        layer_decay=config.layer_decay,
     )
     updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
     scheduler, _ = create_scheduler_v2(
@@ -248,6 +295,11 @@ def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
     describe = (
         f"{config.model} on {config.data or 'the embedded digits'}: {len(train)} train / {len(val)} val "  # type: ignore[arg-type]
         f"images, {len(classes)} classes, recipe '{config.recipe}'"
+        + (
+            f", layer decay {config.layer_decay:g} (the log shows the head's lr)"
+            if config.layer_decay
+            else ""
+        )
     )
     summary = {"num_classes": len(classes), "skipped_images": skipped}
     loaders = train_loader, val_loader
