@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,40 +9,14 @@ from typing import Any
 
 from torch import nn
 
-from metaformer.errors import ConfigError, UnknownModelError, close_matches_hint
+from metaformer.errors import ConfigError
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
-from metaformer.models.variants import VARIANTS, MetaFormerConfig, Variant
-
-# Keyword arguments of MetaFormer that create_model accepts as overrides beyond the config fields.
-_EXTRA_OVERRIDES = ("head_dropout", "drop_rate", "img_size")
+from metaformer.models.variants import VARIANTS, get_variant, model_kwargs
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
     return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
-
-
-def get_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise UnknownModelError(
-            f"unknown model '{name}'{close_matches_hint(name, VARIANTS)} (`metaformer models` lists them all)"
-        )
-    return VARIANTS[name]
-
-
-def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
-    """The full MetaFormer keyword arguments of a named variant with overrides applied and checked."""
-    config = get_variant(name).config
-    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaFormerConfig)}
-    valid = set(kwargs) | set(_EXTRA_OVERRIDES) | {"num_classes", "in_chans", "drop_path_rate"}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ConfigError(
-            f"unknown model option(s) {', '.join(unknown)} for '{name}'; "
-            f"valid options are {', '.join(sorted(valid))}"
-        )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def create_model(
@@ -81,7 +54,7 @@ def create_model(
         model.model_name = name  # type: ignore[assignment]
         model.model_config = kwargs  # type: ignore[assignment]
     if pretrained or checkpoint_path is not None:
-        from metaformer.weights import load_pretrained, load_weights
+        from metaformer.weights.loading import load_pretrained, load_weights
 
         if pretrained:
             load_pretrained(model, name)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from metaformer.errors import ConfigError, UnknownModelError, close_matches_hint
 
 
 @dataclass(frozen=True)
@@ -195,3 +198,30 @@ _ABLATIONS = {
 }  # fmt: skip
 for _name, (_config, _top1, _params, _macs) in _ABLATIONS.items():
     _add(_name, Variant(_config, "ablation", 0.1, _top1, _params, _macs))
+
+
+# Keyword arguments of MetaFormer that create_model accepts as overrides beyond the config fields.
+_EXTRA_OVERRIDES = ("head_dropout", "drop_rate", "img_size")
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise UnknownModelError(
+            f"unknown model '{name}'{close_matches_hint(name, VARIANTS)} (`metaformer models` lists them all)"
+        )
+    return VARIANTS[name]
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full MetaFormer keyword arguments of a named variant with overrides applied and checked."""
+    config = get_variant(name).config
+    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaFormerConfig)}
+    valid = set(kwargs) | set(_EXTRA_OVERRIDES) | {"num_classes", "in_chans", "drop_path_rate"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown model option(s) {', '.join(unknown)} for '{name}'; "
+            f"valid options are {', '.join(sorted(valid))}"
+        )
+    kwargs.update(overrides)
+    return kwargs

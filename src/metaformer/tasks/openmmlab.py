@@ -54,8 +54,8 @@ def load_mmseg_segmenter(path: str | Path):  # -> tuple[SemanticFPN, list[str], 
     from metaformer.data.segmentation import SegAugment
     from metaformer.tasks.segmenter import SegmenterConfig, create_segmenter
     from metaformer.weights import compare_state_dict, read_state_dict
+    from metaformer.weights.convert import infer_model_name
     from metaformer.weights.io import read_checkpoint_extras
-    from metaformer.weights.layouts import infer_model_name
 
     state = remap_mmseg_semantic_fpn(read_state_dict(path))
     backbone = {k[len("neck.body.") :]: v for k, v in state.items() if k.startswith("neck.body.")}

@@ -1,9 +1,13 @@
 """Checkpoints: safe reading, layout detection and remapping, released weights and downloads.
 
 The only package that opens tensor files (see io.py); ``metaformer.models`` never imports it at
-module level (``create_model`` imports it when asked for weights).
+module level (``create_model`` imports ``loading`` when asked for weights). Layers, lowest first: ``io``;
+``layouts`` (key remapping) and ``pretrained`` (the release table); ``download``; ``folder``; ``loading``
+(the strict check, ``load_weights``, ``load_pretrained``), which knows the model classes but not the
+factory; ``convert`` (whole models by name), which sits above ``models.factory``.
 """
 
+from metaformer.weights.convert import convert_checkpoint, infer_model_name, model_from_weights
 from metaformer.weights.download import cache_dir, download_weights, sha256_of
 from metaformer.weights.folder import save_pretrained
 from metaformer.weights.io import (
@@ -18,13 +22,7 @@ from metaformer.weights.io import (
 )
 from metaformer.weights.layouts import (
     LAYOUTS,
-    LoadReport,
-    compare_state_dict,
-    convert_checkpoint,
     detect_layout,
-    load_weights,
-    matching_models,
-    model_from_weights,
     remap_baselines_keys,
     remap_mmdet_mmseg_keys,
     remap_mmpretrain_keys,
@@ -35,12 +33,18 @@ from metaformer.weights.layouts import (
     to_official_keys,
     to_ours,
 )
+from metaformer.weights.loading import (
+    LoadReport,
+    compare_state_dict,
+    load_pretrained,
+    load_weights,
+    matching_models,
+)
 from metaformer.weights.pretrained import (
     DEFAULT_TAGS,
     PRETRAINED,
     PretrainedWeights,
     get_weights,
-    load_pretrained,
     resolve_tag,
 )
 
@@ -57,6 +61,7 @@ __all__ = [
     "detect_layout",
     "download_weights",
     "get_weights",
+    "infer_model_name",
     "load_pretrained",
     "load_state",
     "load_weights",

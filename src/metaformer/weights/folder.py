@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from metaformer.errors import CheckpointError
-from metaformer.models import VARIANTS
+from metaformer.models.variants import VARIANTS
 from metaformer.weights.io import (
     FOLDER_CONFIG,
     FORMAT,

@@ -7,15 +7,10 @@ reported top-1), like torchvision's ``Weights`` and timm's ``PretrainedCfg``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from metaformer.errors import UnknownModelError, close_matches_hint
-
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -180,23 +175,3 @@ def resolve_tag(name_or_tag: str) -> str:
 def get_weights(name_or_tag: str) -> PretrainedWeights:
     """The record for a model name (its default weights) or a tag such as 'caformer_s18.sail_in1k_384'."""
     return PRETRAINED[resolve_tag(name_or_tag)]
-
-
-def load_pretrained(model: nn.Module, name: str) -> Any:
-    """Download (cached) the released weights for ``name`` (a model name or a tag) and load them.
-
-    Returns the ``LoadReport``. Logs a warning when the record has no sha256, since the file then
-    could not be verified.
-    """
-    from metaformer.weights.download import download_weights
-    from metaformer.weights.layouts import load_weights
-
-    record = get_weights(name)
-    path = download_weights(record.tag)
-    if record.sha256 is None:
-        logger.warning(
-            "weights %s are unverified: no sha256 was published for %s, so the file was not checked",
-            record.tag,
-            record.url,
-        )
-    return load_weights(model, path)
