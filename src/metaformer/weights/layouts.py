@@ -1,4 +1,4 @@
-"""Checkpoint key layouts: detect official / timm / ours, remap to ours, check keys and shapes, load.
+"""Checkpoint key layouts: detect official / timm / ours and remap to ours (loading.py checks and loads).
 
 Layouts (PAPER.md 3.2-3.5):
 
