@@ -228,3 +228,27 @@ def test_a_narrower_call_does_not_recheck_a_close_choice(tmp_path):
     narrower = {"conv": sleeper(0.0021, calls), "gemm": sleeper(0.002, calls)}
     assert routes.choose("train_mlp", "narrow", narrower) == "gemm"  # the faster of the two, as measured
     assert calls == [] and json.loads(routes._cache_file().read_text()) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",  # a write cut short
+        b"\x00\xff\xfe garbage",  # not text at all
+        b"[1, 2, 3]",  # JSON, but not an object
+        b'{"train_mlp|probe-t1": "gemm", "train_mlp|probe-t2": {"choice": 3, "times_ms": "fast"}}',
+    ],
+    ids=["truncated", "binary", "list", "wrong-entries"],
+)
+def test_a_corrupt_cache_file_is_measured_over_and_rewritten(content):
+    path = routes._cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    routes.reset()
+    assert isinstance(routes.decisions(), list)  # `info --system` lists what it can read
+    calls = []
+    slow_then_fast = {"conv": sleeper(0.004, calls), "gemm": sleeper(0.0005, calls)}
+    assert routes.choose("train_mlp", "probe", slow_then_fast) == "gemm"
+    assert calls  # measured, not taken from the broken file
+    stored = json.loads(path.read_text())  # rewritten as valid JSON with the new decision
+    assert stored[f"train_mlp|probe-t{torch.get_num_threads()}"]["choice"] == "gemm"
