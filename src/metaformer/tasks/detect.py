@@ -8,23 +8,22 @@ The models follow the paper's mmdetection configs (PAPER.md 5.1) with torchvisio
 
 Labels are 1..K (0 is the background) for both; metrics are COCO's bbox / segm AP, AP50, AP75, APs,
 APm, APl computed by pycocotools' COCOeval, as fractions in [0, 1].
+
+This module is the task (recipes, configs, training, eval, predict, drawing); the models and their
+weights files are in ``tasks.detector``, the COCO metrics in ``tasks.coco_eval``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,7 +33,6 @@ from metaformer.data.coco import (
     coco_split,
     collate_detection,
     read_coco_json,
-    require_pycocotools,
 )
 from metaformer.data.shapes import ShapesConfig, make_shapes
 from metaformer.engine import skeleton
@@ -50,21 +48,26 @@ from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subse
 from metaformer.errors import ConfigError, DataError
 from metaformer.options import AT_LEAST_1, option
 from metaformer.tasks import TaskCommands, command
+from metaformer.tasks.coco_eval import COCO_METRICS as COCO_METRICS  # re-exported
+from metaformer.tasks.coco_eval import coco_evaluate, coco_ground_truth, to_coco_results
+from metaformer.tasks.coco_eval import masks_to_rle as masks_to_rle
+from metaformer.tasks.detector import (
+    ARCHS,
+    DEFAULT_ANCHOR_SIZES,
+    DetectorConfig,
+    create_detector,
+    load_detector,
+    save_detector,
+)
 from metaformer.tasks.fpn import (
-    BackboneFPN,
     DenseEvalOptions,
     DensePredictOptions,
     DenseRunOptions,
     check_classes,
-    create_backbone,
     default_workers,
     image_paths,
-    load_strict,
     read_rgb,
-    read_task_metadata,
     save_png,
-    save_task_weights,
-    tuple_values,
 )
 from metaformer.weights import atomic_write
 
@@ -76,222 +79,6 @@ COMMANDS = TaskCommands(
     "Object detection with a MetaFormer backbone. `metaformer detect train` with no options "
     "trains a poolformer_s12 RetinaNet on the generated shapes data set.",
 )
-
-ARCHS = ("retinanet", "maskrcnn")
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # mmdetection and torchvision: one base size per FPN level
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Everything needed to rebuild a detector; saved with its weights. Defaults are the paper's."""
-
-    num_classes: int
-    arch: str = "retinanet"
-    backbone: str = "poolformer_s12"
-    backbone_overrides: dict[str, Any] = field(default_factory=dict)
-    frozen_stages: int = -1
-    fpn_channels: int = 256
-    head_norm: bool = False
-    min_size: int = 800
-    max_size: int = 1333
-    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown detector '{self.arch}'; choose one of {', '.join(ARCHS)}")
-        if self.num_classes < 1:
-            raise ConfigError(f"a detector needs at least one class, got num_classes={self.num_classes}")
-        if len(self.anchor_sizes) != 5 or any(s <= 0 for s in self.anchor_sizes):
-            raise ConfigError(
-                f"anchor_sizes needs 5 positive sizes (one per FPN level), got {self.anchor_sizes}"
-            )
-        if not 0 < self.min_size <= self.max_size:
-            raise ConfigError(f"need 0 < min_size <= max_size, got {self.min_size} and {self.max_size}")
-        if self.head_norm and self.arch != "retinanet":
-            raise ConfigError("head_norm (GroupNorm in the head convs) is available for RetinaNet only")
-        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
-        object.__setattr__(self, "backbone_overrides", tuple_values(self.backbone_overrides))
-
-    @property
-    def masks(self) -> bool:
-        return self.arch == "maskrcnn"
-
-
-def create_detector(config: DetectorConfig, *, backbone_checkpoint: str | Path | None = None) -> nn.Module:
-    """A torchvision RetinaNet or MaskRCNN whose backbone is a MetaFormer with an FPN.
-
-    The model takes a list of float (3, H, W) images in [0, 1]; it resizes them (shorter side
-    ``min_size``, longer side at most ``max_size``), normalises with ImageNet statistics and pads to a
-    multiple of 32 itself, as torchvision's GeneralizedRCNNTransform does.
-    """
-    from torchvision.models.detection import MaskRCNN, RetinaNet
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.retinanet import RetinaNetHead
-
-    ratios = ((0.5, 1.0, 2.0),) * 5
-    common = dict(min_size=config.min_size, max_size=config.max_size)
-    if config.arch == "retinanet":
-        backbone = create_backbone(
-            config.backbone,
-            out_indices=(1, 2, 3),
-            checkpoint_path=backbone_checkpoint,
-            **config.backbone_overrides,
-        )
-        neck = BackboneFPN(
-            backbone, out_channels=config.fpn_channels, extra="p6p7", frozen_stages=config.frozen_stages
-        )
-        sizes = tuple((s, s * 2 ** (1 / 3), s * 2 ** (2 / 3)) for s in config.anchor_sizes)  # 3 octave scales
-        anchors = AnchorGenerator(sizes, ratios)
-        # GroupNorm in the head convs (torchvision's RetinaNet v2) makes training from scratch converge faster
-        groups = math.gcd(32, max(config.fpn_channels // 2, 1))  # >= 2 channels a group: P7 can be 1x1
-        norm = partial(nn.GroupNorm, groups) if config.head_norm else None
-        head = RetinaNetHead(
-            config.fpn_channels,
-            anchors.num_anchors_per_location()[0],
-            config.num_classes + 1,
-            norm_layer=norm,
-        )
-        model: nn.Module = RetinaNet(
-            neck,
-            num_classes=config.num_classes + 1,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=config.score_thresh,
-            nms_thresh=config.nms_thresh,
-            detections_per_img=config.detections_per_img,
-            topk_candidates=1000,
-            **common,
-        )
-    else:
-        backbone = create_backbone(
-            config.backbone,
-            out_indices=(0, 1, 2, 3),
-            checkpoint_path=backbone_checkpoint,
-            **config.backbone_overrides,
-        )
-        neck = BackboneFPN(
-            backbone, out_channels=config.fpn_channels, extra="pool", frozen_stages=config.frozen_stages
-        )
-        model = MaskRCNN(
-            neck,
-            num_classes=config.num_classes + 1,
-            rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in config.anchor_sizes), ratios),
-            rpn_pre_nms_top_n_train=2000,
-            rpn_post_nms_top_n_train=1000,
-            rpn_pre_nms_top_n_test=1000,
-            rpn_post_nms_top_n_test=1000,
-            box_score_thresh=config.score_thresh,
-            box_nms_thresh=config.nms_thresh,
-            box_detections_per_img=config.detections_per_img,
-            **common,
-        )
-    model.detector_config = config  # type: ignore[assignment]
-    return model
-
-
-# --------------------------------------------------------------------------- COCO evaluation
-def coco_ground_truth(data: dict[str, Any]) -> Any:
-    """A pycocotools COCO object from a parsed instances dict, built quietly (pycocotools prints).
-
-    Boxes of zero or negative size are left out, as ``CocoDetection`` leaves them out of training.
-    """
-    require_pycocotools()
-    from pycocotools.coco import COCO
-
-    data = dict(data)
-    annotations = []
-    for ann in data["annotations"]:
-        if not (float(ann["bbox"][2]) > 0 and float(ann["bbox"][3]) > 0):
-            continue  # skipped for training too (CocoDetection counts them)
-        if "area" not in ann or "iscrowd" not in ann:
-            ann = {"iscrowd": 0, "area": float(ann["bbox"][2]) * float(ann["bbox"][3]), **ann}
-        annotations.append(ann)
-    data["annotations"] = annotations
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def coco_evaluate(
-    ground_truth: Any,
-    results: Sequence[dict[str, Any]],
-    *,
-    iou_types: Iterable[str] = ("bbox",),
-    image_ids: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type, keyed ``bbox_AP`` ..., as fractions.
-
-    ``ground_truth`` is a pycocotools COCO object (see ``coco_ground_truth``); ``results`` are COCO
-    result dicts. No detections at all scores 0, not an error. ``image_ids`` restricts the evaluation
-    to the images that were run (default: every image in the ground truth).
-    """
-    require_pycocotools()
-    from pycocotools.cocoeval import COCOeval
-
-    metrics: dict[str, float] = {}
-    for iou_type in iou_types:
-        if not results:
-            metrics.update({f"{iou_type}_{name}": 0.0 for name in COCO_METRICS})
-            continue
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            detections = ground_truth.loadRes([dict(r) for r in results])
-            evaluator = COCOeval(ground_truth, detections, iou_type)
-            if image_ids is not None:
-                evaluator.params.imgIds = sorted(set(image_ids))
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        logger.debug("COCOeval %s:\n%s", iou_type, buffer.getvalue())
-        # stats[0..5]: AP@[.5:.95], AP50, AP75, AP small/medium/large; -1 means "no such objects"
-        for name, value in zip(COCO_METRICS, evaluator.stats[:6], strict=True):
-            metrics[f"{iou_type}_{name}"] = max(float(value), 0.0)
-    return metrics
-
-
-def to_coco_results(
-    outputs: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int], cat_ids: Sequence[int]
-) -> list[dict[str, Any]]:
-    """torchvision detections (xyxy boxes, labels 1..K, (N, 1, H, W) mask probabilities) -> COCO results."""
-    results = []
-    for output, image_id in zip(outputs, image_ids, strict=True):
-        boxes = output["boxes"].detach().cpu().float()
-        if len(boxes) == 0:
-            continue
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        scores = output["scores"].detach().cpu().tolist()
-        labels = output["labels"].detach().cpu().tolist()
-        rles = masks_to_rle(output["masks"]) if "masks" in output else None
-        for k, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
-            if not 1 <= label <= len(cat_ids):
-                continue
-            result = {
-                "image_id": int(image_id),
-                "category_id": int(cat_ids[label - 1]),
-                "bbox": [round(v, 2) for v in box],
-                "score": round(float(score), 5),
-            }
-            if rles is not None:
-                result["segmentation"] = rles[k]
-            results.append(result)
-    return results
-
-
-def masks_to_rle(masks: torch.Tensor, threshold: float = 0.5) -> list[dict[str, Any]]:
-    """(N, 1, H, W) mask probabilities -> compressed RLE dicts with ASCII counts (JSON-ready)."""
-    mask_utils = require_pycocotools()
-    binary = (masks.detach().cpu()[:, 0] > threshold).numpy().astype(np.uint8)
-    rles = []
-    for mask in binary:
-        rle = mask_utils.encode(np.asfortranarray(mask))
-        rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
-    return rles
 
 
 # --------------------------------------------------------------------------- drawing
@@ -332,33 +119,6 @@ def draw_detections(
     return draw_bounding_boxes(
         canvas, output["boxes"].detach().cpu()[keep], labels=names, colors=colours, width=2
     )
-
-
-# --------------------------------------------------------------------------- weights
-def save_detector(
-    model: nn.Module, path: str | Path, *, class_names: Sequence[str], cat_ids: Sequence[int]
-) -> None:
-    """Safetensors with the DetectorConfig, class names and COCO category ids, so eval/predict rebuild it."""
-    cat_ids = [int(c) for c in cat_ids]
-    save_task_weights(
-        model, path, model.detector_config, task="detect", class_names=class_names, cat_ids=cat_ids
-    )
-
-
-def load_detector(path: str | Path) -> tuple[nn.Module, list[str], list[int]]:
-    """(eval-mode detector, class names, category ids) from a file written by ``save_detector``."""
-    from metaformer.weights import read_state_dict
-
-    meta = read_task_metadata(path, "detect", "detector")
-    fields = dict(meta["config"])
-    fields["anchor_sizes"] = tuple(fields.get("anchor_sizes", DEFAULT_ANCHOR_SIZES))
-    model = create_detector(DetectorConfig(**fields))
-    load_strict(model, read_state_dict(path), path)
-    names = list(meta.get("class_names") or [str(i + 1) for i in range(model.detector_config.num_classes)])
-    cat_ids = (
-        [int(c) for c in json.loads(meta["cat_ids"])] if "cat_ids" in meta else list(range(1, len(names) + 1))
-    )
-    return model.eval(), names, cat_ids
 
 
 # --------------------------------------------------------------------------- the task for engine.loop.fit
