@@ -42,6 +42,7 @@ COMPUTE_OPS = {
     "Conv", "Convolution", "MatMul", "Gemm", "Add", "Multiply", "Mul", "Sub", "Subtract", "Div", "Divide",
     "AveragePool", "AvgPool", "ReduceMean", "Erf", "Gelu", "Sqrt", "Power", "Pow", "Softmax",
 }  # fmt: skip
+INT8_OPS = {"Conv", "Convolution", "MatMul", "Gemm"}
 
 
 @dataclass
@@ -157,8 +158,10 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
 
 
 def float_ops(model: Any) -> dict[str, dict[str, int]]:
-    """{"int8": {op: count}, "float": {op: count}} for the compute ops of a quantized model: an op is int8
-    when one of its inputs comes from a quantize node (ONNX DequantizeLinear, OpenVINO FakeQuantize)."""
+    """{"int8": {op: count}, "float": {op: count}} for the compute ops of a quantized model. An op runs in
+    int8 when it has int8 kernels (convolution, matmul) and reads a quantized input (from an ONNX
+    DequantizeLinear or an OpenVINO FakeQuantize); every other op computes in float, on dequantized
+    values where its input was quantized."""
     found: dict[str, dict[str, int]] = {"int8": {}, "float": {}}
     if hasattr(model, "get_ordered_ops"):  # an OpenVINO model
         nodes = [
@@ -172,7 +175,7 @@ def float_ops(model: Any) -> dict[str, dict[str, int]]:
         quant = {"DequantizeLinear"}
     for op, sources in nodes:
         if op in COMPUTE_OPS:
-            kind = "int8" if any(source in quant for source in sources) else "float"
+            kind = "int8" if op in INT8_OPS and any(source in quant for source in sources) else "float"
             found[kind][op] = found[kind].get(op, 0) + 1
     return found
 

@@ -1,0 +1,130 @@
+"""Every backend at every precision it runs, against PyTorch: fp32 to 1e-4, bf16 to bf16's precision,
+int8 by top-1 agreement with fp32 on a model trained here to >= 90% held-out top-1 on the digits."""
+
+import numpy as np
+import pytest
+import torch
+
+from metaformer import create_model
+from metaformer.data.embedded import digits_splits
+from metaformer.deploy import backend_openvino, build
+from metaformer.deploy.quantize import Calibration, float_ops
+from metaformer.deploy.runtimes import openvino_native_bf16
+from metaformer.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64], "num_classes": 10}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
+
+
+def randomized() -> torch.nn.Module:
+    model = create_model("poolformer_s12", **TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # layer scales away from 1e-5, so every branch counts
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A small PoolFormer trained on the embedded digits (32x32) to >= 90% held-out top-1, and its data."""
+    torch.manual_seed(0)
+    train, val = digits_splits(32)
+
+    def tensors(split):
+        x = torch.from_numpy(np.stack(split.images)).float().div(255).permute(0, 3, 1, 2)
+        return (x - 0.5) / 0.25, torch.tensor(split.targets)
+
+    (x, y), (xv, yv) = tensors(train), tensors(val)
+    model = create_model("poolformer_s12", num_classes=10, depths=[1, 1, 1, 1], dims=[16, 32, 64, 128])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.01)
+    for _ in range(4):
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = order[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        top1 = (model(xv).argmax(1) == yv).float().mean().item()
+    assert top1 >= 0.9, f"the test model reached only {top1:.1%} held-out top-1"
+    return model, x, xv, yv
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_fp32_matches_pytorch_to_1e_4(backend):
+    model = randomized()
+    runner = build(model, backend, "fp32", img_size=(32, 32), batch_size=4)
+    x = torch.randn(5, 3, 32, 32)  # a batch size the check never saw
+    with torch.no_grad():
+        assert (runner(x) - model(x)).abs().max().item() <= 1e-4
+    assert runner.backend == backend and runner.precision == "fp32"
+    if backend == "openvino":
+        # fp32 sets OpenVINO's f32 hint explicitly (its default is bf16 on a CPU with native bf16)
+        assert runner.settings == {"hint": "f32", "threads": "1", "performance_hint": "LATENCY"}
+        assert runner.describe() == "openvino fp32 (hint f32, 1 threads, LATENCY)"
+    if backend != "torch":
+        assert runner.check["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_bf16_runs_in_bf16_within_its_precision(backend):
+    if backend == "openvino" and not openvino_native_bf16():
+        pytest.skip("OpenVINO runs bf16 only on a CPU with native bf16")
+    model = randomized()
+    runner = build(model, backend, "bf16", img_size=(32, 32), batch_size=4)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        diff = (runner(x) - want).abs().max().item()
+    assert runner(x).dtype == torch.float32
+    assert diff <= 2**-4 * want.abs().max().item()  # a dozen bf16 roundings (8 significant bits)
+    assert diff > 1e-5  # it did not run in fp32 under a bf16 label
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_agrees_with_fp32_on_held_out_digits(digits, backend):
+    model, x_train, x_val, y_val = digits
+    calibration = Calibration([x_train[i : i + 50] for i in range(0, 300, 50)], key=None)
+    runner = build(model, backend, "int8", img_size=(32, 32), batch_size=32, calibration=calibration)
+    with torch.no_grad():
+        fp32 = model(x_val).argmax(1)
+        int8 = runner(x_val).argmax(1)
+    agreement = (fp32 == int8).float().mean().item()
+    assert agreement >= 0.98
+    assert (int8 == y_val).float().mean().item() >= 0.9
+    assert runner.check["images"] == 300 and runner.check["agreement"] >= 0.98
+
+
+def test_int8_quantizes_the_matmuls_and_keeps_the_norm_statistics_in_float(digits, tmp_path):
+    from metaformer.deploy.onnx_export import export_model
+    from metaformer.deploy.quantize import quantize_openvino
+
+    model, x_train, _, _ = digits
+    export_model(model, tmp_path / "m.onnx", img_size=(32, 32), dynamic_batch=True)
+    ops = float_ops(quantize_openvino(tmp_path / "m.onnx", Calibration([x_train[:64]])))
+    assert ops["int8"].get("Convolution", 0) >= 9  # stem, 3 downsamplings, fc1 and fc2 of 4 blocks... as 1x1
+    assert {"ReduceMean", "Erf"} <= set(ops["float"]) and not {"ReduceMean", "Erf"} & set(ops["int8"])
+
+
+def test_precisions_a_backend_cannot_run_are_one_sentence(monkeypatch):
+    model = randomized()
+    with pytest.raises(ConfigError, match="onnxruntime backend runs fp32 and int8, not bf16"):
+        build(model, "onnxruntime", "bf16", img_size=(32, 32))
+    with pytest.raises(ConfigError, match="torch backend runs fp32 and bf16, not int8"):
+        build(model, "torch", "int8", img_size=(32, 32))
+    with pytest.raises(ConfigError, match="int8 needs calibration images"):
+        build(model, "openvino", "int8", img_size=(32, 32))
+    with pytest.raises(DataError, match="calibration set holds no images"):
+        build(model, "openvino", "int8", img_size=(32, 32), calibration=[])
+    monkeypatch.setattr(backend_openvino, "openvino_native_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="OpenVINO runs bf16 only on a CPU with native bf16"):
+        build(model, "openvino", "bf16", img_size=(32, 32))
