@@ -18,325 +18,58 @@ Output folder::
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
-import math
 import multiprocessing
 import os
 import pickle
-import re
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
-from metaformer.errors import ConfigError, DataError, check_number
-from metaformer.models import VARIANTS, register_mixer
+from metaformer.errors import ConfigError
+from metaformer.models import register_mixer
 from metaformer.models.mixers import MIXERS
 from metaformer.options import option
 from metaformer.tasks import TaskCommands, command
+from metaformer.tasks.ablation_report import VariantResult as VariantResult  # re-exported
+from metaformer.tasks.ablation_report import collect_results as collect_results
+from metaformer.tasks.ablation_report import read_cell as read_cell
+from metaformer.tasks.ablation_report import render_markdown as render_markdown
+from metaformer.tasks.ablation_report import render_plot as render_plot
+from metaformer.tasks.ablation_report import write_report
+from metaformer.tasks.ablation_study import (
+    BASE_MODEL,
+    CELL_FILE,
+    DEFAULT_DEPTHS,
+    DEFAULT_DIMS,
+    DEFAULT_EPOCHS,
+    STUDY_NAMES,
+    SUMMARY_FILE,
+    AblationConfig,
+    AblationResult,
+    Cell,
+    _check_recipe,
+    _write_json,
+    cell_is_done,
+    cell_summary_complete,
+    import_mixer,
+    plan_cells,
+    study_variants,
+)
+from metaformer.tasks.ablation_study import BASELINE as BASELINE
+from metaformer.tasks.ablation_study import PLOT_FILE as PLOT_FILE
+from metaformer.tasks.ablation_study import REPORT_FILE as REPORT_FILE
+from metaformer.tasks.ablation_study import STUDIES as STUDIES
+from metaformer.tasks.ablation_study import STUDY_FILE as STUDY_FILE  # re-exported
+from metaformer.tasks.ablation_study import AblationVariant as AblationVariant
 
 logger = logging.getLogger(__name__)
-
-BASE_MODEL = "poolformer_s12"
-CELL_FILE = "cell.json"
-STUDY_FILE = "study.json"
-SUMMARY_FILE = "summary.json"  # written by the training loop (engine/state.py)
-REPORT_FILE = "ablation.md"
-PLOT_FILE = "ablation.png"
-# The default scale fits the embedded digits (1,437 train images at 32x32) on a CPU: S12's depths with
-# half of its widths, 10 epochs. dims (64, 128, 320, 512) is the real S12.
-DEFAULT_DEPTHS = (2, 2, 6, 2)
-DEFAULT_DIMS = (32, 64, 128, 256)
-DEFAULT_EPOCHS = 10
-# TrainConfig fields the study sets per cell (train_options may not override them).
-_CELL_OPTIONS = frozenset(
-    {"model", "model_kwargs", "epochs", "seed", "output", "data", "resume", "overwrite"}
-)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-@dataclass(frozen=True)
-class AblationVariant:
-    """One row of Table 5: overrides on the S12 trunk and what the paper reports for it on ImageNet-1K."""
-
-    name: str  # folder-safe id, e.g. "pool5"
-    ablation: str  # Table 5 group, e.g. "pooling size"
-    change: str  # the row's change, e.g. "pooling 3 -> 5"
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    paper_params_m: float | None = None
-    paper_gmacs: float | None = None
-    paper_top1: float | None = None
-
-
-def _from_model(name: str, ablation: str, change: str, model: str, keys: Sequence[str]) -> AblationVariant:
-    """A row whose architecture and paper figures are already a registered model (no second copy)."""
-    variant = VARIANTS[model]
-    overrides = {key: getattr(variant.config, key) for key in keys}
-    return AblationVariant(
-        name, ablation, change, overrides, variant.paper_params_m, variant.paper_gmacs, variant.paper_top1
-    )
-
-
-BASELINE = _from_model("baseline", "baseline", "PoolFormer-S12 (pooling 3, MLN, GELU)", BASE_MODEL, ())
-_HYBRID_KEYS = ("mixers", "mixer_kwargs", "norms", "pos_embed")  # attention hybrids also change the norm
-
-# Paper figures not held by a registered model: PAPER.md 7.1 (params M, GMACs at 224, top-1 %).
-STUDIES: dict[str, tuple[AblationVariant, ...]] = {
-    "mixers": (
-        BASELINE,
-        _from_model("identity", "token mixer", "pooling -> identity", "metaformer_id_s12", ("mixers",)),
-        AblationVariant("random", "token mixer", "pooling -> global random matrix (frozen)",
-                        {"mixers": ("random",) * 4}, 11.9, 3.3, 75.8),
-        AblationVariant("dwconv", "token mixer", "pooling -> depthwise conv 3x3",
-                        {"mixers": ("dwconv",) * 4}, 11.9, 1.8, 78.1),
-    ),
-    "pool-size": (
-        BASELINE,
-        *(
-            AblationVariant(f"pool{k}", "pooling size", f"pool size 3 -> {k}",
-                            {"mixer_kwargs": {"pool_size": k}}, 11.9, 1.8, top1)
-            for k, top1 in ((5, 77.2), (7, 77.1), (9, 76.8))
-        ),
-    ),
-    "norm": (
-        BASELINE,
-        AblationVariant("layernorm", "normalisation", "MLN -> LayerNorm (channels)",
-                        {"norms": ("layernorm",) * 4}, 11.9, 1.8, 76.5),
-        AblationVariant("batchnorm", "normalisation", "MLN -> BatchNorm",
-                        {"norms": ("batchnorm",) * 4}, 11.9, 1.8, 76.4),
-        AblationVariant("nonorm", "normalisation", "MLN -> none", {"norms": ("none",) * 4}, 11.9, 1.8, 46.1),
-    ),
-    "activation": (
-        BASELINE,
-        AblationVariant("relu", "activation", "GELU -> ReLU", {"act": "relu"}, 11.9, 1.8, 76.4),
-        AblationVariant("silu", "activation", "GELU -> SiLU", {"act": "silu"}, 11.9, 1.8, 77.2),
-    ),
-    "hybrid": (
-        BASELINE,
-        _from_model("pppa", "hybrid stages", "[P,P,P,P] -> [P,P,P,Attention]", "metaformer_pppa_s12_224",
-                    _HYBRID_KEYS),
-        _from_model("ppaa", "hybrid stages", "[P,P,P,P] -> [P,P,Attention,Attention]",
-                    "metaformer_ppaa_s12_224", _HYBRID_KEYS),
-        _from_model("pppf", "hybrid stages", "[P,P,P,P] -> [P,P,P,SpatialMLP]", "metaformer_pppf_s12_224",
-                    _HYBRID_KEYS),
-        _from_model("ppff", "hybrid stages", "[P,P,P,P] -> [P,P,SpatialMLP,SpatialMLP]",
-                    "metaformer_ppff_s12_224", _HYBRID_KEYS),
-    ),
-}  # fmt: skip
-STUDY_NAMES = (*STUDIES, "all")
-
-
-def study_variants(
-    study: str, extra_mixers: Sequence[str] = (), only: Sequence[str] = ()
-) -> list[AblationVariant]:
-    """The rows of a study (``all``: every study, the shared baseline once), plus users' mixers.
-
-    ``only`` keeps just the named rows (e.g. to add one variant to a finished study).
-    """
-    if study not in STUDY_NAMES:
-        raise ConfigError(f"unknown study '{study}'; choose from {', '.join(STUDY_NAMES)}")
-    groups = list(STUDIES.values()) if study == "all" else [STUDIES[study]]
-    variants: dict[str, AblationVariant] = {}
-    for group in groups:
-        for variant in group:
-            variants.setdefault(variant.name, variant)
-    if extra_mixers and study not in ("mixers", "all"):
-        raise ConfigError(
-            f"a user's mixer joins the token-mixer study, not '{study}'; use --study mixers or --study all"
-        )
-    for name in extra_mixers:
-        if name not in MIXERS:
-            raise ConfigError(
-                f"token mixer '{name}' is not registered; call register_mixer('{name}', MyMixer)"
-            )
-        if not _NAME_RE.match(name) or name in variants:
-            raise ConfigError(
-                f"mixer name '{name}' cannot name a study row (it must be letters, digits, '_', '.' or '-' "
-                f"and differ from {', '.join(variants)}); register it under another name"
-            )
-        variants[name] = AblationVariant(
-            name, "token mixer", f"pooling -> {name} (user)", {"mixers": (name,) * 4}
-        )
-    unknown = [name for name in only if name not in variants]
-    if unknown:
-        raise ConfigError(
-            f"study '{study}' has no variant {', '.join(repr(n) for n in unknown)}; "
-            f"its variants are {', '.join(variants)}"
-        )
-    return [v for v in variants.values() if not only or v.name in only]
-
-
-def import_mixer(spec: str) -> str:
-    """Register a user's mixer from ``NAME=module.path:Class`` (the CLI's ``--mixer``); returns NAME.
-
-    The current folder is put on ``sys.path`` first (as uvicorn does), so a ``my_mixers.py`` next to
-    the command imports with the ``metaformer`` console script too; worker processes inherit it.
-    """
-    name, sep, target = spec.partition("=")
-    module_name, colon, attr = target.partition(":")
-    if not sep or not colon or not name or not module_name or not attr:
-        raise ConfigError(f"--mixer '{spec}' is not NAME=module.path:Class, e.g. shift=my_mixers:ShiftMixer")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(
-            f"--mixer '{spec}': cannot import '{module_name}' ({err}); check the module path"
-        ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(
-                f"--mixer '{spec}': module '{module_name}' has no '{attr}'; check the class name"
-            )
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ConfigError(f"--mixer '{spec}': '{attr}' is not a torch.nn.Module class; pass a mixer class")
-    register_mixer(name, obj)
-    return name
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """One study: which rows, on which data, at which scale, with how many seeds and parallel jobs.
-
-    ``train_options`` are further ``tasks.classify.TrainConfig`` fields (recipe, batch size, lr, ...)
-    applied to every cell, so every variant sees the same recipe. ``extra_mixers`` are registered mixer
-    names that join the token-mixer study; ``only`` restricts the study to the named rows.
-    """
-
-    study: str = "mixers"
-    output: str = "ablation"
-    data: str | None = None  # None: the embedded digits
-    epochs: int = DEFAULT_EPOCHS
-    seeds: int = 2
-    jobs: int = 1
-    depths: tuple[int, ...] = DEFAULT_DEPTHS
-    dims: tuple[int, ...] = DEFAULT_DIMS
-    extra_mixers: tuple[str, ...] = ()
-    only: tuple[str, ...] = ()
-    train_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.study not in STUDY_NAMES:
-            raise ConfigError(f"unknown study '{self.study}'; choose from {', '.join(STUDY_NAMES)}")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
-        if self.seeds < 1:
-            raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
-        if self.jobs < 1:
-            raise ConfigError(f"jobs must be at least 1, got {self.jobs}")
-        if len(self.depths) != 4 or len(self.dims) != 4:
-            raise ConfigError(
-                f"depths and dims need 4 stages (Table 5 swaps mixers per stage), "
-                f"got {self.depths} and {self.dims}"
-            )
-        check_number("depths", self.depths, low=1)
-        check_number("dims", self.dims, low=1)
-        reserved = sorted(_CELL_OPTIONS & set(self.train_options))
-        if reserved:
-            raise ConfigError(
-                f"train_options may not set {', '.join(reserved)}: the study sets them per cell; "
-                "use the AblationConfig fields instead"
-            )
-        from metaformer.tasks.classify import TrainConfig
-
-        # every cell trains with these options: a bad one fails here, not when the first cell starts
-        TrainConfig(model=BASE_MODEL, data=self.data, epochs=self.epochs, **self.train_options).resolve()
-
-    def recipe(self) -> dict[str, Any]:
-        """What every cell shares; a finished cell only counts if it was trained with this recipe."""
-        return {
-            "base_model": BASE_MODEL,
-            "data": None if self.data is None else str(Path(self.data).resolve()),
-            "epochs": self.epochs,
-            "depths": list(self.depths),
-            "dims": list(self.dims),
-            "train_options": _jsonable(dict(self.train_options)),
-        }
-
-
-@dataclass(frozen=True)
-class Cell:
-    variant: AblationVariant
-    seed: int
-    folder: Path
-
-    @property
-    def label(self) -> str:
-        return f"{self.variant.name}/seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class AblationResult:
-    """Where the report went and which cells this call trained or found already done."""
-
-    report: Path
-    plot: Path
-    trained: tuple[str, ...]
-    skipped: tuple[str, ...]
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from metaformer.weights import atomic_write
-
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"'{path}' is not valid JSON ({err}); delete its cell folder to train it again"
-        ) from None
-
-
-def cell_is_done(folder: Path, epochs: int) -> bool:
-    """Done = summary.json records every planned epoch and cell.json holds the MACs.
-
-    The training loop rewrites summary.json after each epoch, so its mere existence is not enough.
-    """
-    cell_path = folder / CELL_FILE
-    return cell_summary_complete(folder, epochs) and cell_path.is_file() and "macs" in _read_json(cell_path)
-
-
-def cell_summary_complete(folder: Path, epochs: int) -> bool:
-    path = folder / SUMMARY_FILE
-    return path.is_file() and int(_read_json(path).get("epochs") or 0) >= epochs
-
-
-def plan_cells(config: AblationConfig) -> list[Cell]:
-    variants = study_variants(config.study, config.extra_mixers, config.only)
-    runs = Path(config.output) / "runs"
-    return [Cell(v, seed, runs / v.name / f"seed{seed}") for v in variants for seed in range(config.seeds)]
-
-
-def _check_recipe(output: Path, recipe: Mapping[str, Any]) -> None:
-    path = output / STUDY_FILE
-    if path.exists():
-        saved = _read_json(path)
-        changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
-        if changed:
-            detail = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in changed[:3])
-            raise ConfigError(
-                f"'{output}' holds a study with another recipe ({detail}); "
-                "rerun with the same options or pass another --output"
-            )
-    else:
-        _write_json(path, recipe)
 
 
 # --------------------------------------------------------------------------- running cells
@@ -492,193 +225,6 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     variants = study_variants(config.study, config.extra_mixers, config.only)
     report, plot = write_report(output, variants, config)
     return AblationResult(report, plot, tuple(cell.label for cell in todo), skipped)
-
-
-# --------------------------------------------------------------------------- report
-@dataclass(frozen=True)
-class VariantResult:
-    """One table row, every number read from the cells' files."""
-
-    variant: AblationVariant
-    top1: tuple[float, ...]  # final-epoch validation top-1 (%) of each finished seed
-    params: int | None
-    macs: int | None
-    images_per_s: float | None  # mean over the finished seeds of each run's mean train images/s
-    img_size: tuple[int, int] | None
-
-    @property
-    def mean(self) -> float | None:
-        return sum(self.top1) / len(self.top1) if self.top1 else None
-
-    @property
-    def std(self) -> float | None:
-        """Sample standard deviation over seeds (None for fewer than two)."""
-        if len(self.top1) < 2:
-            return None
-        mean = sum(self.top1) / len(self.top1)
-        return math.sqrt(sum((t - mean) ** 2 for t in self.top1) / (len(self.top1) - 1))
-
-
-def read_cell(folder: Path) -> dict[str, Any]:
-    """A finished cell's numbers, straight from its own files.
-
-    top-1: the last epoch's validation top-1 in summary.json (not the best epoch, which picks on the
-    validation set); params and train images/s (mean over epochs): summary.json; MACs: cell.json,
-    counted with ``metaformer.complexity`` on the model the run built.
-    """
-    summary = _read_json(folder / SUMMARY_FILE)
-    cell = _read_json(folder / CELL_FILE)
-    last = summary.get("last") or {}
-    if "top1" not in last:
-        raise DataError(
-            f"'{folder / SUMMARY_FILE}' has no final top-1; delete its cell folder to train it again"
-        )
-    return {
-        "top1": float(last["top1"]),
-        "images_per_s": summary.get("train_images_per_s"),
-        "params": summary.get("params"),
-        "macs": cell["macs"],
-        "img_size": tuple(cell["img_size"]),
-    }
-
-
-def collect_results(
-    output: Path, variants: Sequence[AblationVariant], config: AblationConfig
-) -> list[VariantResult]:
-    results = []
-    for variant in variants:
-        cells = []
-        for seed in range(config.seeds):
-            folder = output / "runs" / variant.name / f"seed{seed}"
-            if cell_is_done(folder, config.epochs):
-                cells.append(read_cell(folder))
-        speeds = [c["images_per_s"] for c in cells if c["images_per_s"] is not None]
-        results.append(
-            VariantResult(
-                variant,
-                tuple(c["top1"] for c in cells),
-                cells[0]["params"] if cells else None,
-                cells[0]["macs"] if cells else None,
-                sum(speeds) / len(speeds) if speeds else None,
-                cells[0]["img_size"] if cells else None,
-            )
-        )
-    return results
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def render_markdown(
-    results: Sequence[VariantResult], config: AblationConfig, data_name: str, recipe: str
-) -> str:
-    img = next((r.img_size for r in results if r.img_size), None)
-    size = f"{img[0]}x{img[1]}" if img else "?"
-    epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
-    lines = [
-        f"# Ablations: PoolFormer paper Table 5 on {data_name}",
-        "",
-        f"Trunk: {BASE_MODEL} with depths {tuple(config.depths)}, dims {tuple(config.dims)}, input {size}; "
-        f"{epochs}, {recipe}, seeds 0..{config.seeds - 1}; the same recipe for every row. "
-        "Top-1 is the final epoch's validation accuracy, mean ± sample std over the finished seeds; "
-        "params, MACs (fvcore convention, at the input size) and train images/s come from each run's files "
-        "(images/s is shared-CPU wall time: compare rows of one study only). "
-        "Paper columns: ImageNet-1K, 224x224, the full S12, 300 epochs (PAPER.md 7.1).",
-        "",
-        "| ablation | variant | top-1 (%) | seeds | params (M) | MACs (M) | train img/s "
-        "| paper params (M) | paper MACs (G) | paper top-1 (%) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        v = r.variant
-        if r.mean is None:
-            top1 = "-"
-        elif r.std is None:
-            top1 = f"{r.mean:.2f}"
-        else:
-            top1 = f"{r.mean:.2f} ± {r.std:.2f}"
-        lines.append(
-            f"| {v.ablation} | {v.change} | {top1} | {len(r.top1)}/{config.seeds} "
-            f"| {_fmt(None if r.params is None else r.params / 1e6, '.3f')} "
-            f"| {_fmt(None if r.macs is None else r.macs / 1e6, '.2f')} | {_fmt(r.images_per_s, '.0f')} "
-            f"| {_fmt(v.paper_params_m, 'g')} | {_fmt(v.paper_gmacs, 'g')} | {_fmt(v.paper_top1, 'g')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def render_plot(results: Sequence[VariantResult], path: Path, title: str) -> None:
-    """Two horizontal bar panels: ours (mean, error bar = std over seeds) and the paper's ImageNet top-1."""
-    from matplotlib.figure import Figure
-
-    ys = list(range(len(results)))[::-1]
-    fig = Figure(figsize=(11, 0.45 * len(results) + 1.6))
-    ours, paper = fig.subplots(1, 2, sharey=True)
-    means = [r.mean or 0.0 for r in results]
-    errors = [r.std or 0.0 for r in results]
-    ours.barh(ys, means, xerr=errors, capsize=3, color="tab:blue")
-    finished = [m - e for r, m, e in zip(results, means, errors, strict=True) if r.mean is not None]
-    if finished:  # zoom in: on small data sets the rows differ by a few points near the top
-        low = min(finished)
-        ours.set_xlim(max(0.0, low - 0.25 * (100 - low) - 1), 100)
-    left = ours.get_xlim()[0]
-    for y, r in zip(ys, results, strict=True):  # values at the bars' left ends, clear of the error bars
-        if r.mean is not None:
-            ours.annotate(f"{r.mean:.2f}", (left, y), xytext=(4, 0), textcoords="offset points",
-                          va="center", color="white", fontsize=8)  # fmt: skip
-    ours.set_yticks(ys, [r.variant.change for r in results])
-    ours.set_xlabel("top-1 (%), mean ± std over seeds")
-    ours.set_title(title, fontsize=10)
-    paper.barh(ys, [r.variant.paper_top1 or 0.0 for r in results], color="tab:gray")
-    paper.set_xlim(40, 85)
-    for y, r in zip(ys, results, strict=True):
-        if r.variant.paper_top1 is not None:
-            paper.annotate(f"{r.variant.paper_top1:g}", (40, y), xytext=(4, 0), textcoords="offset points",
-                           va="center", color="white", fontsize=8)  # fmt: skip
-    paper.set_xlabel("top-1 (%)")
-    paper.set_title("paper: ImageNet-1K, full S12 at 224", fontsize=10)
-    for ax in (ours, paper):
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with _atomic(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-
-
-def _recipe_text(output: Path, variants: Sequence[AblationVariant], config: AblationConfig) -> str:
-    """The training recipe as the runs resolved it (from a finished cell's config.json)."""
-    for variant in variants:
-        for seed in range(config.seeds):
-            path = output / "runs" / variant.name / f"seed{seed}" / "config.json"
-            if path.is_file():
-                c = _read_json(path)
-                return (
-                    f"classify recipe '{c['recipe']}' ({c['opt']}, lr {c['lr']:g}, batch {c['batch_size']}, "
-                    f"{c['sched']} schedule, label smoothing {c['label_smoothing']:g}, "
-                    f"drop path {c['drop_path_rate']:g})"
-                )
-    return "no finished run yet"
-
-
-def write_report(
-    output: Path, variants: Sequence[AblationVariant], config: AblationConfig
-) -> tuple[Path, Path]:
-    """ablation.md and ablation.png from the cells' files, each written atomically."""
-    results = collect_results(output, variants, config)
-    data_name = "the embedded digits" if config.data is None else f"'{config.data}'"
-    report = output / REPORT_FILE
-    text = render_markdown(results, config, data_name, _recipe_text(output, variants, config))
-    with _atomic(report) as tmp:
-        tmp.write_text(text)
-    plot = output / PLOT_FILE
-    epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
-    render_plot(results, plot, f"ours: {data_name}, {epochs}, {config.seeds} seed(s)")
-    return report, plot
-
-
-def _atomic(path: Path) -> Any:
-    from metaformer.weights import atomic_write
-
-    return atomic_write(path)
 
 
 # --------------------------------------------------------------------------- command line
