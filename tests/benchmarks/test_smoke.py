@@ -70,3 +70,33 @@ def test_mlp_routes_benchmark_quick():
     assert "whole network, weighted by depth" in out
     for route in ("conv", "gemm") + (("fused",) if native_available() else ()):
         assert re.search(rf"weighted by depth:.*\b{route}\s+[\d.]+", out), route
+
+
+@pytest.mark.timeout(300)
+def test_finetune_benchmark_quick(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 20)):  # random images, every class present: the format only
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", np.arange(n) % 10),
+        ):
+            data = np.ascontiguousarray(array, dtype=np.uint8)
+            header = bytes([0, 0, 8, data.ndim]) + b"".join(k.to_bytes(4, "big") for k in data.shape)
+            (tmp_path / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + data.tobytes()))
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "finetune.py"), "--quick", "--data", f"fashion-mnist:{tmp_path}",
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith("machine: ")
+    for arm in ("fine-tuned", "scratch"):
+        cells = row(out, arm + " ")
+        assert float(cells[0]) == 0.001 and 0 <= float(cells[1]) <= 100 and len(cells) == 6  # 2 seeds
+    assert "trained in" in out and "(not counted below)" in out
+    assert re.search(r"summary: fine-tuned .* (beats|does not beat) the scratch mean", out)
