@@ -1,6 +1,8 @@
 """Every CLI command's every numeric flag, read from the parser itself, fed 0, -1, NaN, inf, a huge number
-and a word: each is either refused in one sentence naming the flag (exit 2 or 1, no traceback) or gets
-past validation to the library entry point, with the value kept as given (no ``value or default``).
+and a word: each is either refused in one sentence naming the flag, no traceback, or gets past validation
+to the library entry point, with the value kept as given (no ``value or default``). The exit code says
+which kind of refusal it was: 2 for a value the flag's type cannot read (a usage error, argparse's), 1 for
+a value that reads but is out of range (the config's check).
 
 The library's train / eval / predict entry points are replaced by stubs that run the config's own
 validation (``resolve()`` for training configs) and stop, so no data is read and no step is trained.
@@ -143,7 +145,12 @@ def _check_value(capsys, path, action, value):
                 assert all(v == number for v in kept), f"{flag} {value} became {field}={got!r}"
         return
     code = exit_info.value.code
-    assert code in (1, 2), f"{' '.join(argv)} exited {code}"
+    try:
+        action.type(value)
+        expected = 1  # it reads as a number: the config refused it
+    except ValueError:
+        expected = 2  # the flag's type cannot read it: a usage error
+    assert code == expected, f"{' '.join(argv)} exited {code}, not {expected}"
     line = _one_sentence(capsys.readouterr().err)
     names = (flag, action.dest, action.dest.replace("_", " "), FIELD.get(action.dest, action.dest))
     assert any(name in line for name in names), f"{' '.join(argv)}: '{line}' does not name {flag}"
@@ -158,13 +165,28 @@ def _check_value(capsys, path, action, value):
         (["segment", "train", "--stop-after-epoch", "99"], "stop_after_epoch"),
         (["classify", "train", "--lr", "nan"], "lr"),
         (["ablate", "--lr", "inf"], "lr"),
-        (["info", "poolformer_s12", "--img-size", "64", "64", "64"], "--img-size"),
     ],
 )
 def test_named_cases_are_refused(stubs, capsys, argv, name):
     """The issue's cases: 0 channels used to become the recipe's width; the others passed validation."""
     assert cli.main(argv) == 1
     assert name in _one_sentence(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", "poolformer_s12", "--img-size", "64", "64", "64"],  # H or H W: three is a usage error
+        ["ablate", "--depths", "1", "1", "1"],  # exactly four
+        ["classify", "train", "--epochs", "2.5"],  # an int flag
+        ["classify", "train", "--no-such-flag"],
+    ],
+)
+def test_command_lines_argparse_cannot_read_exit_2(stubs, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in _one_sentence(capsys.readouterr().err)
 
 
 def test_explicit_zero_is_used(stubs):

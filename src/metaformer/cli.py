@@ -37,13 +37,19 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _HeightWidth(argparse._StoreAction):
+    """``--img-size H [W]``: argparse's nargs cannot say "one or two", so the count is checked here, as a
+    usage error (exit 2) like any other value count argparse refuses."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        if len(values) > 2:
+            parser.error(f"argument {option_string}: takes H or H W, got {len(values)} values")
+        setattr(namespace, self.dest, values)
+
+
 def _img_size(values: Sequence[int] | None) -> tuple[int, int]:
     if not values:
         return (224, 224)
-    if len(values) > 2:
-        from metaformer.errors import ConfigError
-
-        raise ConfigError(f"--img-size takes H or H W, got {len(values)} values")
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
@@ -166,7 +172,14 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument(
         "--probe", action="store_true", help="with --system: measure the routes on PoolFormer-S12 now"
     )
-    p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"), help="input size (default 224 224)")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        action=_HeightWidth,
+        metavar=("H", "W"),
+        help="input size (default 224 224)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_info)
 
