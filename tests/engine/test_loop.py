@@ -239,11 +239,12 @@ def test_adamw_is_fused_and_steps_like_the_foreach_version():
     fused_model, plain_model = ToyDetector(), ToyDetector()
     plain_model.load_state_dict(fused_model.state_dict())
     fused = create_optimizer(fused_model, lr=0.01, weight_decay=0.05)
-    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.01, weight_decay=0.05, foreach=True)
+    # timm's groups written out by hand: decay on the conv weights only, none on biases
+    decayed = [p for p in plain_model.parameters() if p.ndim > 1]
+    kept = [p for p in plain_model.parameters() if p.ndim <= 1]
+    groups = [{"params": decayed, "weight_decay": 0.05}, {"params": kept, "weight_decay": 0.0}]
+    plain = torch.optim.AdamW(groups, lr=0.01, foreach=True)
     assert all(group["fused"] for group in fused.param_groups)
-    plain.param_groups[0]["weight_decay"] = 0.0  # timm's groups: no decay on biases...
-    for group in fused.param_groups:  # ...so compare with decay off everywhere
-        group["weight_decay"] = 0.0
     images = torch.randn(4, 3, 2, 2)
     for _ in range(3):
         for model, optimizer in ((fused_model, fused), (plain_model, plain)):
@@ -254,6 +255,22 @@ def test_adamw_is_fused_and_steps_like_the_foreach_version():
     for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not create_optimizer(ToyDetector(), opt="sgd", lr=0.1, weight_decay=0).defaults.get("fused")
+
+
+def test_only_conv_and_linear_weights_decay():
+    """timm's no-weight-decay groups on a MetaFormer: norms, biases, layer and res scales, StarReLU's
+    scalars and the position embedding keep their values apart from the gradient step."""
+    from metaformer import create_model
+
+    model = create_model("metaformer_pppa_s12_224", depths=(1, 1, 1, 1), dims=(8, 8, 8, 32), img_size=64)
+    optimizer = create_optimizer(model, lr=0.01, weight_decay=0.05)
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    layers = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert len(decay) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.05 if id(p) in layers else 0.0), name
+    assert any(name.endswith("pos_embed") for name, _ in model.named_parameters())
+    assert any(name.endswith("layer_scale1.scale") for name, _ in model.named_parameters())
 
 
 def test_layer_decay_comes_from_the_models_group_matcher_and_the_log_shows_the_heads_lr(tmp_path):
