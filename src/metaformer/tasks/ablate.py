@@ -236,7 +236,11 @@ class AblateOptions:
     TASK: ClassVar[str] = "ablate"
 
     study: str = option("mixers", "which Table 5 block (default mixers)", choices=STUDY_NAMES)
-    data: str | None = option(None, "ImageFolder root with train/ and val/ (default: the embedded digits)")
+    data: str | None = option(
+        None,
+        "ImageFolder root with train/ (and val/, else a tenth is held out), or fashion-mnist[:DIR] "
+        "(default: the embedded digits)",
+    )
     epochs: int = option(DEFAULT_EPOCHS, f"epochs per run (default {DEFAULT_EPOCHS})")
     seeds: int = option(2, "seeds per variant: 0..K-1 (default 2)")
     output: str = option("ablation", "study folder (default ./ablation)")
@@ -258,7 +262,9 @@ class AblateOptions:
     recipe: str | None = option(
         None, "training preset for every run (see classify train)", choices=("paper", "small")
     )
-    img_size: int | None = option(None, "training input size (digits 32, folders 224)", metavar="PX")
+    img_size: int | None = option(
+        None, "training input size (digits and fashion-mnist 32, folders 224)", metavar="PX"
+    )
     batch_size: int | None = option(None, "batch size (default: the recipe's)", metavar="N")
     lr: float | None = option(None, "learning rate (default: the recipe's, scaled by batch size)")
     limit_train: int | None = option(None, "train each run on a seeded subset of N images", metavar="N")

@@ -232,7 +232,7 @@ class AblationConfig:
         """What every cell shares; a finished cell only counts if it was trained with this recipe."""
         return {
             "base_model": BASE_MODEL,
-            "data": None if self.data is None else str(Path(self.data).resolve()),
+            "data": _data_record(self.data),
             "epochs": self.epochs,
             "depths": list(self.depths),
             "dims": list(self.dims),
@@ -259,6 +259,17 @@ class AblationResult:
     plot: Path
     trained: tuple[str, ...]
     skipped: tuple[str, ...]
+
+
+def _data_record(data: str | None) -> str | None:
+    """How the study records its data: a folder by its absolute path, Fashion-MNIST by its files' folder."""
+    from metaformer.data.fashion_mnist import fashion_mnist_dir, is_fashion_mnist
+
+    if data is None:
+        return None
+    if is_fashion_mnist(data):
+        return f"fashion-mnist:{fashion_mnist_dir(data)}"
+    return str(Path(data).resolve())
 
 
 def _jsonable(obj: Any) -> Any:
