@@ -86,20 +86,74 @@ def test_detect_train_writes_the_run_folder_and_resumes(detect_run):
     assert config["class_names"] == ["circle", "rectangle", "triangle"] and config["head_norm"] is True
 
 
+BBOX_KEYS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
+
+
+def _last_record(run) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_detect_eval_and_predict(detect_run, shapes, tmp_path, capsys):
     checkpoint = str(detect_run / "last.safetensors")
     results = tmp_path / "results.json"
     args = ["detect", "eval", "--checkpoint", checkpoint, "--data", str(shapes), "--split", "val"]
     assert main([*args, "--results", str(results), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["images"] == 2 and 0.0 <= metrics["bbox_AP50"] <= 1.0
+    assert metrics["images"] == 2
+    logged = _last_record(detect_run)  # the last epoch evaluated the same weights on the same images
+    assert {key: metrics[key] for key in BBOX_KEYS} == pytest.approx({key: logged[key] for key in BBOX_KEYS})
     assert isinstance(json.loads(results.read_text()), list)
     out = tmp_path / "pred"
     args = ["detect", "predict", str(shapes / "images/val"), "--checkpoint", checkpoint, "--output", str(out)]
     assert main([*args, "--score-thresh", "0", "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)
     drawn = Image.open(out / "000000.png")
     assert drawn.size == (64, 64) and drawn.mode == "RGB"
-    assert isinstance(json.loads((out / "detections.json").read_text()), list)
+    detections = json.loads((out / "detections.json").read_text())
+    # a threshold of 0 keeps every detection the model makes (up to its 100 per image), however unsure
+    assert detections and len(detections) == reported["detections"]
+    categories = {
+        c["id"] for c in json.loads((shapes / "annotations/instances_val.json").read_text())["categories"]
+    }
+    for detection in detections:
+        x, y, w, h = detection["bbox"]
+        assert detection["image_id"] in (1, 2) and detection["category_id"] in categories
+        assert 0 <= detection["score"] <= 1 and w >= 0 and h >= 0 and 0 <= x <= 64 and 0 <= y <= 64
+    assert max(sum(d["image_id"] == i for d in detections) for i in (1, 2)) <= 100
+
+
+def test_detect_eval_ap_equals_pycocotools_on_the_written_results(detect_run, shapes, tmp_path, capsys):
+    """A checkpoint whose detections clear COCO evaluation's 0.05 score cut (its class logits' bias raised:
+    the briefly trained one scores everything near the 0.01 prior), evaluated by the CLI and by
+    pycocotools' COCOeval directly on the results file the CLI wrote."""
+    import contextlib
+    import io
+
+    import torch
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from metaformer.tasks.detect import load_detector, save_detector
+
+    model, names, cat_ids = load_detector(detect_run / "last.safetensors")
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.add_(3.0)
+    save_detector(model, tmp_path / "confident.safetensors", class_names=names, cat_ids=cat_ids)
+    results = tmp_path / "results.json"
+    args = ["detect", "eval", "--checkpoint", str(tmp_path / "confident.safetensors"), "--data", str(shapes)]
+    assert main([*args, "--split", "val", "--results", str(results), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    detections = json.loads(results.read_text())
+    assert detections
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        truth = COCO(str(shapes / "annotations/instances_val.json"))
+        evaluation = COCOeval(truth, truth.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert metrics["bbox_AP"] == pytest.approx(evaluation.stats[0])
+    assert metrics["bbox_AP50"] == pytest.approx(evaluation.stats[1])
+    assert metrics["bbox_AP50"] > 0  # some of the boxes do find the shapes
 
 
 def test_mask_rcnn_trains_and_reports_segm_ap(shapes, tmp_path):
@@ -132,13 +186,28 @@ def test_segment_train_eval_predict(segment_run, shapes, tmp_path, capsys):
     checkpoint = str(segment_run / "best.safetensors")
     assert main(["segment", "eval", "--checkpoint", checkpoint, "--data", str(shapes), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["images"] == 2 and 0.0 <= metrics["mIoU"] <= 1.0 and 0.0 <= metrics["pixel_acc"] <= 1.0
+    assert metrics["images"] == 2
+    logged = _last_record(segment_run)  # the run's own evaluation of the same weights
+    for key in ("mIoU", "mAcc", "pixel_acc"):
+        assert metrics[key] == pytest.approx(logged[key]), key
+    assert metrics["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     out = tmp_path / "pred"
-    image = shapes / "images/val/000001.png"
-    assert main(["segment", "predict", str(image), "--checkpoint", checkpoint, "--output", str(out)]) == 0
-    labels = np.asarray(Image.open(out / "000001_labels.png"))
-    assert labels.shape == (64, 64) and labels.max() < 4
+    images = sorted((shapes / "images/val").glob("*.png"))
+    for image in images:
+        assert main(["segment", "predict", str(image), "--checkpoint", checkpoint, "--output", str(out)]) == 0
     assert Image.open(out / "000001_overlay.png").size == (64, 64)
+    # mIoU counted again from the predicted label maps and the masks (mmseg's rule: a class in neither
+    # has no IoU): the same number eval reported
+    intersection, union = np.zeros(4), np.zeros(4)
+    for image in images:
+        labels = np.asarray(Image.open(out / f"{image.stem}_labels.png")).astype(int)
+        truth = np.asarray(Image.open(shapes / "masks/val" / image.name)).astype(int)
+        assert labels.shape == truth.shape == (64, 64) and labels.max() < 4
+        for c in range(4):
+            intersection[c] += ((labels == c) & (truth == c)).sum()
+            union[c] += ((labels == c) | (truth == c)).sum()
+    assert metrics["mIoU"] == pytest.approx((intersection[union > 0] / union[union > 0]).mean())
+    assert 0 < metrics["mIoU"] < 1
 
 
 # --------------------------------------------------------------------------- bad input

@@ -502,6 +502,10 @@ def predict_detections(config: DetectPredictConfig) -> dict[str, Any]:
     model, class_names, cat_ids = load_detector(config.checkpoint)
     device = pick_device(config.device)
     model = model.to(device)
+    # the detector drops boxes under its own cut (0.05, COCO evaluation's) before --score-thresh applies:
+    # a lower --score-thresh lowers it too, so 0 keeps every detection the model makes
+    heads = model.roi_heads if hasattr(model, "roi_heads") else model
+    heads.score_thresh = min(heads.score_thresh, config.score_thresh)
     out = Path(config.output)
     paths = image_paths(config.inputs)
     results, drawn = [], []
