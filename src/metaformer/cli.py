@@ -328,6 +328,10 @@ def cmd_task(
         if args.json
         else getattr(module, action.report_function)(result)
     )
+    failed = result.get("failed") if isinstance(result, dict) else None
+    if failed:  # the command ran and reported, but its result misses a bar the user set (--max-drop)
+        print(f"metaformer: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

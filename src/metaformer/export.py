@@ -1,7 +1,8 @@
-"""``metaformer export``: write a model as ONNX or TorchScript, checked against PyTorch.
+"""``metaformer export``: write the file a user ships (ONNX, OpenVINO IR or TorchScript; fp32, bf16 or
+int8), checked against PyTorch.
 
-The command layer over ``metaformer.deploy.onnx_export`` (the checked export itself, re-exported here
-under its old names).
+The command layer over ``metaformer.deploy`` (the checked export itself lives in ``deploy.onnx_export``
+and is re-exported here under its old names).
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from torch import nn
+
+from metaformer.deploy import PRECISIONS
 from metaformer.deploy.onnx_export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -18,11 +23,12 @@ from metaformer.deploy.onnx_export import (
     export_model,
     portable_model,
 )
-from metaformer.errors import CheckpointError, ConfigError, ExportError, check_number
+from metaformer.errors import CheckpointError, ConfigError, ExportError, check_choice, check_number
 from metaformer.options import option
 from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
+EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -35,11 +41,26 @@ class ExportConfig:
         None, "weights file (metaformer safetensors, timm or official checkpoint)"
     )
     random_init: bool = option(False, "export random weights instead (to try export out)")
-    format: str = option("onnx", "default onnx", choices=("onnx", "torchscript"))
+    format: str = option(
+        "onnx",
+        "onnx (default), openvino (IR: .xml plus .bin beside it) or torchscript",
+        choices=EXPORT_FORMATS,
+    )
+    precision: str = option(
+        "fp32", "fp32 (default), bf16 (openvino) or int8 (QDQ ONNX or OpenVINO IR)", choices=PRECISIONS
+    )
+    calibration_data: str | None = option(
+        None,
+        "int8: images to calibrate on, a folder (default: the training data named in config.json beside "
+        "the checkpoint)",
+        metavar="DIR",
+    )
     img_size: tuple[int, ...] = option(
         (224, 224), "input size (default 224 224)", metavar=("H", "W"), nargs="+"
     )
-    dynamic_batch: bool = option(False, "let the batch size vary at run time")
+    dynamic_batch: bool = option(
+        False, "let the batch size vary at run time (always so for int8 and openvino)"
+    )
     fold: bool = option(
         True, "export the plain graph instead of the folded inference graph", flag="--no-fold", negate=True
     )
@@ -55,9 +76,13 @@ class ExportConfig:
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         check_number("img_size", self.img_size, low=MIN_INPUT_SIZE)
+        check_choice("format", self.format, EXPORT_FORMATS)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
-@command("export", ExportConfig, "write a model as ONNX or TorchScript, checked against PyTorch")
+@command(
+    "export", ExportConfig, "write a model as ONNX, OpenVINO IR or TorchScript (fp32/bf16/int8), checked"
+)
 def run_export(config: ExportConfig) -> ExportReport:
     """Build the model with its weights and export it (``random_init`` only for trying export out)."""
     from metaformer.models import create_model
@@ -89,13 +114,43 @@ def run_export(config: ExportConfig) -> ExportReport:
             model = create_model(config.model, checkpoint_path=config.checkpoint, img_size=config.img_size)
     else:
         model = create_model(config.model, img_size=config.img_size)
-    return export_model(
+    from metaformer.deploy import export_deployable
+
+    calibration = None
+    if config.precision == "int8":
+        calibration = _calibration(config, model)
+    return export_deployable(
         model,
         config.output,
         format=config.format,
+        precision=config.precision,
         img_size=config.img_size,
         dynamic_batch=config.dynamic_batch,
         fold=config.fold,
+        calibration=calibration,
+    )
+
+
+def _calibration(config: ExportConfig, model: nn.Module) -> Any:
+    """int8's calibration images, preprocessed as the checkpoint's eval transform says."""
+    import json
+
+    from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from metaformer.tasks.classify.calibration import calibration_set, transform_key
+    from metaformer.tasks.classify.loading import _eval_tf
+
+    preproc: dict[str, Any] = {"crop_pct": 0.9, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    if config.checkpoint is not None:
+        from metaformer.weights import read_metadata
+
+        try:
+            preproc.update(json.loads(read_metadata(config.checkpoint).get("preprocessing") or "{}"))
+        except (CheckpointError, KeyError, ValueError):
+            pass
+    size = int(config.img_size[-1])
+    transform = _eval_tf(preproc, size, None)
+    return calibration_set(
+        config.checkpoint, config.calibration_data, transform, transform_key(preproc, size)
     )
 
 
@@ -113,12 +168,25 @@ __all__ = [
 
 
 def export_report(report: ExportReport) -> str:
+    from metaformer.deploy import FAST_RUNTIME
+
     h, w = report.img_size
-    check = "onnxruntime" if report.format == "onnx" else "reloaded TorchScript"
-    return (
-        f"wrote {report.path} ({report.format}, {h}x{w}, "
-        f"{'dynamic' if report.dynamic_batch else 'fixed'} batch); {check} matches PyTorch to "
-        f"{report.max_abs_diff:.1e} (max abs diff) on batches {', '.join(map(str, report.checked_batches))}"
+    batch = "dynamic" if report.dynamic_batch else "fixed"
+    kind = report.format if report.precision == "fp32" else f"{report.format} {report.precision}"
+    if report.precision == "int8":
+        check = (
+            f"top-1 agreement with fp32 on {report.calibration_images} calibration images "
+            f"{100 * (report.agreement or 0.0):.1f}%"
+        )
+    else:
+        runtime = {"onnx": "onnxruntime", "openvino": "OpenVINO"}.get(report.format, "reloaded TorchScript")
+        check = f"{runtime} matches PyTorch to {report.max_abs_diff:.1e} (max abs diff)"
+        if report.checked_batches:
+            check += f" on batches {', '.join(map(str, report.checked_batches))}"
+    extra = f" (+ {report.path.with_suffix('.bin').name})" if report.format == "openvino" else ""
+    note = FAST_RUNTIME.get((report.format, report.precision), "")
+    return f"wrote {report.path}{extra} ({kind}, {h}x{w}, {batch} batch); {check}" + (
+        f"; {note}" if note else ""
     )
 
 

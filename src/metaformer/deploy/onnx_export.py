@@ -87,6 +87,9 @@ class ExportReport:
     max_abs_diff: float
     checked_batches: tuple[int, ...]
     seconds: float
+    precision: str = "fp32"
+    agreement: float | None = None  # int8: top-1 agreement with fp32 on the calibration images
+    calibration_images: int = 0
 
 
 def outputs(result: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

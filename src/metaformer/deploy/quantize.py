@@ -113,6 +113,7 @@ def require_calibration(calibration: Calibration | None) -> Calibration:
 
 def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
     """NNCF post-training quantization of the OpenVINO model read from ``onnx_path``; returns an ov.Model."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA" note on import
     import nncf
 
     from metaformer.deploy.runtimes import openvino_core

@@ -19,10 +19,18 @@ from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
 from metaformer.errors import CheckpointError, ConfigError, check_choice
-from metaformer.inference import BACKENDS, prepare_for_inference
-from metaformer.options import AMP_MODES, POSITIVE, EvalOptions, option
+from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
+from metaformer.options import AMP_MODES, NON_NEGATIVE, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.loading import BACKEND_HELP, _eval_tf, _readable_names, load_classifier
+from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
+from metaformer.tasks.classify.loading import (
+    BACKEND_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    _eval_tf,
+    _readable_names,
+    load_classifier,
+)
 from metaformer.tasks.classify.recipes import VAL_SPLIT
 from metaformer.tasks.classify.train import ClassificationTask, _subset
 
@@ -58,6 +66,15 @@ class EvalConfig(EvalOptions):
         None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
     )
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
+    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
+    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
+    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
+    max_drop: float = option(
+        1.0,
+        "with --precision bf16/int8: fail when top-1 is more than this many points below fp32 (1.0)",
+        metavar="POINTS",
+        check=NON_NEGATIVE,
+    )
     val_split: float = option(
         VAL_SPLIT,
         f"for a folder without val/: the fraction training held out ({VAL_SPLIT})",
@@ -69,6 +86,7 @@ class EvalConfig(EvalOptions):
         check_choice("backend", self.backend, BACKENDS)
         super().__post_init__()
         check_choice("amp", self.amp, AMP_MODES)
+        check_choice("precision", self.precision, PRECISIONS)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
 
@@ -117,18 +135,43 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     task = ClassificationTask(classes)
     dtype = amp_dtype(config.amp, device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    calibration = None
+    if config.precision == "int8":
+        calibration = calibration_set(
+            config.checkpoint, config.calibration_data, _eval_tf(preproc, size, config.crop_pct),
+            transform_key(preproc, size),
+        )  # fmt: skip
+    batch_size = min(config.batch_size, len(dataset))  # type: ignore[arg-type]
     runner, backend = prepare_for_inference(
-        model,
-        backend=config.backend,
-        device=device,
-        img_size=(size, size),
-        batch_size=min(config.batch_size, len(dataset)),  # type: ignore[arg-type]
-        amp=dtype,
-    )
-    metrics, seconds = skeleton.evaluate_dataset(
-        task, runner, dataset, device=device, batch_size=config.batch_size, num_workers=config.num_workers,
-        progress=config.progress, dtype=dtype, channels_last=channels_last,
+        model, backend=config.backend, precision=config.precision, device=device, img_size=(size, size),
+        batch_size=batch_size, amp=dtype, threads=config.threads, calibration=calibration,
+        images=len(dataset),  # type: ignore[arg-type]
     )  # fmt: skip
+    recorded = Predictions(runner)
+
+    def run(module: torch.nn.Module, task: ClassificationTask) -> tuple[dict[str, float], float]:
+        return skeleton.evaluate_dataset(
+            task, module, dataset, device=device, batch_size=config.batch_size,
+            num_workers=config.num_workers, progress=config.progress, dtype=dtype,
+            channels_last=channels_last,
+        )  # fmt: skip
+
+    metrics, seconds = run(recorded, task)
+    compared: dict[str, Any] = {}
+    if config.precision != "fp32":  # the same images in fp32 (our fast path): the accuracy it cost
+        reference = Predictions(prepare_for_inference(model, backend="torch", device=device)[0])
+        fp32_top1 = run(reference, ClassificationTask(classes))[0]["top1"]
+        agreement = 100.0 * float((recorded.all() == reference.all()).float().mean())
+        drop = fp32_top1 - metrics["top1"]
+        compared = {"fp32_top1": fp32_top1, "agreement": agreement, "drop": drop, "max_drop": config.max_drop}
+        if drop > config.max_drop:
+            compared["failed"] = (
+                f"{config.precision} top-1 is {drop:.2f} points below fp32 ({metrics['top1']:.2f}% vs "
+                f"{fp32_top1:.2f}%), more than --max-drop {config.max_drop:g}; calibrate on more typical "
+                "images or use another precision"
+            )
     png = config.confusion_png
     if png is None:
         png = (
@@ -144,6 +187,9 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "model": getattr(model, "model_name", config.model),
         "checkpoint": config.checkpoint or f"pretrained:{config.model}",
         "backend": backend,
+        "precision": config.precision,
+        "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
+        **compared,
         "data": config.data or "embedded:digits (val split)",
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,
@@ -156,6 +202,23 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "confusion_png": png,
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in preproc.items()},
     }
+
+
+class Predictions(torch.nn.Module):
+    """``runner`` that also keeps its top-1 class per image, in order (to compare two precisions)."""
+
+    def __init__(self, runner: torch.nn.Module):
+        super().__init__()
+        self.runner = runner
+        self.top1: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.runner(x)
+        self.top1.append(out.argmax(1).cpu())
+        return out
+
+    def all(self) -> torch.Tensor:
+        return torch.cat(self.top1) if self.top1 else torch.zeros(0, dtype=torch.long)
 
 
 def _check_classes(classes: Sequence[str], found: Sequence[str], where: Any, exact: bool = True) -> None:

@@ -15,9 +15,13 @@ from metaformer.errors import CheckpointError, ConfigError
 from metaformer.models import create_model, get_variant
 
 BACKEND_HELP = (
-    "inference runtime: torch (our fast path), onnxruntime (exported graph, CPU, fp32), or auto: the one "
-    "measured faster here (default)"
+    "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), or auto: the "
+    "one measured faster here for the precision (default)"
 )
+PRECISION_HELP = (
+    "fp32 (exact, default), bf16, or int8 (post-training quantization calibrated on --calibration-data)"
+)
+THREADS_HELP = "CPU threads for PyTorch and the runtimes (default: PyTorch's)"
 
 
 def _checkpoint_classes(state: Mapping[str, torch.Tensor]) -> int | None:

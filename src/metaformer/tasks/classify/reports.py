@@ -20,9 +20,15 @@ def eval_report(result: Mapping[str, Any]) -> str:
     lines = [
         f"{result['model']} on {result['data']}: {result['images']} images",
         f"  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
-        f"  {result['images_per_s']:.1f} images/s ({result['backend']}); "
+        f"  {result['images_per_s']:.1f} images/s ({result.get('runs_with', result['backend'])}); "
         f"confusion matrix: {result['confusion_png']}",
     ]
+    if "fp32_top1" in result:
+        lines.append(
+            f"  {result['precision']} against fp32 on the same images: top-1 {result['top1']:.2f}% vs "
+            f"{result['fp32_top1']:.2f}% (drop {result['drop']:.2f} points, allowed {result['max_drop']:g}); "
+            f"top-1 agreement {result['agreement']:.2f}%"
+        )
     per_class = {k: v for k, v in (result.get("per_class_top1") or {}).items() if v is not None}
     if per_class:
         shown = list(per_class.items())
