@@ -287,3 +287,40 @@ def test_bad_run_file_on_resume(files, capsys, name, kind):
         if path.is_dir():
             path.rmdir()
         path.write_bytes(good)
+
+
+FASHION_FILES = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
+
+
+def _fashion_mnist(root: Path) -> Path:
+    """The four Fashion-MNIST IDX files, gzipped, with a few random images (the format only)."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 20)):
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", np.arange(n) % 10),
+        ):
+            data = np.ascontiguousarray(array, dtype=np.uint8)
+            header = bytes([0, 0, 8, data.ndim]) + b"".join(k.to_bytes(4, "big") for k in data.shape)
+            (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + data.tobytes()))
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("name", FASHION_FILES)
+def test_bad_fashion_mnist_file(files, tmp_path, capsys, name, command, kind):
+    data = _fashion_mnist(tmp_path / "fm")
+    bad = data / f"{name}-ubyte.gz"
+    _spoil(bad, kind, files["image"])
+    source = ["--data", f"fashion-mnist:{data}"]
+    if command == "train":
+        argv = ["classify", "train", *source, "--output", str(tmp_path / "out"), *CLASSIFY]
+    else:
+        argv = ["classify", "eval", *source, "--checkpoint", str(files["root"] / "classify.safetensors")]
+    _expect_one_sentence(capsys, argv, bad)
