@@ -24,8 +24,9 @@ from PIL import Image
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
+from metaformer.data import images
 from metaformer.data.segmentation import IMAGE_EXTENSIONS
-from metaformer.errors import CheckpointError, ConfigError, DataError, check_number
+from metaformer.errors import CheckpointError, ConfigError, check_number
 from metaformer.models import create_model, get_variant
 from metaformer.models.metaformer import MetaFormerFeatures
 from metaformer.options import NON_NEGATIVE, EvalOptions, RunOptions, check_fields, option
@@ -155,26 +156,12 @@ def check_classes(checkpoint: str | Path, trained: Sequence[str], data: Sequence
 
 def image_paths(inputs: str | Path) -> list[Path]:
     """One image file, or every image in a folder and its subfolders (sorted)."""
-    path = Path(inputs)
-    if not path.exists():
-        raise DataError(f"'{path}' does not exist; pass an image file or a folder of images")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataError(f"folder '{path}' holds no image files; pass another path")
-    return files
+    return images.image_paths(inputs, IMAGE_EXTENSIONS)
 
 
 def read_rgb(path: Path) -> torch.Tensor:
     """An image file as a (3, H, W) float tensor in [0, 1]."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(
-            f"cannot read image '{path}' ({type(err).__name__}); pass a readable image file"
-        ) from None
+    array = np.asarray(images.open_rgb(path), dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
 
 

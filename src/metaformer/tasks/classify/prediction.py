@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from metaformer.data.folders import IMG_EXTENSIONS
+from metaformer.data.images import image_paths, open_rgb
 from metaformer.engine.distributed import pick_device
 from metaformer.errors import ConfigError, DataError, check_choice
-from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
+from metaformer.inference import BACKENDS, prepare_for_inference
 from metaformer.options import POSITIVE, check_fields, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
 from metaformer.tasks.classify.cam import grad_cam, write_cam_png
-from metaformer.tasks.classify.loading import (
-    BACKEND_HELP,
-    PRECISION_HELP,
-    THREADS_HELP,
-    _eval_tf,
-    _readable_names,
-    load_classifier,
-)
+from metaformer.tasks.classify.loading import BACKEND_HELP, _eval_tf, _readable_names, load_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -48,40 +38,12 @@ class PredictConfig:
     batch_size: int = option(32, metavar="N", check=POSITIVE)
     device: str | None = option(None, "cpu, cuda or cuda:N")
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
-    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
-    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
-    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
-        check_choice("precision", self.precision, PRECISIONS)
         check_fields(self)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
-
-
-def _image_paths(inputs: str) -> list[Path]:
-    path = Path(inputs)
-    if not path.exists():
-        raise DataError(f"'{path}' does not exist; pass an image file or a folder of images")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-    if not files:
-        raise DataError(
-            f"folder '{path}' holds no image files ({', '.join(IMG_EXTENSIONS)}); pass another path"
-        )
-    return files
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(
-            f"cannot read image '{path}' ({type(err).__name__}); pass a readable image file"
-        ) from None
 
 
 @command(
@@ -91,7 +53,7 @@ def _open_rgb(path: Path) -> Image.Image:
 )
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
     """Top-k class names and probabilities per image; unreadable files in a folder are reported, not fatal."""
-    paths = _image_paths(config.inputs)
+    paths = image_paths(config.inputs)
     if config.cam is not None and len(paths) != 1:
         raise ConfigError(
             f"--cam draws one image, but '{config.inputs}' holds {len(paths)}; pass a single image"
@@ -102,22 +64,12 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     device = pick_device(config.device)
     model = model.to(device)
     size = int(preproc["input_size"][-1])
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    calibration = None
-    if config.precision == "int8":
-        key = transform_key(preproc, size)
-        calibration = calibration_set(config.checkpoint, config.calibration_data, transform, key)
     runner, _ = prepare_for_inference(
         model,
         backend=config.backend,
-        precision=config.precision,
         device=device,
         img_size=(size, size),
         batch_size=min(config.batch_size, len(paths)),
-        threads=config.threads,
-        calibration=calibration,
-        images=len(paths),
     )
     k = min(config.topk, len(classes))
     results: list[dict[str, Any]] = []
@@ -125,7 +77,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         batch_paths, tensors = [], []
         for path in paths[start : start + config.batch_size]:
             try:
-                tensors.append(transform(_open_rgb(path)))
+                tensors.append(transform(open_rgb(path)))
                 batch_paths.append(path)
             except DataError as err:
                 if len(paths) == 1:
@@ -148,7 +100,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
                 }
             )
     if config.cam is not None:
-        image = transform(_open_rgb(paths[0]))
+        image = transform(open_rgb(paths[0]))
         target = results[0]["predictions"][0]["index"]
         heat, stage = grad_cam(model, image.to(device), target)
         write_cam_png(image, heat, preproc, config.cam)

@@ -1,0 +1,36 @@
+"""Loose images for prediction: the files a command line names (one image, or a folder searched
+recursively) and reading one as RGB, each failing in one sentence that names the path and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from metaformer.data.folders import IMG_EXTENSIONS
+from metaformer.errors import DataError
+
+
+def image_paths(inputs: str | Path, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[Path]:
+    """One image file, or every file with one of ``extensions`` in a folder and its subfolders (sorted)."""
+    path = Path(inputs)
+    if not path.exists():
+        raise DataError(f"'{path}' does not exist; pass an image file or a folder of images")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise DataError(f"folder '{path}' holds no image files ({', '.join(extensions)}); pass another path")
+    return files
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` converted to RGB (decoded now, the file closed)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(
+            f"cannot read image '{path}' ({type(err).__name__}); pass a readable image file"
+        ) from None
