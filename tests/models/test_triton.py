@@ -332,10 +332,45 @@ def test_package_works_without_triton():
 @needs_triton
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the device tests run directly")
 @pytest.mark.timeout(240)
-def test_kernels_under_the_interpreter():
+def test_kernels_under_the_interpreter(tmp_path):
+    """The child must run every device test case and pass it: one skipped (a wrong gate, triton missing
+    in the child) is a failure here, not a green run that checked nothing."""
+    import xml.etree.ElementTree as ET
+
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
+    report = tmp_path / "child.xml"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=230)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    device_tests = {
+        name: fn for name, fn in globals().items() if on_device.mark in getattr(fn, "pytestmark", [])
+    }
+    expected = sum(_cases(fn) for fn in device_tests.values())
+    ran = {}  # device test case -> its outcome in the child
+    for case in ET.parse(report).getroot().iter("testcase"):
+        if case.get("name", "").split("[")[0] in device_tests:
+            outcome = next(
+                (child.tag for child in case if child.tag in ("skipped", "failure", "error")), "passed"
+            )
+            ran[case.get("name")] = outcome
+    assert len(device_tests) >= 9 and len(ran) == expected >= 22, (len(ran), expected)
+    assert set(ran.values()) == {"passed"}, {name: o for name, o in ran.items() if o != "passed"}
     assert triton_pool.TRITON_INSTALLED
+
+
+def _cases(fn) -> int:
+    """How many test cases ``fn``'s parametrize marks make."""
+    count = 1
+    for mark in getattr(fn, "pytestmark", []):
+        if mark.name == "parametrize":
+            count *= len(mark.args[1])
+    return count
