@@ -165,6 +165,10 @@ def _check_value(capsys, path, action, value):
         (["segment", "train", "--stop-after-epoch", "99"], "stop_after_epoch"),
         (["classify", "train", "--lr", "nan"], "lr"),
         (["ablate", "--lr", "inf"], "lr"),
+        (["classify", "eval", "--checkpoint", "w.safetensors", "--threads", "0"], "threads"),
+        (["classify", "predict", "img.png", "--checkpoint", "w.safetensors", "--threads", "-1"], "threads"),
+        (["classify", "eval", "--checkpoint", "w.safetensors", "--max-drop", "-1"], "max_drop"),
+        (["classify", "eval", "--checkpoint", "w.safetensors", "--max-drop", "nan"], "max_drop"),
     ],
 )
 def test_named_cases_are_refused(stubs, capsys, argv, name):
@@ -180,6 +184,10 @@ def test_named_cases_are_refused(stubs, capsys, argv, name):
         ["ablate", "--depths", "1", "1", "1"],  # exactly four
         ["classify", "train", "--epochs", "2.5"],  # an int flag
         ["classify", "train", "--no-such-flag"],
+        ["classify", "eval", "--checkpoint", "w.safetensors", "--precision", "fp8"],
+        ["classify", "predict", "img.png", "--checkpoint", "w.safetensors", "--backend", "tensorrt"],
+        ["export", "poolformer_s12", "--output", "m.onnx", "--random-init", "--format", "tflite"],
+        ["export", "poolformer_s12", "--output", "m.onnx", "--random-init", "--precision", "int4"],
     ],
 )
 def test_command_lines_argparse_cannot_read_exit_2(stubs, capsys, argv):
