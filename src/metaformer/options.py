@@ -65,6 +65,9 @@ POSITIVE = {"low": 0, "low_open": True}
 NON_NEGATIVE = {"low": 0}
 AT_LEAST_1 = {"low": 1}
 PROBABILITY = {"low": 0, "high": 1}
+FRACTION = {"low": 0, "high": 1, "low_open": True}  # 0 < x <= 1: a crop, a share, a decay factor
+BELOW_ONE = {"low": 0, "high": 1, "high_open": True}  # 0 <= x < 1: a drop rate, a beta
+OPEN_UNIT = {"low": 0, "high": 1, "low_open": True, "high_open": True}  # 0 < x < 1: a split, an EMA
 SEED_RANGE = {"low": -(2**63), "high": 2**64 - 1}  # what torch.manual_seed takes
 
 

@@ -46,7 +46,7 @@ from metaformer.engine.distributed import (
 from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import ConfigError, DataError
-from metaformer.options import AT_LEAST_1, option
+from metaformer.options import AT_LEAST_1, PROBABILITY, option
 from metaformer.tasks import TaskCommands, command
 from metaformer.tasks.coco_eval import COCO_METRICS as COCO_METRICS  # re-exported
 from metaformer.tasks.coco_eval import coco_evaluate, coco_ground_truth, to_coco_results
@@ -259,7 +259,7 @@ class DetectTrainConfig(DenseRunOptions):
         None, "step decay epochs (paper 8 11)", metavar="EPOCH", check=AT_LEAST_1
     )
     warmup_ratio: float | None = option(
-        None, "warmup starts at lr x F (paper 0.001)", metavar="F", check={"low": 0, "high": 1}
+        None, "warmup starts at lr x F (paper 0.001)", metavar="F", check=PROBABILITY
     )
     min_size: int | None = option(
         None, "shorter side after resizing (paper 800)", metavar="PX", check=AT_LEAST_1
@@ -485,9 +485,7 @@ class DetectPredictConfig(DensePredictOptions):
     TASK: ClassVar[str] = "detect"
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"output": {"help": "where drawings and JSON go"}}
 
-    score_thresh: float = option(
-        0.5, "keep detections scoring >= S", metavar="S", check={"low": 0, "high": 1}
-    )
+    score_thresh: float = option(0.5, "keep detections scoring >= S", metavar="S", check=PROBABILITY)
 
 
 @command(

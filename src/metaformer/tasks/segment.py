@@ -41,7 +41,7 @@ from metaformer.engine.distributed import (
 from metaformer.engine.loop import create_optimizer
 from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import ConfigError
-from metaformer.options import AT_LEAST_1, option
+from metaformer.options import AT_LEAST_1, BELOW_ONE, FRACTION, PROBABILITY, option
 from metaformer.tasks import TaskCommands, command
 from metaformer.tasks.fpn import (
     DenseEvalOptions,
@@ -332,7 +332,7 @@ class SegmentTrainConfig(DenseRunOptions):
         None,
         "max share of one class in a crop (0.75)",
         metavar="F",
-        check={"low": 0, "high": 1, "low_open": True},
+        check=FRACTION,
     )
     photometric: bool | None = option(None, "photometric distortion (on)")
     eval_iters: int | None = option(
@@ -344,7 +344,7 @@ class SegmentTrainConfig(DenseRunOptions):
     )
     dropout: float | None = option(
         None, "dropout before the classifier (paper 0.1, shapes 0)", metavar="P",
-        check={"low": 0, "high": 1, "high_open": True},
+        check=BELOW_ONE,
     )  # fmt: skip
     class_weight: tuple[float, ...] | None = option(
         None, "cross-entropy weight per class, in class order (default: none, as the paper)", metavar="W",
@@ -563,7 +563,7 @@ class SegmentPredictConfig(DensePredictOptions):
     TASK: ClassVar[str] = "segment"
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"output": {"help": "where the PNGs go"}}
 
-    alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A", check={"low": 0, "high": 1})
+    alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A", check=PROBABILITY)
 
 
 @command(

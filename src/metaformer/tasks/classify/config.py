@@ -12,7 +12,18 @@ from typing import Any, ClassVar
 from metaformer.data.fashion_mnist import is_fashion_mnist
 from metaformer.errors import ConfigError, check_choice
 from metaformer.models import get_variant
-from metaformer.options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED_RANGE, RunOptions, option
+from metaformer.options import (
+    AT_LEAST_1,
+    BELOW_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    OPEN_UNIT,
+    POSITIVE,
+    PROBABILITY,
+    SEED_RANGE,
+    RunOptions,
+    option,
+)
 from metaformer.tasks.classify.recipes import (
     EMBEDDED_IMG_SIZE,
     FASHION_MNIST_IMG_SIZE,
@@ -80,7 +91,7 @@ class TrainConfig(RunOptions):
         None,
         "optimizer betas (0.9 0.999)",
         metavar=("B1", "B2"),
-        check={"low": 0, "high": 1, "high_open": True},
+        check=BELOW_ONE,
     )
     sched: str | None = option(None, "timm scheduler name (cosine)", metavar="NAME")
     sched_on_steps: bool | None = option(
@@ -141,11 +152,11 @@ class TrainConfig(RunOptions):
     )
     crop_pct: float | None = option(
         None, "eval centre-crop fraction (paper 0.9 for S, 0.95 for M; small 1.0)", metavar="F",
-        check={"low": 0, "high": 1, "low_open": True},
+        check=FRACTION,
     )  # fmt: skip
     drop_path_rate: float | None = option(
         None, "stochastic depth (paper: per model, S12 0.1; small 0)", metavar="P",
-        check={"low": 0, "high": 1, "high_open": True},
+        check=BELOW_ONE,
     )  # fmt: skip
     head_dropout: float | None = option(
         None,
@@ -155,7 +166,7 @@ class TrainConfig(RunOptions):
     )
     ema_decay: float | None = option(
         None, "keep a timm ModelEmaV3 with this decay, e.g. 0.9999 (off)", metavar="D",
-        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+        check=OPEN_UNIT,
     )  # fmt: skip
     init_checkpoint: str | None = option(
         None,
@@ -166,13 +177,13 @@ class TrainConfig(RunOptions):
     pretrained: bool = option(False, "start from the released ImageNet weights")
     layer_decay: float | None = option(
         None, "layer-wise lr decay: block k of n trains at lr x D**(n-k) (finetune 0.75; paper, small off)",
-        metavar="D", check={"low": 0, "high": 1, "low_open": True},
+        metavar="D", check=FRACTION,
     )  # fmt: skip
     val_split: float = option(
         VAL_SPLIT,
         f"fraction of each class held out for validation when the data folder has no val/ ({VAL_SPLIT})",
         metavar="F",
-        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+        check=OPEN_UNIT,
     )
     verify_images: bool = option(
         True, "skip opening every image up front", flag="--no-verify-images", negate=True

@@ -20,7 +20,7 @@ from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
 from metaformer.errors import CheckpointError, ConfigError, check_choice
 from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
-from metaformer.options import AMP_MODES, NON_NEGATIVE, POSITIVE, EvalOptions, option
+from metaformer.options import AMP_MODES, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
 from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
 from metaformer.tasks.classify.loading import (
@@ -56,7 +56,7 @@ class EvalConfig(EvalOptions):
         None,
         "override the eval centre-crop fraction",
         metavar="F",
-        check={"low": 0, "high": 1, "low_open": True},
+        check=FRACTION,
     )
     amp: str = option("off", "autocast dtype", choices=AMP_MODES)
     channels_last: bool | None = option(
@@ -79,7 +79,7 @@ class EvalConfig(EvalOptions):
         VAL_SPLIT,
         f"for a folder without val/: the fraction training held out ({VAL_SPLIT})",
         metavar="F",
-        check={"low": 0, "high": 1, "low_open": True, "high_open": True},
+        check=OPEN_UNIT,
     )
 
     def __post_init__(self) -> None:
