@@ -4,7 +4,8 @@ A task module marks its library functions with ``@command(name, ConfigClass, hel
 predict: each takes one config dataclass and returns a result), writes ``<name>_report(result) -> str``
 for the terminal, and declares ``COMMANDS = TaskCommands(__name__, task, help, description)``. The
 CLI builds ``metaformer <task> <name>`` from that, flags and all (see ``metaformer.options``). A new
-task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` call).
+task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` call); a task that outgrows
+one module becomes a package (``tasks/classify/``) whose ``__init__`` re-exports its functions.
 """
 
 from __future__ import annotations
