@@ -2,8 +2,8 @@
 
 Every performance figure is only meaningful next to the machine it ran on. The project's reference
 machine is a 2-core AVX2-only CPU without native bf16, where a 2-thread 2048x2048 fp32 matmul runs at
-about 120 GFLOP/s; ``calibration`` measures the same matmul here (as ``shared/calibrate.py`` does), so
-a budget of T reference seconds is T / factor seconds on this machine.
+about 120 GFLOP/s; ``calibration`` measures the same matmul here (``metaformer info --system`` prints
+it as the speed factor), so a budget of T reference seconds is T / factor seconds on this machine.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ def paired_ratio(base: list[float], times: list[float]) -> float:
     (a shared machine's speed moves by tens of percent over minutes) cancels within a pair. For the
     benchmarks, which interleave their rows round by round."""
     return statistics.median(a / b for a, b in zip(base, times, strict=True))
+
+
+def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn at random, in place: weights U(-0.05, 0.05), biases U(-0.2, 0.2), layer and
+    res scales and norm weights 1 + U(-0.3, 0.3). The benchmarks compare outputs on these: at the 1e-5
+    layer-scale init a broken token mixer moves the outputs by only ~1e-5 and passes a 1e-5 check."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.rand(param.shape, generator=generator) * 2 - 1
+            if param.ndim == 1 and name.endswith(("scale", "weight")):
+                param.copy_(1 + 0.3 * noise)
+            elif param.ndim == 1 or name.endswith("bias"):
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(0.05 * noise)
+    return model
 
 
 def routes_summary() -> list[str]:
