@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from metaformer.models.kernels import native_library
-from metaformer.system import machine_line, paired_ratio, routes_summary
+from metaformer.system import machine_line, paired_ratio, randomize_weights_, routes_summary
 
 POOLFORMERS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 EXTRA = ["convformer_s18", "caformer_s18"]
@@ -55,9 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to start)")
     p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="every weight random, layer scales near 1 (default with --quick): the rel diff column then "
+        "catches a broken mixer, which timm's 1e-5 layer-scale init hides",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: poolformer_s12, 64x64, batch 2, 1 round")
     args = p.parse_args(argv)
     if args.quick:
+        args.random_weights = True
         args.models = args.models or ["poolformer_s12"]
         args.batch, args.img_size, args.repeats, args.latency_runs = 2, 64, 1, 1
         args.threads = args.threads or 1  # tiny ops: a second thread only adds barrier waits
@@ -132,6 +139,8 @@ def build_candidates(
     device = args.device
     notes: dict[str, str] = {}
     ref = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    if args.random_weights:
+        randomize_weights_(ref)
     state = ref.state_dict()
     timm_cl = timm.create_model(name, pretrained=False, num_classes=1000).eval()
     timm_cl.load_state_dict(state)
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"batch {args.batch} (throughput) and 1 (latency), {args.img_size}x{args.img_size}, "
         f"{args.repeats} interleaved rounds; img/s and ms: medians; ratios and % peak: medians of the "
-        "per-round ratios"
+        f"per-round ratios; weights: {'random (layer scales near 1)' if args.random_weights else 'timm init'}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:

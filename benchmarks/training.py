@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from metaformer.system import machine_line, paired_ratio, routes_summary
+from metaformer.system import machine_line, paired_ratio, randomize_weights_, routes_summary
 
 ROWS = (
     "timm (NCHW)",
@@ -72,12 +72,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-rows", nargs="+", help="probe the peak memory of these rows only (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
     p.add_argument("--compile", action="store_true", help="CUDA: add the torch.compile rows (slow to start)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="every weight random, layer scales near 1 (default with --quick): the loss columns then "
+        "catch a broken mixer, which timm's 1e-5 layer-scale init hides",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 2, 2 steps")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one row in a fresh process
     args = p.parse_args(argv)
+    args.memory_batch, args.memory_img_size = args.batch, args.img_size
     if args.quick:
         args.batch, args.img_size, args.steps = 2, 64, 1
         args.threads = args.threads or 1  # tiny ops: a second thread only adds barrier waits
+        args.random_weights = True
+        # the memory probes at a size where activations, not AdamW's state, make the peak (at 64x64 and
+        # batch 2 the optimizer step is the peak, the same with and without checkpointing)
+        args.memory_batch, args.memory_img_size = 8, 96
     return args
 
 
@@ -96,6 +107,8 @@ def build_row(
         import timm
 
         reference = timm.create_model(name, pretrained=False, num_classes=1000, drop_path_rate=0.0)
+        if args.random_weights:
+            randomize_weights_(reference)
     if row.startswith("timm"):
         model = reference
     else:
@@ -193,7 +206,14 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 def measure_memory(name: str, row: str, args: argparse.Namespace) -> float | None:
     command = [sys.executable, __file__, "--memory-probe", f"{name}|{row}", "--device", args.device]
-    command += ["--batch", str(args.batch), "--img-size", str(args.img_size), "--dtype", args.dtype]
+    command += [
+        "--batch",
+        str(args.memory_batch),
+        "--img-size",
+        str(args.memory_img_size),
+        "--dtype",
+        args.dtype,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     # glibc: mmap every block over 128 KiB and trim at once, so freed memory leaves the RSS and the
@@ -271,7 +291,10 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     full, ckpt = by_row["ours channels_last"], by_row["ours + grad checkpointing"]
     if full and ckpt:
         saved = 1 - ckpt / full
-        print(f"gradient checkpointing: peak memory {ckpt:.0f} MiB vs {full:.0f} MiB ({saved:.0%} less)")
+        print(
+            f"gradient checkpointing: peak memory {ckpt:.0f} MiB vs {full:.0f} MiB ({saved:.0%} less; "
+            f"batch {args.memory_batch}, {args.memory_img_size}px)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"{args.steps} interleaved steps per row after one warm-up step; img/s: median step; x timm: "
-        "median of the per-round ratios (rounds: their range)"
+        "median of the per-round ratios (rounds: their range); "
+        f"weights: {'random (layer scales near 1)' if args.random_weights else 'timm init'}"
     )
     for name in args.models:
         print_table(bench_model(name, args), args)

@@ -1,4 +1,8 @@
-"""Each benchmark script runs end to end with --quick (so it doesn't rot) and checks its own rows."""
+"""Each benchmark script runs end to end with --quick (so it doesn't rot), and its figures have the
+properties a bug would change: on random weights (layer scales near 1, where a broken mixer moves the
+outputs by O(1), not by the 1e-5 of timm's init) every implementation gives timm's outputs and losses,
+and gradient checkpointing's peak memory is below the full one's. Timings are not checked: they are
+whatever the machine gives."""
 
 import os
 import re
@@ -34,7 +38,7 @@ def row(output: str, label: str) -> list[str]:
 @pytest.mark.timeout(300)
 def test_inference_benchmark_quick():
     out = run("inference.py")
-    assert "matmul peak" in out
+    assert "weights: random (layer scales near 1)" in out
     for label in (
         "timm (NCHW)",
         "timm channels_last",
@@ -42,9 +46,7 @@ def test_inference_benchmark_quick():
         "ours fast path",
         "onnxruntime (folded graph)",
     ):
-        cells = row(out, label)
-        assert float(cells[0]) > 0  # img/s
-        assert float(cells[-1]) <= 1e-5  # max relative difference to timm's logits
+        assert float(row(out, label)[-1]) <= 1e-5, label  # max relative difference to timm's logits
     if native_available():  # the fast path without its native kernel is a row of its own
         assert float(row(out, "ours fast path, torch ops only")[-1]) <= 1e-5
 
@@ -52,16 +54,19 @@ def test_inference_benchmark_quick():
 @pytest.mark.timeout(300)
 def test_training_benchmark_quick():
     out = run("training.py")
-    labels = ["timm (NCHW)", "ours (NCHW)", "ours channels_last", "ours + grad checkpointing"]
+    assert "weights: random (layer scales near 1)" in out
+    labels = ["timm channels_last", "ours (NCHW)", "ours channels_last", "ours default (+ fused AdamW)"]
+    labels.append("ours + grad checkpointing")
     if native_available():
         labels.append("ours channels_last, torch ops")
     for label in labels:
         cells = row(out, label)
-        assert float(cells[0]) > 0  # img/s
-        low, high = map(float, cells[2].split("-"))  # the x timm ratio's range over rounds
-        assert low <= float(cells[1]) <= high and float(cells[3]) > 0  # x timm, x timm channels_last
-        assert float(cells[5]) <= 1e-4  # |first-step loss - timm's|
-    assert re.search(r"gradient checkpointing: peak memory \d+ MiB vs \d+ MiB", out)
+        loss = float(cells[4])  # the first step's loss, then |its difference to timm's|, then the largest
+        assert float(cells[5]) <= 1e-5 * loss and float(cells[6]) <= 1e-5 * loss, label  # over all steps
+    found = re.search(r"gradient checkpointing: peak memory (\d+) MiB vs (\d+) MiB", out)
+    assert found, out
+    checkpointed, full = map(int, found.groups())
+    assert checkpointed < 0.9 * full  # 24% less measured at batch 8, 96px
 
 
 @pytest.mark.timeout(300)
