@@ -35,7 +35,11 @@ GENERATED = re.compile(r"^(<!-- generated: (.+?) -->\n)(.*?)^(<!-- end generated
 SHELLS = {"", "bash", "sh", "shell", "console", "zsh"}
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 WRAPPERS = {"time", "/usr/bin/time", "env", "nohup"}
-BENCHMARKS = {"benchmarks/inference.py", "benchmarks/training.py"}  # scripts with a parse_args(argv)
+BENCHMARKS = {
+    "benchmarks/inference.py",
+    "benchmarks/training.py",
+    "benchmarks/finetune.py",
+}  # scripts with a parse_args(argv)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,32 @@ def test_the_block_scanner_reads_continuations_wrappers_and_chains() -> None:
         ["classify", "train", "--data", "d", "--output", "o"],
         ["models", "poolformer_*"],
     ]
+
+
+# --------------------------------------------------------------------------- links
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", _read(path), flags=re.S | re.M)  # no headings inside code
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_between_the_documents_resolves() -> None:
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _read(path)):
+            if re.match(r"^[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{_name(path)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{_name(path)}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 # --------------------------------------------------------------------------- Python examples
