@@ -260,7 +260,7 @@ def test_python_examples_run(
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     ran, skipped, threads = 0, [], torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
-    with _page_sandbox(tmp_path), torch.no_grad():
+    with _page_sandbox(tmp_path):
         for block in blocks:
             if block.skip:
                 skipped.append(f"{block.doc}:{block.line} ({block.skip})")

@@ -92,7 +92,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 0.75**13 of the head's lr on S12), light augmentation. No EMA: at a few hundred steps an average with
     # the usual 0.9999 decay stays at the starting weights (--ema-decay turns it on for long runs).
     "finetune": {
-        "epochs": 30,
+        "epochs": 20,
         "batch_size": 32,
         "lr_base": 5e-4,
         "lr_base_batch": 64,
