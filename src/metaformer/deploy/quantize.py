@@ -146,16 +146,22 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
             image = next(self.items, None)
             return None if image is None else {"images": image}
 
-    quantize_static(
-        str(onnx_path),
-        str(out_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    root = logging.getLogger()  # onnxruntime's quantizer writes its notes to the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(
+            str(onnx_path),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        root.setLevel(level)
 
 
 def float_ops(model: Any) -> dict[str, dict[str, int]]:

@@ -1,0 +1,211 @@
+"""CPU inference at every precision: our backends next to what a timm user would build, in one run.
+
+Rows, all holding the same weights and timed interleaved (A B C ..., A B C ..., the order reversed
+every other round) so that a shared machine's drift hits every row alike:
+
+- fp32: the eval/predict default (``prepare_for_inference``, auto), our fast path, onnxruntime and
+  OpenVINO on our folded export, OpenVINO on timm's model exported with plain ``torch.onnx.export``;
+- bf16: our fast path folded in fp32 and run in bf16, OpenVINO's bf16 on our export and on timm's
+  (only where OpenVINO has native bf16), and the bf16 default (auto);
+- int8: NNCF on our export run by OpenVINO, onnxruntime's QDQ file run by onnxruntime and by
+  OpenVINO, NNCF on timm's export, and the int8 default (auto), all calibrated on the same images.
+
+Every OpenVINO row names its precision hint, threads and performance hint. Ratios are medians of the
+per-round ratios (``paired_ratio``). onnxruntime's and OpenVINO's kernels ignore the AVX2 simulation's
+caps (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``): under it their rows still run AVX-512/VNNI
+code, so do not read them as an AVX2 machine's.
+
+    python benchmarks/precisions.py --threads 2                  # S12, 224x224, batch 32 and batch 1
+    python benchmarks/precisions.py --quick                      # smoke test (tiny, 64x64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from metaformer.system import machine_line, paired_ratio
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="poolformer_s12")
+    p.add_argument("--batch", type=int, default=32, help="throughput batch size (default 32)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--latency-runs", type=int, default=5, help="batch-1 calls per round (their mean)")
+    p.add_argument("--threads", type=int, help="threads for every backend (default: torch's choice)")
+    p.add_argument("--calibration", type=int, default=128, help="int8 calibration images (default 128)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 2, 1 round")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.img_size, args.repeats, args.latency_runs, args.calibration = 2, 64, 1, 1, 8
+        args.threads = args.threads or 1
+    return args
+
+
+def timed(fn: Callable[[], object], runs: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - start) / runs
+
+
+def timm_export(model: torch.nn.Module, path: Path, size: int) -> None:
+    """What a timm user runs: plain ``torch.onnx.export`` of the timm model, dynamic batch, opset 17."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(1, 3, size, size),), str(path), dynamo=False, input_names=["images"],
+            output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+        )  # fmt: skip
+
+
+def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable], dict[str, str]]:
+    import nncf
+    import timm
+
+    from metaformer import create_model
+    from metaformer.deploy import build, prepare_for_inference
+    from metaformer.deploy.backend_openvino import OpenVinoModel
+    from metaformer.deploy.quantize import Calibration
+    from metaformer.deploy.runtimes import openvino_core, openvino_native_bf16
+
+    ref = timm.create_model(args.model, pretrained=False, num_classes=1000).eval()
+    ours = create_model(args.model, final_norm="pooled", img_size=args.img_size).eval()
+    ours.load_state_dict(ref.state_dict())
+    size, threads = (args.img_size, args.img_size), args.threads
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(args.calibration, 3, *size, generator=generator)
+    calibration = Calibration([images[i : i + 32] for i in range(0, len(images), 32)], key="benchmark")
+    notes: dict[str, str] = {}
+    rows: dict[str, Callable] = {}
+
+    def add(label: str, runner: torch.nn.Module) -> None:
+        described = getattr(runner, "describe", None)
+        rows[label] = runner
+        if described is not None:
+            notes[label] = described()
+
+    runner, name = prepare_for_inference(ours, img_size=size, batch_size=args.batch, threads=threads)
+    add(f"fp32 default (auto: {name})", runner)
+    add("fp32 ours fast path", build(ours, "torch", "fp32", img_size=size, threads=threads))
+    add("fp32 onnxruntime, our export", build(ours, "onnxruntime", "fp32", img_size=size, threads=threads))
+    add("fp32 OpenVINO, our export", build(ours, "openvino", "fp32", img_size=size, threads=threads))
+    timm_onnx = tmp / "timm.onnx"
+    timm_export(ref, timm_onnx, args.img_size)
+    timm_ov = openvino_core().read_model(str(timm_onnx))
+    add("fp32 OpenVINO, timm export", OpenVinoModel(timm_ov, "fp32", threads=threads))
+    add("bf16 ours fast path", build(ours, "torch", "bf16", img_size=size, threads=threads))
+    if openvino_native_bf16():
+        add("bf16 OpenVINO, our export", build(ours, "openvino", "bf16", img_size=size, threads=threads))
+        add("bf16 OpenVINO, timm export", OpenVinoModel(timm_ov, "bf16", threads=threads))
+    else:
+        notes["bf16 OpenVINO"] = "skipped: OpenVINO has no native bf16 on this CPU"
+    runner, name = prepare_for_inference(
+        ours, precision="bf16", img_size=size, batch_size=args.batch, threads=threads
+    )
+    add(f"bf16 default (auto: {name})", runner)
+    int8 = {"img_size": size, "threads": threads, "calibration": calibration}
+    add("int8 OpenVINO (NNCF), our export", build(ours, "openvino", "int8", **int8))
+    add("int8 onnxruntime (QDQ), our export", build(ours, "onnxruntime", "int8", **int8))
+    from metaformer.deploy.quantize import quantize_qdq
+
+    qdq = tmp / "ours.int8.onnx"
+    export_path = tmp / "ours.onnx"
+    from metaformer.deploy.onnx_export import export_model
+
+    export_model(ours, export_path, img_size=size, dynamic_batch=True)
+    quantize_qdq(export_path, qdq, calibration)
+    add(
+        "int8 OpenVINO running the QDQ file",
+        OpenVinoModel(openvino_core().read_model(str(qdq)), "int8", threads=threads),
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        timm_int8 = nncf.quantize(
+            openvino_core().read_model(str(timm_onnx)), nncf.Dataset(calibration.images()),
+            preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calibration.images()),
+        )  # fmt: skip
+    add("int8 OpenVINO (NNCF), timm export", OpenVinoModel(timm_int8, "int8", threads=threads))
+    runner, name = prepare_for_inference(
+        ours, precision="int8", img_size=size, batch_size=args.batch, threads=threads, calibration=calibration
+    )
+    add(f"int8 default (auto: {name})", runner)
+    return rows, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    print(machine_line(calibrate=True))
+    print(
+        f"torch {torch.__version__}, {args.model}, threads {torch.get_num_threads()}, batch {args.batch} "
+        f"(throughput) and 1 (latency), {args.img_size}x{args.img_size}, {args.repeats} interleaved rounds; "
+        "img/s and ms: medians; ratios: medians of the per-round ratios"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        rows, notes = build_rows(args, Path(tmp))
+        print(f"built every row in {time.perf_counter() - start:.0f} s (exports, quantization, checks)")
+        x32 = torch.randn(
+            args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)
+        )
+        x1 = x32[:1].clone()
+        t32: dict[str, list[float]] = {k: [] for k in rows}
+        t1: dict[str, list[float]] = {k: [] for k in rows}
+        with torch.inference_mode():
+            for fn in rows.values():  # warm-up (first calls measure the fast path's own routes)
+                fn(x32)
+                fn(x1)
+            for round_ in range(args.repeats):
+                order = list(rows.items())[:: -1 if round_ % 2 else 1]
+                for k, fn in order:
+                    t32[k].append(timed(lambda fn=fn: fn(x32)))
+                for k, fn in order:
+                    t1[k].append(timed(lambda fn=fn: fn(x1), args.latency_runs))
+    default = next(k for k in rows if k.startswith("fp32 default"))
+    header = f"{'row':<44}{'img/s':>9}{'x fp32 default':>16}{'b1 ms':>9}{'b1 x fp32 default':>19}  runs with"
+    print(header)
+    print("-" * (len(header) + 30))
+    for k in rows:
+        speed, ratio = args.batch / statistics.median(t32[k]), paired_ratio(t32[default], t32[k])
+        latency, latency_ratio = statistics.median(t1[k]) * 1e3, paired_ratio(t1[k], t1[default])
+        print(f"{k:<44}{speed:>9.1f}{ratio:>16.2f}{latency:>9.1f}{latency_ratio:>19.2f}  {notes.get(k, '')}")
+    pairs = [
+        ("fp32 default", "fp32 OpenVINO, timm export"),
+        ("bf16 default", "bf16 OpenVINO, our export"),
+        ("bf16 default", "fp32 default"),
+        ("int8 default", "fp32 default"),
+        ("int8 default", "int8 OpenVINO (NNCF), timm export"),
+    ]
+    print("\nratios (throughput, batch 1 latency as a fraction of the second row's):")
+    for a, b in pairs:
+        ka = next((k for k in rows if k.startswith(a)), None)
+        kb = next((k for k in rows if k.startswith(b)), None)
+        if ka and kb:
+            print(
+                f"  {ka} vs {kb}: {paired_ratio(t32[kb], t32[ka]):.2f}x throughput, "
+                f"batch-1 latency {paired_ratio(t1[ka], t1[kb]):.2f}x"
+            )
+    for k, v in notes.items():
+        if k not in rows:
+            print(f"  note: {k}: {v}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
