@@ -122,10 +122,9 @@ def test_bare_transformers_poolformer_model_matches_our_features(tmp_path):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("hf_folder", ["poolformer_m36"], indirect=True)  # the one size under test
 def test_transformers_m36_given_to_s12_names_the_mismatch(hf_folder):
     name, folder, _ = hf_folder
-    if name != "poolformer_m36":
-        pytest.skip("the M36 checkpoint is the one under test")
     with pytest.raises(
         CheckpointError, match=r"transformers layout.*dims 96..768 but model dims 64..512.*m36"
     ):
@@ -143,10 +142,9 @@ def test_transformers_config_that_the_shapes_cannot_show_is_checked(tmp_path):
     assert model.model_config["mixer_kwargs"][0] == {"pool_size": 5}
 
 
+@pytest.mark.parametrize("hf_folder", ["poolformer_s12"], indirect=True)  # one size is enough for convert
 def test_transformers_folder_converts_to_our_file_and_folder(hf_folder, tmp_path):
     name, folder, hf = hf_folder
-    if name != "poolformer_s12":
-        pytest.skip("one size is enough for convert")
     assert convert_checkpoint(folder, tmp_path / "s12.safetensors") == name
     assert read_metadata(tmp_path / "s12.safetensors")["class_names"] == LABELS
     assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "folder"]) == 0
