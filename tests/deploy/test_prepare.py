@@ -46,6 +46,17 @@ def test_a_short_run_takes_the_backend_that_needs_no_build(monkeypatch):
     assert [d for d in routes.decisions() if d.route == "backend"] == []
 
 
+def test_one_batch_runs_the_model_unfolded():
+    net = model()
+    runner, name = prepare_for_inference(net, backend="torch", img_size=(32, 32), batch_size=4, images=3)
+    assert name == "torch" and runner.settings["folded"] is False and runner.model is net
+    folded, _ = prepare_for_inference(net, backend="torch", img_size=(32, 32), batch_size=4, images=5)
+    assert "folded" not in folded.settings and folded.model is not net
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (runner(x) - folded(x)).abs().max() <= 1e-4
+
+
 def test_a_measured_choice_is_weighed_against_its_one_off_cost(monkeypatch):
     times = {"torch": 10.0, "onnxruntime": 5.0, "openvino": 6.0}
     decision = routes.Decision("backend", "x", "onnxruntime", times)

@@ -111,9 +111,11 @@ def build(
     threads: int | None = None,
     calibration: Any = None,
     use_cache: bool = True,
+    images: int | None = None,
 ) -> nn.Module:
     """A runner of ``model`` on ``backend`` (not auto) at ``precision``: loaded from the cache when its
-    artefact is there, else built (exported, quantized, checked against PyTorch) and cached."""
+    artefact is there, else built (exported, quantized, checked against PyTorch) and cached.
+    ``images``: how many the caller will run (at most ``batch_size``: the PyTorch model is not folded)."""
     from metaformer.deploy import cache
     from metaformer.deploy.quantize import as_calibration, require_calibration
 
@@ -127,8 +129,11 @@ def build(
     in_chans = getattr(model, "in_chans", 3)
     if not module.ARTEFACT:
         start = time.perf_counter()
-        runner = module.build(model, precision, torch.zeros(batch_size, in_chans, h, w), threads=threads)
-        cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
+        one_batch = images is not None and images <= batch_size
+        example = torch.zeros(batch_size, in_chans, h, w)
+        runner = module.build(model, precision, example, threads=threads, one_batch=one_batch)
+        if not one_batch:  # the fold's cost, what a longer run pays before its first batch
+            cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
         return runner
     key = cache.make_key(_cache_parts(model, backend, precision, (h, w), calibration)) if use_cache else None
     entry = cache.lookup(key) if key else None
@@ -222,7 +227,7 @@ def prepare_for_inference(
     if backend != "auto":
         runner = build(
             model, backend, precision, img_size=size, batch_size=batch_size, threads=threads,
-            calibration=calibration_set, use_cache=use_cache,
+            calibration=calibration_set, use_cache=use_cache, images=images,
         )  # fmt: skip
         return runner, backend
     names = candidates(precision) if foldable else (["torch"] if precision != "int8" else [])
@@ -237,7 +242,9 @@ def prepare_for_inference(
             "--calibration-data DIR on the command line"
         )
     if len(names) == 1:
-        return _build_named(model, names[0], precision, size, batch_size, threads, calibration_set, use_cache)
+        return _build_named(
+            model, names[0], precision, size, batch_size, threads, calibration_set, use_cache, images
+        )
     return _auto(model, names, precision, size, batch_size, threads, calibration_set, images, use_cache)
 
 
@@ -249,11 +256,11 @@ def _calibration(calibration: Any) -> Any:
 
 def _build_named(
     model: nn.Module, name: str, precision: str, size: tuple[int, int], batch_size: int, threads: int | None,
-    calibration: Any, use_cache: bool,
+    calibration: Any, use_cache: bool, images: int | None = None,
 ) -> tuple[nn.Module, str]:  # fmt: skip
     runner = build(
         model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
-        calibration=calibration, use_cache=use_cache,
+        calibration=calibration, use_cache=use_cache, images=images,
     )  # fmt: skip
     return runner, name
 
@@ -272,7 +279,9 @@ def _auto(
     decision = routes.known_decision("backend", shape_class, names)
     if decision is not None and decision.choice in names:
         choice = _weigh(model, decision, names, precision, size, calibration, batches)
-        return _build_named(model, choice, precision, size, batch_size, threads, calibration, use_cache)
+        return _build_named(
+            model, choice, precision, size, batch_size, threads, calibration, use_cache, images
+        )
     if batches is not None and batches <= SMALL_WORK_BATCHES:
         # measuring builds every backend's artefact: a short run takes one that needs none or is built
         ready = [
@@ -280,7 +289,7 @@ def _auto(
             if not backend_module(name).ARTEFACT or cached_entry(model, name, precision, size, calibration)
         ]  # fmt: skip
         return _build_named(
-            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache
+            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache, images
         )
     runners: dict[str, nn.Module] = {}
     for name in names:

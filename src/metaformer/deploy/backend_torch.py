@@ -65,8 +65,15 @@ def build(
     threads: int | None = None,
     calibration: object = None,
     folder: object = None,
+    one_batch: bool = False,
 ) -> TorchRunner:
+    """``one_batch``: the caller runs a single batch (one image to predict), where folding (a copy of
+    every weight) costs more than the faster forward saves: fp32 then runs the model as it is."""
     check(precision)
+    if one_batch and precision == "fp32":
+        runner = TorchRunner(model.float().eval(), precision, threads)
+        runner.settings["folded"] = False
+        return runner
     return TorchRunner(fold(model, precision), precision, threads)
 
 
