@@ -38,14 +38,24 @@ def cache_root() -> Path:
     return cache_dir() / "deploy"
 
 
+_DIGESTS: dict[tuple[int, tuple[tuple[int, int, torch.dtype], ...]], str] = {}
+
+
 def weights_digest(model: nn.Module) -> str:
-    """A hash of ``model``'s structure and every tensor in its state dict (its checkpoint's identity)."""
+    """A hash of ``model``'s structure and every tensor in its state dict (its checkpoint's identity);
+    remembered per model until one of its tensors changes (in place, which bumps its version, or
+    replaced, as ``.to()`` does)."""
+    state = model.state_dict(keep_vars=True)
+    memo = (id(model), tuple((t._version, t.data_ptr(), t.dtype) for t in state.values()))
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
     digest = hashlib.sha256(repr(model).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         tensor = tensor.detach().to("cpu").reshape(-1).contiguous()  # also channels-last and bf16 ones
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:24]
+    _DIGESTS[memo] = digest.hexdigest()[:24]
+    return _DIGESTS[memo]
 
 
 def make_key(parts: Mapping[str, Any]) -> str:
