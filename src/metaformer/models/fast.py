@@ -409,6 +409,14 @@ class FoldedPoolBlock(nn.Module):
         return _map_mlp(self.mlp, y, normed)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        if _portable() and self.res_scale is None:
+            # exported: x + s * (pool(n) - n) with n the normalised map (equal: pooling without the padding
+            # keeps n's mean), written as mean/variance ops that runtimes fuse into one norm (OpenVINO's
+            # MVN), where 1/sigma alone would be two reductions and a chain of element-wise ops
+            centred = x - x.mean((1, 2, 3), keepdim=True)
+            normed = centred / torch.sqrt((centred * centred).mean((1, 2, 3), keepdim=True) + self.eps)
+            pooled = F.avg_pool2d(normed, self.kernel_size, 1, self.padding, count_include_pad=False)
+            return _map_mlp(self.mlp, x + self.mix_scale * (pooled - normed))
         scale = self.mix_scale * _sample_rstd(x, self.eps)
         pooled = F.avg_pool2d(x, self.kernel_size, 1, self.padding, count_include_pad=False)
         if self.res_scale is None:
