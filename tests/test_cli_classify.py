@@ -376,3 +376,35 @@ def test_python_dash_m_reports_bad_input_in_one_line(tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("metaformer: error: data folder")
+
+
+def test_fashion_mnist_trains_and_evaluates_from_its_idx_files(tmp_path, capsys):
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fm"
+    data.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):  # random images, every class present: the format only
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", np.arange(n) % 10),
+        ):
+            raw = np.ascontiguousarray(array, dtype=np.uint8)
+            header = bytes([0, 0, 8, raw.ndim]) + b"".join(k.to_bytes(4, "big") for k in raw.shape)
+            (data / f"{prefix}-{kind}-ubyte").write_bytes(header + raw.tobytes())  # not gzipped
+    argv = ["classify", "train", "--data", f"fashion-mnist:{data}", "--recipe", "small", "--epochs", "1"]
+    argv += ["--batch-size", "16"]
+    code, out, err = run_cli(
+        capsys, *argv, "--model-kwargs", TINY, "--output", str(tmp_path / "run"), "--json"
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["train_images"], summary["val_images"], summary["num_classes"]) == (40, 20, 10)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["img_size"] == 32 and config["crop_pct"] == 1.0 and config["num_workers"] == 0
+    weights = str(tmp_path / "run" / "last.safetensors")
+    code, out, _ = run_cli(
+        capsys, "classify", "eval", "--checkpoint", weights, "--data", f"fashion-mnist:{data}"
+    )
+    assert code == 0 and "per-class top-1:" in out and "Ankle boot" in out and "T-shirt/top" in out
