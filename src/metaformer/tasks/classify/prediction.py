@@ -12,11 +12,19 @@ import torch
 from metaformer.data.images import image_paths, open_rgb
 from metaformer.engine.distributed import pick_device
 from metaformer.errors import ConfigError, DataError, check_choice
-from metaformer.inference import BACKENDS, prepare_for_inference
+from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
 from metaformer.options import POSITIVE, check_fields, option
 from metaformer.tasks import command
+from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
 from metaformer.tasks.classify.cam import grad_cam, write_cam_png
-from metaformer.tasks.classify.loading import BACKEND_HELP, _eval_tf, _readable_names, load_classifier
+from metaformer.tasks.classify.loading import (
+    BACKEND_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    _eval_tf,
+    _readable_names,
+    load_classifier,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +46,13 @@ class PredictConfig:
     batch_size: int = option(32, metavar="N", check=POSITIVE)
     device: str | None = option(None, "cpu, cuda or cuda:N")
     backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
+    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
+    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
+    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
         check_fields(self)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
@@ -64,12 +76,22 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
     device = pick_device(config.device)
     model = model.to(device)
     size = int(preproc["input_size"][-1])
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    calibration = None
+    if config.precision == "int8":
+        key = transform_key(preproc, size)
+        calibration = calibration_set(config.checkpoint, config.calibration_data, transform, key)
     runner, _ = prepare_for_inference(
         model,
         backend=config.backend,
+        precision=config.precision,
         device=device,
         img_size=(size, size),
         batch_size=min(config.batch_size, len(paths)),
+        threads=config.threads,
+        calibration=calibration,
+        images=len(paths),
     )
     k = min(config.topk, len(classes))
     results: list[dict[str, Any]] = []
