@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="finetune-demo", help="folder for the data and runs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--shots", type=int, default=40, help="training images per target class")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2.5e-4, 1e-3, 4e-3], help="lr_base sweep")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 4e-3, 1.6e-2], help="lr_base sweep")
     parser.add_argument("--start-images", type=int, default=2000, help="per start class")
     parser.add_argument("--start-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (the recipe's)")
