@@ -94,7 +94,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "finetune": {
         "epochs": 20,
         "batch_size": 32,
-        "lr_base": 4e-3,  # the best of 2.5e-4, 1e-3, 4e-3, 1.6e-2 in benchmarks/finetune.py (docs/training.md)
+        "lr_base": 4e-3,  # the best of 2.5e-4 ... 1.6e-2 in benchmarks/finetune.py (docs/training.md)
         "lr_base_batch": 64,
         "weight_decay": 0.05,
         "opt": "adamw",
