@@ -112,7 +112,11 @@ def test_int8_quantizes_the_matmuls_and_keeps_the_norm_statistics_in_float(digit
     export_model(model, tmp_path / "m.onnx", img_size=(32, 32), dynamic_batch=True)
     ops = float_ops(quantize_openvino(tmp_path / "m.onnx", Calibration([x_train[:64]])))
     assert ops["int8"].get("Convolution", 0) >= 9  # stem, 3 downsamplings, fc1 and fc2 of 4 blocks... as 1x1
-    assert {"ReduceMean", "Erf"} <= set(ops["float"]) and not {"ReduceMean", "Erf"} & set(ops["int8"])
+    assert {"MVN", "Gelu"} <= set(ops["float"]) and not {"MVN", "Gelu"} & set(ops["int8"])
+    # each block's two norms stay one fused MVN: FakeQuantize nodes inside the mean/variance chain (NNCF on
+    # the unconverted graph) split it into element-wise ops and made the int8 model slower than timm's
+    blocks = sum(type(m).__name__ == "MetaFormerBlock" for m in model.modules())
+    assert blocks and ops["float"]["MVN"] >= 2 * blocks and "Sqrt" not in ops["float"]
 
 
 def test_precisions_a_backend_cannot_run_are_one_sentence(monkeypatch):

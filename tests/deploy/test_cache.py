@@ -52,6 +52,16 @@ def test_a_built_artefact_is_reused_by_the_weights_hash(monkeypatch, backend):
     assert cache.costs(backend, "fp32", "poolformer_s12-32x32").keys() == {"build_s", "load_s"}
 
 
+def test_an_artefact_from_an_older_export_format_is_not_reused(monkeypatch):
+    calls = exports(monkeypatch)
+    model = create_model("poolformer_s12", **TINY).eval()
+    build(model, "onnxruntime", "fp32", img_size=(32, 32))
+    monkeypatch.setattr(onnx_export, "EXPORT_VERSION", onnx_export.EXPORT_VERSION + 1)
+    build(model, "onnxruntime", "fp32", img_size=(32, 32))  # newer export code: exported again
+    build(model, "onnxruntime", "fp32", img_size=(32, 32))
+    assert len(calls) == 2
+
+
 def test_int8_is_keyed_by_its_calibration_set(monkeypatch):
     calls = exports(monkeypatch)
     model = create_model("poolformer_s12", **TINY).eval()

@@ -68,7 +68,7 @@ def _cache_parts(
 ) -> dict:
     from metaformer import __version__
     from metaformer.deploy.cache import weights_digest
-    from metaformer.deploy.onnx_export import DEFAULT_OPSET
+    from metaformer.deploy.onnx_export import DEFAULT_OPSET, EXPORT_VERSION
     from metaformer.deploy.runtimes import runtime_version
     from metaformer.models.hardware import cpu_profile
 
@@ -83,6 +83,7 @@ def _cache_parts(
         "torch": torch.__version__,
         "runtime": runtime_version(backend),
         "opset": DEFAULT_OPSET,
+        "export": EXPORT_VERSION,
     }
 
 

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
+# The cache key holds this: bump it whenever the exported graph or how a backend converts or quantizes
+# it changes, so an artefact built by older code is never reused (2: NNCF quantizes the converted graph)
+EXPORT_VERSION = 2
 
 
 class PortableGroupNorm(nn.Module):
@@ -203,6 +206,7 @@ def export_model(
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EXPORT_VERSION",
     "FORMATS",
     "ExportReport",
     "PortableGroupNorm",

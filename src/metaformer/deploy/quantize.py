@@ -11,7 +11,8 @@ Two of the field's quantizers, both starting from the folded ONNX graph (``onnx_
   same file and runs it fast.
 
 Both quantize the matmuls and convolutions (stem, downsampling, the channel MLP); the GroupNorm
-statistics, the pooling mix, GELU and the head's norm stay in float (``float_ops`` lists them).
+statistics (one fused MVN per norm in OpenVINO), the pooling mix, GELU and the head's norm stay in float
+(``float_ops`` lists them).
 
 A calibration set is a ``Calibration``: image batches preprocessed as for eval, read lazily (a cached
 int8 model never reads them) and a ``key`` naming them for the cache (a folder's listing, or the
@@ -40,7 +41,7 @@ CALIBRATION_IMAGES = 300  # NNCF's default subset size; a few hundred images set
 COMPUTE_OPS = {
     # ONNX and OpenVINO names of the ops that carry the FLOPs, and of those that stay in float
     "Conv", "Convolution", "MatMul", "Gemm", "Add", "Multiply", "Mul", "Sub", "Subtract", "Div", "Divide",
-    "AveragePool", "AvgPool", "ReduceMean", "Erf", "Gelu", "Sqrt", "Power", "Pow", "Softmax",
+    "AveragePool", "AvgPool", "ReduceMean", "MVN", "Erf", "Gelu", "Sqrt", "Power", "Pow", "Softmax",
 }  # fmt: skip
 INT8_OPS = {"Conv", "Convolution", "MatMul", "Gemm"}
 
@@ -112,13 +113,19 @@ def require_calibration(calibration: Calibration | None) -> Calibration:
 
 
 def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
-    """NNCF post-training quantization of the OpenVINO model read from ``onnx_path``; returns an ov.Model."""
+    """NNCF post-training quantization of the OpenVINO model converted from ``onnx_path``; returns an
+    ov.Model.
+
+    The model comes from ``ov.convert_model``, not ``Core.read_model``: conversion fuses our explicit
+    mean/variance ops into MVN and Erf into Gelu before NNCF sees the graph. Read raw, NNCF puts
+    FakeQuantize nodes inside each norm's ReduceMean/Sub/Mul/Sqrt/Div chain, the CPU plugin can no
+    longer fuse it into MVN, and the int8 S12 ran at 0.95x timm's (whose InstanceNormalization reads as
+    MVN) instead of 1.1x (docs/performance.md)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA" note on import
     import nncf
+    import openvino as ov
 
-    from metaformer.deploy.runtimes import openvino_core
-
-    model = openvino_core().read_model(str(onnx_path))
+    model = ov.convert_model(str(onnx_path))
     images = calibration.images()
     dataset = nncf.Dataset(images)
     _quiet_nncf()
