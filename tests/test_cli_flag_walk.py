@@ -105,7 +105,7 @@ def stubs(tmp_path_factory):
     parser = cli.build_parser()  # built once: parse_args keeps no state between calls
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("walk"))
-        patch.setattr(cli, "build_parser", lambda: parser)
+        patch.setattr(cli, "build_parser", lambda command=None: parser)
         for module, name in ENTRY.values():
             patch.setattr(importlib.import_module(module), name, _stub)
         yield

@@ -193,7 +193,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# the commands this module defines itself: running one imports no task module
+BUILTIN_COMMANDS = ("models", "info", "convert", "download")
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs (``classify`` in ``--debug classify predict x.png``), or None when
+    anything else comes first (``--help``): then the parser is built whole, to list every command."""
+    for arg in argv:
+        if arg != "--debug":
+            return None if arg.startswith("-") else arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or (``command``, the first command word) just what parsing that command needs:
+    its own flags are the same, and only its task module is imported."""
     common = _common()
     parser = _Parser(
         prog="metaformer",
@@ -204,12 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_model_parsers(sub, common)
     add_weights_parsers(sub, common)
-    add_task_parsers(sub, common)
+    if command not in BUILTIN_COMMANDS:
+        add_task_parsers(sub, common, command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_word(argv))
     args = parser.parse_args(argv)
     configure_logging(debug=args.debug)
     try:
@@ -276,14 +293,17 @@ def add_weights_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
 
 
 # --------------------------------------------------------------------------- task commands
-def add_task_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``metaformer <task> <action>`` for every registered task, flags generated from its configs."""
+def add_task_parsers(
+    sub: argparse._SubParsersAction, common: argparse.ArgumentParser, command: str | None = None
+) -> None:
+    """``metaformer <task> <action>`` for every registered task, flags generated from its configs; with
+    ``command`` (a command word) only for the module that declares it, if one does."""
     import importlib
 
     from metaformer.options import add_config_flags, add_flags
-    from metaformer.tasks import TASK_MODULES, TOOL_MODULES
+    from metaformer.tasks import command_modules
 
-    for module_name in (*TASK_MODULES, *TOOL_MODULES):
+    for module_name in command_modules(command):
         commands = importlib.import_module(module_name).COMMANDS
         actions = sub
         if commands.name is not None:

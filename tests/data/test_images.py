@@ -36,3 +36,11 @@ def test_open_rgb_converts_and_names_an_unreadable_file(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match=r"cannot read image '.*bad\.png' \(\w+\); pass a readable"):
         open_rgb(bad)
+
+
+def test_the_image_extensions_are_torchvisions():
+    from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION
+
+    from metaformer.data.images import IMG_EXTENSIONS
+
+    assert IMG_EXTENSIONS == TORCHVISION

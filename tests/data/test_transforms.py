@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
@@ -35,3 +37,26 @@ def test_eval_transform_from_a_weights_record():
     assert _find(tf, T.Resize)[0].size == 235  # M models: floor(224 / 0.95)
     out = tf(Image.new("RGB", (240, 240), (255, 255, 255)))
     assert torch.allclose(out, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_eval_transform_of_an_rgb_image_equals_timms_value_for_value(interpolation):
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    for height, width in [(60, 50), (50, 60), (224, 224), (300, 171), (8, 5)]:
+        image = Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+        for size, crop_pct in [(32, 0.875), (32, 1.0), (224, 0.9), (224, 0.95), (28, 1.2)]:
+            ours = eval_transform(size, crop_pct=crop_pct, interpolation=interpolation, mean=(0.5, 0.4, 0.3))
+            timms = create_transform(
+                size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, mean=(0.5, 0.4, 0.3)
+            )
+            assert torch.equal(ours(image), timms(image)), (height, width, size, crop_pct)
+
+
+def test_eval_transform_hands_other_inputs_to_timms_pipeline():
+    from timm.data import create_transform
+
+    tensor = torch.rand(3, 40, 50)
+    timms = create_transform(32, is_training=False, crop_pct=0.9, interpolation="bicubic")
+    assert torch.equal(eval_transform(32)(tensor), timms(tensor))

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from metaformer.data.images import IMG_EXTENSIONS
 from metaformer.errors import DataError
 
 logger = logging.getLogger(__name__)

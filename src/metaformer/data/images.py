@@ -8,8 +8,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from metaformer.data.folders import IMG_EXTENSIONS
 from metaformer.errors import DataError
+
+# the files an image folder holds: torchvision's ``datasets.folder.IMG_EXTENSIONS`` (a test keeps them
+# equal), written here so that finding images does not import torchvision
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def image_paths(inputs: str | Path, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[Path]:

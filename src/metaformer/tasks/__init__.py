@@ -21,6 +21,16 @@ TASK_MODULES: list[str] = [
 ]
 # modules whose commands sit at the top level (``metaformer ablate``, ``metaformer export``)
 TOOL_MODULES: list[str] = ["metaformer.tasks.ablate", "metaformer.export"]
+# the first command word -> the module that declares it, so that ``metaformer classify predict`` imports
+# the classify package alone (a task module imports its data and training libraries: seconds); a word
+# not found here builds every module's commands (tests/test_cli.py keeps this index true)
+COMMAND_MODULES: dict[str, str] = {
+    "classify": "metaformer.tasks.classify",
+    "detect": "metaformer.tasks.detect",
+    "segment": "metaformer.tasks.segment",
+    "ablate": "metaformer.tasks.ablate",
+    "export": "metaformer.export",
+}
 
 
 JSON_HELP = {"train": "print the summary as JSON", "eval": "print the metrics as JSON"}
@@ -92,10 +102,30 @@ class TaskCommands:
         )
 
 
-def register_task(module: str) -> None:
-    """Add a task module (one that defines ``COMMANDS``) to the CLI, e.g. from a plugin or a test."""
+def register_task(module: str, name: str | None = None) -> None:
+    """Add a task module (one that defines ``COMMANDS``) to the CLI, e.g. from a plugin or a test.
+    ``name``, its command word, lets ``metaformer NAME ...`` import that module alone."""
     if module not in TASK_MODULES:
         TASK_MODULES.append(module)
+    if name is not None:
+        COMMAND_MODULES[name] = module
 
 
-__all__ = ["Action", "TASK_MODULES", "TOOL_MODULES", "TaskCommands", "command", "register_task"]
+def command_modules(word: str | None) -> list[str]:
+    """The modules the CLI imports to run ``metaformer WORD ...``: the one declaring WORD, none for the
+    CLI's own commands (``builtin``), every module for anything else (``--help``, a typo)."""
+    modules = [*TASK_MODULES, *TOOL_MODULES]
+    module = COMMAND_MODULES.get(word or "")
+    return [module] if module in modules else modules
+
+
+__all__ = [
+    "COMMAND_MODULES",
+    "Action",
+    "TASK_MODULES",
+    "TOOL_MODULES",
+    "TaskCommands",
+    "command",
+    "command_modules",
+    "register_task",
+]

@@ -37,9 +37,9 @@ from metaformer.weights.io import (
 from metaformer.weights.layouts import _OPENMMLAB_PARTS, _POOLFORMER_ONLY, detect_layout, to_ours
 from metaformer.weights.loading import (
     _architecture,
-    _load_into,
     _mismatch_error,
     _num_classes,
+    build_loaded,
     compare_state_dict,
     load_weights,
     matching_models,
@@ -97,22 +97,26 @@ def model_from_weights(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             f"unknown model option(s) {', '.join(unknown)}; valid options are {', '.join(sorted(valid))}"
         )
     config.update(overrides)
-    try:
+    features = meta.get("features")
+
+    def build() -> nn.Module:
         model: nn.Module = MetaFormer(**{k: v for k, v in config.items() if k in valid})
-    except ConfigError as err:
+        model.model_name = meta["model_name"]  # type: ignore[assignment]
+        model.model_config = config  # type: ignore[assignment]
+        if features:
+            model = MetaFormerFeatures(model, features["out_indices"], features.get("out_norm"))
+            model.model_name = meta["model_name"]  # type: ignore[assignment]
+            model.model_config = config  # type: ignore[assignment]
+        return model
+
+    state, _ = read_checkpoint(path)
+    try:
+        model = build_loaded(build, state, "metaformer", str(path))
+    except ConfigError as err:  # the stored options, refused by MetaFormer
         raise CheckpointError(
             f"the config stored in '{path}' cannot be rebuilt ({err}); build the model yourself and call "
             "load_weights"
         ) from None
-    model.model_name = meta["model_name"]  # type: ignore[assignment]
-    model.model_config = config  # type: ignore[assignment]
-    features = meta.get("features")
-    if features:
-        model = MetaFormerFeatures(model, features["out_indices"], features.get("out_norm"))
-        model.model_name = meta["model_name"]  # type: ignore[assignment]
-        model.model_config = config  # type: ignore[assignment]
-    state, _ = read_checkpoint(path)
-    _load_into(model, state, "metaformer", str(path))
     model.class_names = meta.get("class_names")  # type: ignore[assignment]
     model.preprocessing = preprocessing  # type: ignore[assignment]
     return model

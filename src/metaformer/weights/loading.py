@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +190,44 @@ def _mismatch_error(
         f"checkpoint '{source}' ({layout} layout) does not fit {name}: {', '.join(parts)} keys; "
         f"{_guess_fix(state, model, layout)}"
     )
+
+
+def build_loaded(
+    build: Callable[[], nn.Module], state: dict[str, torch.Tensor], layout: str, source: str
+) -> nn.Module:
+    """``build()`` with ``state`` loaded into it, skipping the random init where it would be overwritten.
+
+    A model's init (truncated-normal draws over every weight) costs more than reading its checkpoint,
+    most of a one-image ``classify predict``. So the model is first built on the meta device (shapes
+    only, no memory, no init) and takes the checkpoint's tensors as its own (``assign=True``) when the
+    strict check passes: the same keys, shapes and dtypes, and no tensor left on meta (a buffer the state
+    dict does not hold). Otherwise it is built for real and loaded by ``_load_into``, with its checks,
+    messages and partial loads (a re-initialised classifier, a backbone's fresh norms)."""
+    with torch.device("meta"):
+        skeleton = build()
+    expected = skeleton.state_dict()
+    exact = state.keys() == expected.keys() and all(
+        state[k].shape == v.shape and state[k].dtype == v.dtype and state[k].device.type == "cpu"
+        for k, v in expected.items()
+    )
+    if exact:
+        skeleton.load_state_dict(state, strict=True, assign=True)
+        if not any(_meta_tensors(skeleton)):
+            name = getattr(skeleton, "model_name", None) or type(skeleton).__name__
+            logger.info("loaded %s (%s layout) into %s", source, layout, name)
+            return skeleton
+    model = build()
+    _load_into(model, state, layout, source)
+    return model
+
+
+def _meta_tensors(model: nn.Module) -> Iterator[str]:
+    """Names of the tensors ``model`` still holds on the meta device (parameters, buffers, attributes)."""
+    for module_name, module in model.named_modules():
+        tensors = {**module._parameters, **module._buffers, **vars(module)}
+        for name, value in tensors.items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                yield f"{module_name}.{name}"
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], layout: str, source: str) -> LoadReport:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metaformer.data.folders import IMG_EXTENSIONS
+from metaformer.data.images import IMG_EXTENSIONS
 from metaformer.deploy.quantize import CALIBRATION_IMAGES, Calibration
 from metaformer.errors import DataError
 

@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
 from metaformer.data.fashion_mnist import fashion_mnist_splits, is_fashion_mnist
-from metaformer.data.folders import folder_split, held_out_split
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
@@ -117,6 +116,8 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         _check_classes(classes, dataset.classes, config.data)
         skipped = 0
     else:
+        from metaformer.data.folders import folder_split, held_out_split  # torchvision: only for folders
+
         folder = Path(config.data)
         if (folder / "val").is_dir() or not folder.is_dir():
             val_dir = folder / "val"

@@ -17,7 +17,6 @@ from torch.utils.data import Dataset, Subset
 
 from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
 from metaformer.data.fashion_mnist import fashion_mnist_dir, fashion_mnist_splits, is_fashion_mnist
-from metaformer.data.folders import check_layout, folder_splits
 from metaformer.data.transforms import eval_transform, train_transform
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import DistInfo, all_reduce_sum
@@ -139,6 +138,8 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], di
         train, val = fashion_mnist_splits(config.data, train_tf, val_tf)  # val: the 10,000 test images
         classes = list(train.classes)
     else:
+        from metaformer.data.folders import folder_splits  # torchvision: only for a folder of images
+
         train, val = folder_splits(
             config.data, train_tf, val_tf, verify=config.verify_images, val_split=config.val_split
         )
@@ -255,6 +256,8 @@ def _check_data(config: TrainConfig) -> None:
     if is_fashion_mnist(config.data):
         fashion_mnist_dir(str(config.data))  # before the output folder is created
     elif config.data is not None:
+        from metaformer.data.folders import check_layout  # torchvision: only for a folder of images
+
         check_layout(config.data)
 
 
