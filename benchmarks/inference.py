@@ -15,6 +15,11 @@ the same rounds, so "% peak" compares like with like.
 On CUDA the rows "ours fast path, Triton" (and "+ compile") run the opt-in Triton kernels of the
 pooling half (``models/kernels/triton_pool.py``), switched on for that row only.
     python benchmarks/inference.py --quick               # smoke test (seconds)
+    python benchmarks/inference.py --precisions --threads 2  # + every precision (precisions.py's rows)
+
+With ``--precisions`` (CPU), each model's table is followed by ``benchmarks/precisions.py``'s run for
+that model: our fp32/bf16/int8 defaults, onnxruntime and OpenVINO on our export, and timm ->
+torch.onnx.export -> OpenVINO fp32/bf16/NNCF int8, interleaved among themselves.
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="every weight random, layer scales near 1 (default with --quick): the rel diff column then "
         "catches a broken mixer, which timm's 1e-5 layer-scale init hides",
+    )
+    p.add_argument(
+        "--precisions",
+        action="store_true",
+        help="CPU: also every precision against timm -> OpenVINO (benchmarks/precisions.py, per model)",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: poolformer_s12, 64x64, batch 2, 1 round")
     args = p.parse_args(argv)
@@ -305,7 +315,26 @@ def main(argv: list[str] | None = None) -> int:
                 title = f"{args.device} {str(dtype).removeprefix('torch.')}"
                 print_table(bench_model(name, args, dtype, Path(tmp)), title)
     print("\n".join(routes_summary()))
+    if args.precisions and args.device == "cpu":
+        run_precisions(args)
     return 0
+
+
+def run_precisions(args: argparse.Namespace) -> None:
+    """precisions.py's rows for each model, with this run's settings (its own interleaved rounds: those
+    rows build quantized models, which the tables above need not wait for)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import precisions
+
+    for name in args.models:
+        print(f"\n{name} - every precision (benchmarks/precisions.py)", flush=True)
+        argv = ["--model", name, "--batch", str(args.batch), "--img-size", str(args.img_size)]
+        argv += ["--repeats", str(args.repeats), "--latency-runs", str(args.latency_runs)]
+        argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += ["--random-weights"] if args.random_weights else []
+        if args.quick:  # its own smoke settings (more images than 2, so agreement means something)
+            argv = ["--model", name, "--quick", "--threads", str(args.threads)]
+        precisions.main(argv)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,18 @@ every other round) so that a shared machine's drift hits every row alike:
 - int8: NNCF on our export run by OpenVINO, onnxruntime's QDQ file run by onnxruntime and by
   OpenVINO, NNCF on timm's export, and the int8 default (auto), all calibrated on the same images.
 
-Every OpenVINO row names its precision hint, threads and performance hint. Ratios are medians of the
-per-round ratios (``paired_ratio``). onnxruntime's and OpenVINO's kernels ignore the AVX2 simulation's
-caps (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``): under it their rows still run AVX-512/VNNI
-code, so do not read them as an AVX2 machine's.
+timm's graph reaches OpenVINO the way OpenVINO's and NNCF's guides show: ``ov.convert_model`` on the
+ONNX file, which also fuses its norms and GELUs before NNCF quantizes it (our int8 rows do the same).
+Every OpenVINO row names its precision hint, threads and performance hint. Each row's outputs on the
+timed batch are compared with PyTorch fp32 (max difference relative to the largest logit, and top-1
+agreement); ``--random-weights`` (default with ``--quick``) makes that comparison catch a broken graph.
+Ratios are medians of the per-round ratios (``paired_ratio``). onnxruntime's and OpenVINO's kernels
+ignore the AVX2 simulation's caps (``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``): under it their
+rows still run AVX-512/VNNI code, so do not read them as an AVX2 machine's.
 
     python benchmarks/precisions.py --threads 2                  # S12, 224x224, batch 32 and batch 1
     python benchmarks/precisions.py --quick                      # smoke test (tiny, 64x64)
+    python benchmarks/inference.py --precisions --threads 2      # the same rows, after inference.py's
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from metaformer.system import machine_line, paired_ratio
+from metaformer.system import machine_line, paired_ratio, randomize_weights_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,10 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-runs", type=int, default=5, help="batch-1 calls per round (their mean)")
     p.add_argument("--threads", type=int, help="threads for every backend (default: torch's choice)")
     p.add_argument("--calibration", type=int, default=128, help="int8 calibration images (default 128)")
-    p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 2, 1 round")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="every weight random, layer scales near 1 (default with --quick): the diff and agreement "
+        "columns then catch a broken graph, which timm's 1e-5 layer-scale init hides",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 8, 1 round")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.img_size, args.repeats, args.latency_runs, args.calibration = 2, 64, 1, 1, 8
+        args.batch, args.img_size, args.repeats, args.latency_runs, args.calibration = 8, 64, 1, 1, 32
+        args.random_weights = True
         args.threads = args.threads or 1
     return args
 
@@ -72,8 +84,13 @@ def timm_export(model: torch.nn.Module, path: Path, size: int) -> None:
         )  # fmt: skip
 
 
-def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable], dict[str, str]]:
+def build_rows(
+    args: argparse.Namespace, tmp: Path
+) -> tuple[dict[str, Callable], dict[str, str], torch.nn.Module]:
+    """label -> runner for every row, notes naming how each OpenVINO row runs, and the PyTorch fp32 model
+    they all hold the weights of."""
     import nncf
+    import openvino as ov
     import timm
 
     from metaformer import create_model
@@ -83,6 +100,8 @@ def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable]
     from metaformer.deploy.runtimes import openvino_core, openvino_native_bf16
 
     ref = timm.create_model(args.model, pretrained=False, num_classes=1000).eval()
+    if args.random_weights:
+        randomize_weights_(ref)
     ours = create_model(args.model, final_norm="pooled", img_size=args.img_size).eval()
     ours.load_state_dict(ref.state_dict())
     size, threads = (args.img_size, args.img_size), args.threads
@@ -105,7 +124,7 @@ def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable]
     add("fp32 OpenVINO, our export", build(ours, "openvino", "fp32", img_size=size, threads=threads))
     timm_onnx = tmp / "timm.onnx"
     timm_export(ref, timm_onnx, args.img_size)
-    timm_ov = openvino_core().read_model(str(timm_onnx))
+    timm_ov = ov.convert_model(str(timm_onnx))
     add("fp32 OpenVINO, timm export", OpenVinoModel(timm_ov, "fp32", threads=threads))
     add("bf16 ours fast path", build(ours, "torch", "bf16", img_size=size, threads=threads))
     if openvino_native_bf16():
@@ -134,7 +153,7 @@ def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable]
     )
     with contextlib.redirect_stdout(io.StringIO()):
         timm_int8 = nncf.quantize(
-            openvino_core().read_model(str(timm_onnx)), nncf.Dataset(calibration.images()),
+            ov.convert_model(str(timm_onnx)), nncf.Dataset(calibration.images()),
             preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calibration.images()),
         )  # fmt: skip
     add("int8 OpenVINO (NNCF), timm export", OpenVinoModel(timm_int8, "int8", threads=threads))
@@ -142,7 +161,14 @@ def build_rows(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Callable]
         ours, precision="int8", img_size=size, batch_size=args.batch, threads=threads, calibration=calibration
     )
     add(f"int8 default (auto: {name})", runner)
-    return rows, notes
+    return rows, notes, ours
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |out - ref| / max |ref|, top-1 agreement in %) of a row's logits against PyTorch fp32's."""
+    out, ref = torch.as_tensor(out).float(), ref.float()
+    diff = ((out - ref).abs().max() / ref.abs().max()).item()
+    return diff, 100 * (out.argmax(1) == ref.argmax(1)).float().mean().item()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     print(machine_line(calibrate=True))
+    weights = "random (layer scales near 1)" if args.random_weights else "timm init"
     print(
         f"torch {torch.__version__}, {args.model}, threads {torch.get_num_threads()}, batch {args.batch} "
         f"(throughput) and 1 (latency), {args.img_size}x{args.img_size}, {args.repeats} interleaved rounds; "
-        "img/s and ms: medians; ratios: medians of the per-round ratios"
+        "img/s and ms: medians; ratios: medians of the per-round ratios; rel diff and agreement: against "
+        f"PyTorch fp32 on the batch; weights: {weights}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        rows, notes = build_rows(args, Path(tmp))
+        rows, notes, model = build_rows(args, Path(tmp))
         print(f"built every row in {time.perf_counter() - start:.0f} s (exports, quantization, checks)")
         x32 = torch.randn(
             args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)
@@ -168,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         t32: dict[str, list[float]] = {k: [] for k in rows}
         t1: dict[str, list[float]] = {k: [] for k in rows}
         with torch.inference_mode():
-            for fn in rows.values():  # warm-up (first calls measure the fast path's own routes)
-                fn(x32)
+            ref = model(x32)
+            checks = {k: compare(fn(x32), ref) for k, fn in rows.items()}  # also the warm-up
+            for fn in rows.values():  # (first calls measure the fast path's own routes)
                 fn(x1)
             for round_ in range(args.repeats):
                 order = list(rows.items())[:: -1 if round_ % 2 else 1]
@@ -178,13 +207,20 @@ def main(argv: list[str] | None = None) -> int:
                 for k, fn in order:
                     t1[k].append(timed(lambda fn=fn: fn(x1), args.latency_runs))
     default = next(k for k in rows if k.startswith("fp32 default"))
-    header = f"{'row':<44}{'img/s':>9}{'x fp32 default':>16}{'b1 ms':>9}{'b1 x fp32 default':>19}  runs with"
+    header = (
+        f"{'row':<44}{'img/s':>9}{'x fp32 default':>16}{'b1 ms':>9}{'b1 x fp32 default':>19}"
+        f"{'rel diff':>10}{'top-1 agree %':>15}  runs with"
+    )
     print(header)
     print("-" * (len(header) + 30))
     for k in rows:
         speed, ratio = args.batch / statistics.median(t32[k]), paired_ratio(t32[default], t32[k])
         latency, latency_ratio = statistics.median(t1[k]) * 1e3, paired_ratio(t1[k], t1[default])
-        print(f"{k:<44}{speed:>9.1f}{ratio:>16.2f}{latency:>9.1f}{latency_ratio:>19.2f}  {notes.get(k, '')}")
+        diff, agree = checks[k]
+        print(
+            f"{k:<44}{speed:>9.1f}{ratio:>16.2f}{latency:>9.1f}{latency_ratio:>19.2f}{diff:>10.1e}{agree:>15.1f}"
+            f"  {notes.get(k, '')}"
+        )
     pairs = [
         ("fp32 default", "fp32 OpenVINO, timm export"),
         ("bf16 default", "bf16 OpenVINO, our export"),

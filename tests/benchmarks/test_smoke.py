@@ -105,3 +105,40 @@ def test_finetune_benchmark_quick(tmp_path):
         assert float(cells[0]) == 0.001 and 0 <= float(cells[1]) <= 100 and len(cells) == 6  # 2 seeds
     assert "trained in" in out and "(not counted below)" in out
     assert re.search(r"summary: fine-tuned .* (beats|does not beat) the scratch mean", out)
+
+
+@pytest.mark.timeout(300)
+def test_precisions_benchmark_quick(tmp_path):
+    """50-80 s on a shared 2-core machine, not 30: its 14 rows include three NNCF quantizations, two
+    onnxruntime ones and five exports, each checked, and leaving any out would let that row rot."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "precisions.py"), "--quick"],
+        capture_output=True, text=True, timeout=280,
+        env=dict(os.environ, OMP_NUM_THREADS="1", METAFORMER_HOME=str(tmp_path / "home")),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "weights: random (layer scales near 1)" in out
+    # label -> (rel diff to PyTorch fp32's logits, top-1 agreement %) on the timed batch
+    table = {
+        line[:44].strip(): (float(line[44:].split()[4]), float(line[44:].split()[5]))
+        for line in out.splitlines()
+        if line[:5] in ("fp32 ", "bf16 ", "int8 ")
+    }
+    for label in (
+        "fp32 OpenVINO, our export",
+        "fp32 OpenVINO, timm export",
+        "int8 OpenVINO (NNCF), our export",
+        "int8 OpenVINO (NNCF), timm export",
+        "int8 onnxruntime (QDQ), our export",
+    ):
+        assert label in table, f"no '{label}' row in:\n{out}"
+    assert any(label.startswith("int8 default") for label in table)
+    for label, (diff, agreement) in table.items():
+        if label.startswith("fp32"):  # every fp32 backend computes PyTorch's outputs
+            assert diff <= 1e-5 and agreement == 100, label
+        elif label.startswith("bf16"):  # bf16's 8-bit mantissa: about 1e-2 measured
+            assert diff <= 5e-2 and agreement >= 75, label
+        else:  # int8: about 0.04-0.1 of the largest logit measured; a wrong scale or graph gives ~1
+            assert diff <= 0.25 and agreement >= 75, label
+    assert table["int8 OpenVINO (NNCF), our export"][1] >= 87.5
