@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metaformer.models.kernels import native_kernels
 from metaformer.models.layers import GroupNorm1Tokens
 from metaformer.models.mixers import Attention
+from metaformer.models.routes import probes_off
 
 
 def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -56,7 +57,8 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, native_kernels(False):  # count torch's ops
+        # count torch's ops, and no route probe's timing runs
+        with FlopCounterMode(display=False) as counter, native_kernels(False), probes_off():
             model(x)
     finally:
         model.train(was_training)

@@ -58,3 +58,15 @@ def test_our_mac_counter_equals_fvcore():
 def test_caformer_macs_include_the_attention_products():
     # timm's benchmark lists 4.13 GMACs for CAFormer-S18; without q@k and attn@v it would be 3.90
     assert count_macs(create_model("caformer_s18"), 224) / 1e9 == pytest.approx(4.13, abs=0.01)
+
+
+def test_mac_count_ignores_route_probes(monkeypatch, tmp_path):
+    """With probing on and no cached routes, the first forward measures its routes: those timing runs
+    must not be counted (they once made convformer_s18 read 7.7 G instead of 3.96 G)."""
+    monkeypatch.delenv("METAFORMER_ROUTE_PROBE", raising=False)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path))
+    model = create_model("convformer_s18").eval()
+    first = count_macs(model, 224)
+    assert first / 1e9 == pytest.approx(3.96, abs=0.01)
+    assert count_macs(model, 224) == first
+    assert not any(tmp_path.rglob("*.json")), "counting measured and cached a route"

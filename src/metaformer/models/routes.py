@@ -23,12 +23,14 @@ or not it measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,26 @@ class Decision:
 
 
 _DECISIONS: dict[tuple[str, str], Decision] = {}
+
+
+_PROBES_OFF: ContextVar[bool] = ContextVar("metaformer_route_probes_off", default=False)
+
+
+@contextlib.contextmanager
+def probes_off() -> Iterator[None]:
+    """Within it, every route takes its first candidate without measuring or caching anything: for code
+    that runs a model to observe it, such as an op counter, which would count a probe's timing runs."""
+    token = _PROBES_OFF.set(True)
+    try:
+        yield
+    finally:
+        _PROBES_OFF.reset(token)
+
+
+def _probing_disabled() -> bool:
+    return _PROBES_OFF.get() or os.environ.get("METAFORMER_ROUTE_PROBE") == "0"
+
+
 _DISK: dict[str, Any] | None = None
 
 
@@ -227,7 +249,7 @@ def choose(
     forced = _override(route)
     if forced is not None and forced in candidates:
         return forced
-    if len(names) == 1 or os.environ.get("METAFORMER_ROUTE_PROBE") == "0":
+    if len(names) == 1 or _probing_disabled():
         return names[0]
     shape_class = f"{shape_class}-t{torch.get_num_threads()}"
     key = (route, shape_class)
