@@ -80,6 +80,9 @@ def test_help_texts_are_those_of_before() -> None:
     # Fashion-MNIST, the one-folder hold-out and the finetune recipe joined these (issue 24)
     changed |= {"ablate --data", "ablate --img-size", "classify train --data", "classify train --recipe"}
     changed |= {"classify eval --data"}
+    # OpenVINO and the precisions joined the backend choice (issue 23)
+    changed |= {"classify eval --backend", "classify predict --backend"}
+    changed |= {"export :help", "export --format", "export --dynamic-batch"}
     now: dict[str, Any] = {}
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
