@@ -10,7 +10,7 @@ from metaformer.data.embedded import digits_splits
 from metaformer.deploy import backend_openvino, build
 from metaformer.deploy.quantize import Calibration, float_ops
 from metaformer.deploy.runtimes import openvino_native_bf16
-from metaformer.errors import ConfigError, DataError
+from metaformer.errors import ConfigError, DataError, ExportError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +132,26 @@ def test_precisions_a_backend_cannot_run_are_one_sentence(monkeypatch):
     monkeypatch.setattr(backend_openvino, "openvino_native_bf16", lambda: False)
     with pytest.raises(ConfigError, match="OpenVINO runs bf16 only on a CPU with native bf16"):
         build(model, "openvino", "bf16", img_size=(32, 32))
+
+
+def test_an_isa_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    """OpenVINO's oneDNN obeys ONEDNN_MAX_CPU_ISA although its capability list reads cpuid: under an
+    AVX2 cap a bf16 graph fails to compile, so bf16 must not be offered there."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not openvino_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not openvino_native_bf16()
+
+
+def test_a_model_openvino_cannot_compile_is_one_sentence(monkeypatch):
+    from metaformer.deploy import runtimes
+
+    class Core:
+        def compile_model(self, *args, **kwargs):
+            raise RuntimeError("Exception from plugin.cpp:54:\nSupported primitive descriptors list is empty")
+
+    monkeypatch.setattr(runtimes, "openvino_core", lambda: Core())
+    expected = r"^OpenVINO could not compile the model at bf16 on this CPU"
+    with pytest.raises(ExportError, match=expected) as info:
+        runtimes.openvino_compile("model.xml", "bf16", threads=1)
+    assert "\n" not in str(info.value) and "primitive descriptors list is empty" in str(info.value)

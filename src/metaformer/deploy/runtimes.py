@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from metaformer.errors import ConfigError
+from metaformer.errors import ConfigError, ExportError
 
 OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers run int8; the rest in f32
 PERFORMANCE_HINT = "LATENCY"
@@ -90,8 +90,16 @@ def openvino_core() -> Any:
     return ov.Core()
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which bf16 runs natively
+_BF16_ISA_PREFIXES = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL")
+
+
 def openvino_native_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin runs bf16 natively here (it reads cpuid, not our ISA caps)."""
+    """Whether OpenVINO's CPU plugin runs bf16 natively here. It reports cpuid's answer, but its
+    oneDNN obeys ``ONEDNN_MAX_CPU_ISA``: under a cap below bf16 it fails to compile bf16 graphs."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and not cap.startswith(_BF16_ISA_PREFIXES):
+        return False
     return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -120,7 +128,14 @@ def openvino_compile(model: Any, precision: str, threads: int | None = None) -> 
             config["CACHE_DIR"] = str(blobs)
     except OSError:  # no cache: compile from scratch every time
         pass
-    return openvino_core().compile_model(model, "CPU", config)
+    try:
+        return openvino_core().compile_model(model, "CPU", config)
+    except RuntimeError as error:  # a primitive this CPU (or ISA cap) lacks at this precision
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ExportError(
+            f"OpenVINO could not compile the model at {precision} on this CPU ({reason}); "
+            "use another --precision or --backend"
+        ) from error
 
 
 def openvino_settings(compiled: Any) -> dict[str, str]:
