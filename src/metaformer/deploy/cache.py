@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaformer.models.routes import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -143,11 +145,7 @@ def record_cost(backend: str, precision: str, shape: str = "", **seconds: float)
     entry.update({name: round(value, 3) for name, value in seconds.items()})
     data[f"{backend}|{precision}|{shape}"] = entry
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
     except OSError as error:
         logger.debug("deploy costs not written (%s)", error)
 

@@ -135,15 +135,25 @@ def _save(decision: Decision, candidates: Sequence[str]) -> None:
         "candidates": list(candidates),  # those that raised have no time
         "probes": decision.probes,
     }
-    path = _cache_file()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(disk, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(_cache_file(), disk)
     except OSError as error:
         logger.debug("route cache not written (%s)", error)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, written beside it and renamed, so a reader never sees half a file
+    (the route cache and the deployment cache's cost file both use it). Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _override(route: str) -> str | None:
