@@ -11,6 +11,10 @@ checked ONNX graph every runtime starts from), ``quantize`` (calibration and the
 first time (route ``backend`` in ``models.routes``, cached per machine), and weighs a backend's
 one-off cost (building or loading its artefact) against the time it saves over the work announced
 by ``images``: a single image is not worth a 4 s export to save 5 ms.
+
+Models: a classifier, or any model holding a MetaFormer backbone whose outputs are logits, such as the
+Semantic FPN segmenter (``dynamic_size=True``: its exported graph takes every image height and width,
+so images that differ in size after the keep-ratio resize share one artefact).
 """
 
 from __future__ import annotations
@@ -64,8 +68,9 @@ def candidates(precision: str) -> list[str]:
 
 
 def _cache_parts(
-    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int] | None, calibration: Any
 ) -> dict:
+    """``size`` None: a graph that takes every image size."""
     from metaformer import __version__
     from metaformer.deploy.cache import weights_digest
     from metaformer.deploy.onnx_export import DEFAULT_OPSET, EXPORT_VERSION
@@ -74,7 +79,7 @@ def _cache_parts(
 
     return {
         "weights": weights_digest(model),
-        "img_size": list(size),
+        "img_size": "dynamic" if size is None else list(size),
         "backend": backend,
         "precision": precision,
         "calibration": calibration.digest() if precision == "int8" else None,
@@ -87,12 +92,13 @@ def _cache_parts(
     }
 
 
-def _shape(model: nn.Module, size: tuple[int, int]) -> str:
-    return f"{getattr(model, 'model_name', type(model).__name__)}-{size[0]}x{size[1]}"
+def _shape(model: nn.Module, size: tuple[int, int] | None) -> str:
+    name = getattr(model, "model_name", type(model).__name__)
+    return f"{name}-dynamic" if size is None else f"{name}-{size[0]}x{size[1]}"
 
 
 def cached_entry(
-    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int] | None, calibration: Any
 ) -> Any:
     """The cache entry holding ``backend``'s artefact for this model and precision, or None."""
     from metaformer.deploy import cache
@@ -113,10 +119,13 @@ def build(
     calibration: Any = None,
     use_cache: bool = True,
     images: int | None = None,
+    dynamic_size: bool = False,
 ) -> nn.Module:
     """A runner of ``model`` on ``backend`` (not auto) at ``precision``: loaded from the cache when its
     artefact is there, else built (exported, quantized, checked against PyTorch) and cached.
-    ``images``: how many the caller will run (at most ``batch_size``: the PyTorch model is not folded)."""
+    ``images``: how many the caller will run (at most ``batch_size``: the PyTorch model is not folded).
+    ``dynamic_size``: the runner takes every image size (``img_size`` is the one it is built and
+    checked at, with one more); one cached artefact serves them all."""
     from metaformer.deploy import cache
     from metaformer.deploy.quantize import as_calibration, require_calibration
 
@@ -127,6 +136,7 @@ def build(
         require_calibration(calibration)
     model = model.eval()
     h, w = int(img_size[0]), int(img_size[1])
+    key_size = None if dynamic_size else (h, w)
     in_chans = getattr(model, "in_chans", 3)
     if not module.ARTEFACT:
         start = time.perf_counter()
@@ -134,35 +144,38 @@ def build(
         example = torch.zeros(batch_size, in_chans, h, w)
         runner = module.build(model, precision, example, threads=threads, one_batch=one_batch)
         if not one_batch:  # the fold's cost, what a longer run pays before its first batch
-            cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
+            cache.record_cost(backend, precision, _shape(model, key_size), load_s=time.perf_counter() - start)
         return runner
-    key = cache.make_key(_cache_parts(model, backend, precision, (h, w), calibration)) if use_cache else None
+    key = (
+        cache.make_key(_cache_parts(model, backend, precision, key_size, calibration)) if use_cache else None
+    )
     entry = cache.lookup(key) if key else None
     if entry is not None:
         start = time.perf_counter()
         runner = module.load(entry.folder, precision, threads=threads)
         runner.check = entry.meta.get("check", {})
-        cache.record_cost(backend, precision, _shape(model, (h, w)), load_s=time.perf_counter() - start)
+        cache.record_cost(backend, precision, _shape(model, key_size), load_s=time.perf_counter() - start)
         return runner
     example = torch.zeros(batch_size, in_chans, h, w)
     start = time.perf_counter()
     with cache.building(key) as (folder, meta):
         runner = module.build(
-            model.cpu().float(), precision, example, threads=threads, calibration=calibration, folder=folder
-        )
+            model.cpu().float(), precision, example, threads=threads, calibration=calibration, folder=folder,
+            dynamic_size=dynamic_size,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         meta.update(
-            parts=_cache_parts(model, backend, precision, (h, w), calibration),
+            parts=_cache_parts(model, backend, precision, key_size, calibration),
             check=runner.check,
             settings=runner.settings,
             build_s=round(seconds, 3),
         )
-    cache.record_cost(backend, precision, _shape(model, (h, w)), build_s=seconds)
+    cache.record_cost(backend, precision, _shape(model, key_size), build_s=seconds)
     return runner
 
 
 def _one_off_s(
-    model: nn.Module, backend: str, precision: str, size: tuple[int, int], calibration: Any
+    model: nn.Module, backend: str, precision: str, size: tuple[int, int] | None, calibration: Any
 ) -> float:
     """Seconds ``backend`` costs before its first batch: loading a cached artefact, or building one."""
     from metaformer.deploy import cache
@@ -190,6 +203,7 @@ def prepare_for_inference(
     calibration: Any = None,
     images: int | None = None,
     use_cache: bool = True,
+    dynamic_size: bool = False,
 ) -> tuple[nn.Module, str]:
     """(a module to call on image batches, the backend it runs on) for an eval-mode ``model``.
 
@@ -198,14 +212,14 @@ def prepare_for_inference(
     ``torch`` is our fast path (or, with ``amp``, the plain model under autocast); ``onnxruntime`` and
     ``openvino`` run the exported graph on the CPU; ``auto`` measures them. ``images``: how many images
     the caller will run (None: many), which decides whether a backend's one-off cost pays off.
-    ``threads``: the runtimes' threads (default: PyTorch's).
+    ``threads``: the runtimes' threads (default: PyTorch's). ``dynamic_size``: images of every size
+    go through one runner (a segmenter's; ``img_size`` is a typical one, where auto measures).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("precision", precision, PRECISIONS)
     device = torch.device(device)
-    from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
+    from metaformer.deploy.base import foldable
 
-    foldable = isinstance(model, (MetaFormer, MetaFormerFeatures))
     if amp is not None:
         if precision != "fp32":
             raise ConfigError(f"pass either --amp or --precision {precision}, not both")
@@ -228,10 +242,10 @@ def prepare_for_inference(
     if backend != "auto":
         runner = build(
             model, backend, precision, img_size=size, batch_size=batch_size, threads=threads,
-            calibration=calibration_set, use_cache=use_cache, images=images,
+            calibration=calibration_set, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
         )  # fmt: skip
         return runner, backend
-    names = candidates(precision) if foldable else (["torch"] if precision != "int8" else [])
+    names = candidates(precision) if foldable(model) else (["torch"] if precision != "int8" else [])
     if not names:
         raise ConfigError(
             f"no installed backend runs {precision} here; pip install 'metaformer[openvino]' "
@@ -244,9 +258,12 @@ def prepare_for_inference(
         )
     if len(names) == 1:
         return _build_named(
-            model, names[0], precision, size, batch_size, threads, calibration_set, use_cache, images
-        )
-    return _auto(model, names, precision, size, batch_size, threads, calibration_set, images, use_cache)
+            model, names[0], precision, size, batch_size, threads, calibration_set, use_cache, images,
+            dynamic_size,
+        )  # fmt: skip
+    return _auto(
+        model, names, precision, size, batch_size, threads, calibration_set, images, use_cache, dynamic_size
+    )
 
 
 def _calibration(calibration: Any) -> Any:
@@ -257,47 +274,50 @@ def _calibration(calibration: Any) -> Any:
 
 def _build_named(
     model: nn.Module, name: str, precision: str, size: tuple[int, int], batch_size: int, threads: int | None,
-    calibration: Any, use_cache: bool, images: int | None = None,
+    calibration: Any, use_cache: bool, images: int | None = None, dynamic_size: bool = False,
 ) -> tuple[nn.Module, str]:  # fmt: skip
     runner = build(
         model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
-        calibration=calibration, use_cache=use_cache, images=images,
+        calibration=calibration, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
     )  # fmt: skip
     return runner, name
 
 
 def _auto(
     model: nn.Module, names: list[str], precision: str, size: tuple[int, int], batch_size: int,
-    threads: int | None, calibration: Any, images: int | None, use_cache: bool,
+    threads: int | None, calibration: Any, images: int | None, use_cache: bool, dynamic_size: bool = False,
 ) -> tuple[nn.Module, str]:  # fmt: skip
     from metaformer.models import routes
 
     h, w = size
+    key_size = None if dynamic_size else size
     shape_class = f"{getattr(model, 'model_name', type(model).__name__)}-{h}x{w}-b{routes.bucket(batch_size)}"
     if precision != "fp32":
         shape_class += f"-{precision}"
     batches = None if images is None else max(1, math.ceil(images / batch_size))
     decision = routes.known_decision("backend", shape_class, names)
     if decision is not None and decision.choice in names:
-        choice = _weigh(model, decision, names, precision, size, calibration, batches)
+        choice = _weigh(model, decision, names, precision, key_size, calibration, batches)
         return _build_named(
-            model, choice, precision, size, batch_size, threads, calibration, use_cache, images
+            model, choice, precision, size, batch_size, threads, calibration, use_cache, images, dynamic_size
         )
     if batches is not None and batches <= SMALL_WORK_BATCHES:
         # measuring builds every backend's artefact: a short run takes one that needs none or is built
         ready = [
             name for name in names
-            if not backend_module(name).ARTEFACT or cached_entry(model, name, precision, size, calibration)
+            if not backend_module(name).ARTEFACT
+            or cached_entry(model, name, precision, key_size, calibration)
         ]  # fmt: skip
         return _build_named(
-            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache, images
-        )
+            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache, images,
+            dynamic_size,
+        )  # fmt: skip
     runners: dict[str, nn.Module] = {}
     for name in names:
         try:
             runners[name] = build(
                 model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
-                calibration=calibration, use_cache=use_cache,
+                calibration=calibration, use_cache=use_cache, dynamic_size=dynamic_size,
             )  # fmt: skip
         except ExportError as error:  # its outputs were wrong: it is not a candidate
             logger.warning("%s backend skipped: %s", name, error)
@@ -317,7 +337,7 @@ def _weigh(
     decision: Any,
     names: list[str],
     precision: str,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     calibration: Any,
     batches: int | None,
 ) -> str:

@@ -43,8 +43,9 @@ class OnnxRuntimeModel(Runner):
         return self.session.run(None, {"images": images})[0]
 
 
-def export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> dict:
-    report = export_model(model, path, img_size=tuple(example.shape[-2:]), dynamic_batch=True)
+def export_fp32(model: nn.Module, example: torch.Tensor, path: Path, dynamic_size: bool = False) -> dict:
+    size = tuple(example.shape[-2:])
+    report = export_model(model, path, img_size=size, dynamic_batch=True, dynamic_size=dynamic_size)
     return {"max_abs_diff": report.max_abs_diff, "batches": list(report.checked_batches)}
 
 
@@ -56,10 +57,12 @@ def build(
     threads: int | None = None,
     calibration: Calibration | None = None,
     folder: Path,
+    dynamic_size: bool = False,
 ) -> OnnxRuntimeModel:
+    """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
     check(precision)
     fp32_path = folder / ARTEFACT["fp32"]
-    check_fp32 = export_fp32(model, example, fp32_path)
+    check_fp32 = export_fp32(model, example, fp32_path, dynamic_size)
     if precision == "fp32":
         runner = OnnxRuntimeModel(fp32_path, threads=threads)
         runner.check = check_fp32

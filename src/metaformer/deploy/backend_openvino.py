@@ -74,10 +74,13 @@ def build(
     threads: int | None = None,
     calibration: Calibration | None = None,
     folder: Path,
+    dynamic_size: bool = False,
 ) -> OpenVinoModel:
+    """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
     check(precision)
     onnx_path = folder / "model.onnx"
-    export_model(model, onnx_path, img_size=tuple(example.shape[-2:]), dynamic_batch=True)
+    size = tuple(example.shape[-2:])
+    export_model(model, onnx_path, img_size=size, dynamic_batch=True, dynamic_size=dynamic_size)
     if precision == "int8":
         calibration = require_calibration(calibration)
         ov_model = quantize_openvino(onnx_path, calibration)
@@ -89,7 +92,7 @@ def build(
     if precision == "int8":
         runner.check = check_agreement(runner, model, calibration.stacked())  # type: ignore[union-attr]
     else:
-        runner.check = check_outputs(runner, model, example, precision)
+        runner.check = check_outputs(runner, model, example, precision, dynamic_size=dynamic_size)
     return runner
 
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner
+from metaformer.deploy.base import Runner, fold_inference, foldable
 from metaformer.errors import ConfigError
-from metaformer.models.fast import optimize_for_inference
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
-from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
 NAME = "torch"
 PRECISIONS = ("fp32", "bf16")
@@ -47,9 +45,8 @@ class TorchRunner(Runner):
 
 
 def fold(model: nn.Module, precision: str = "fp32") -> nn.Module:
-    """The fast path of ``model`` (folded in fp32), cast to bf16 for ``precision="bf16"``."""
-    foldable = isinstance(model, (MetaFormer, MetaFormerFeatures))
-    fast = optimize_for_inference(model.float()) if foldable else model.float().eval()
+    """The fast path of ``model`` (its MetaFormer folded in fp32), cast to bf16 for ``precision="bf16"``."""
+    fast = fold_inference(model.float()) if foldable(model) else model.float().eval()
     if precision == "bf16":
         if not native_bf16(next(model.parameters()).device):
             warn_emulated_bf16()
@@ -66,9 +63,11 @@ def build(
     calibration: object = None,
     folder: object = None,
     one_batch: bool = False,
+    dynamic_size: bool = False,
 ) -> TorchRunner:
     """``one_batch``: the caller runs a single batch (one image to predict), where folding (a copy of
-    every weight) costs more than the faster forward saves: fp32 then runs the model as it is."""
+    every weight) costs more than the faster forward saves: fp32 then runs the model as it is.
+    ``dynamic_size`` changes nothing: PyTorch takes any input size."""
     check(precision)
     if one_batch and precision == "fp32":
         runner = TorchRunner(model.float().eval(), precision, threads)

@@ -9,18 +9,26 @@ A backend module (``backend_torch``, ``backend_onnxruntime``, ``backend_openvino
   (export, quantize), written into ``folder``, checked against PyTorch, and the runner;
 - ``load(folder, precision, *, threads) -> Runner``: the runner from a cached artefact.
 
-A ``Runner`` is a module: (B, C, H, W) float images in, float logits out, whatever runs inside. Its
+A ``Runner`` is a module: (B, C, H, W) float images in, float logits out, whatever runs inside:
+(B, K) for a classifier, (B, K, H, W) for a segmenter (whose exported graph takes any H and W,
+``dynamic_size``). Its
 ``settings`` say what it runs with (the OpenVINO hint, threads and performance hint), ``check`` how
 it matched PyTorch when it was built.
 
 The checks: fp32 outputs within 1e-4 (max absolute difference) of the PyTorch model on seeded random
 batches; bf16 within bf16's precision (the largest difference at most ``BF16_RTOL`` of the largest
-logit); int8 by top-1 agreement with fp32 on the calibration images (at least ``INT8_MIN_AGREEMENT``:
-random inputs say nothing about a quantized model, whose ranges fit real images only).
+logit); int8 by top-1 agreement with fp32 on the calibration images (per image, or per pixel for a
+segmenter; at least ``INT8_MIN_AGREEMENT``: random inputs say nothing about a quantized model, whose
+ranges fit real images only).
+
+A model is ``foldable`` when a MetaFormer (or its feature backbone) is in it: a classifier, or a
+Semantic FPN whose backbone is one. ``fold_inference`` swaps each for ``optimize_for_inference``'s
+folded copy; the rest of the model (an FPN, a head) runs as it is.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +37,8 @@ import torch
 from torch import nn
 
 from metaformer.errors import ExportError
+from metaformer.models.fast import optimize_for_inference
+from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
 FP32_ATOL = 1e-4
 BF16_RTOL = 0.05  # bf16 keeps 8 significant bits (relative step 2^-8); a dozen blocks compound it
@@ -62,20 +72,54 @@ class Runner(nn.Module):
         return f"{self.backend} {self.precision}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def random_batches(example: torch.Tensor, sizes: Iterable[int] = (2, 1, 3)) -> list[torch.Tensor]:
-    """Seeded random batches with ``example``'s image shape (the export check's inputs)."""
+_BACKBONES = (MetaFormer, MetaFormerFeatures)
+
+
+def foldable(model: nn.Module) -> bool:
+    """Whether ``model`` is or holds a MetaFormer, which our fast path folds and the runtimes run."""
+    return any(isinstance(module, _BACKBONES) for module in model.modules())
+
+
+def fold_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every MetaFormer in it folded (``optimize_for_inference``);
+    the input model is not changed."""
+    if isinstance(model, _BACKBONES):
+        return optimize_for_inference(model)
+    fast = copy.deepcopy(model).eval()
+    for module in list(fast.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, _BACKBONES):
+                setattr(module, name, optimize_for_inference(child))
+    return fast
+
+
+def other_size(size: tuple[int, int]) -> tuple[int, int]:
+    """A second input size, of another aspect ratio and not a multiple of 32, to check a graph whose
+    height and width vary."""
+    return size[0] + 8, size[1] + 40
+
+
+def random_batches(
+    example: torch.Tensor, sizes: Iterable[int] = (2, 1, 3), *, dynamic_size: bool = False
+) -> list[torch.Tensor]:
+    """Seeded random batches with ``example``'s image shape (the export check's inputs); with
+    ``dynamic_size`` one more batch of 1 at ``other_size``."""
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(b, *example.shape[1:], generator=generator) for b in sizes]
+    batches = [torch.randn(b, *example.shape[1:], generator=generator) for b in sizes]
+    if dynamic_size:
+        h, w = other_size((int(example.shape[-2]), int(example.shape[-1])))
+        batches.append(torch.randn(1, example.shape[1], h, w, generator=generator))
+    return batches
 
 
 def check_outputs(
-    runner: nn.Module, model: nn.Module, example: torch.Tensor, precision: str
+    runner: nn.Module, model: nn.Module, example: torch.Tensor, precision: str, *, dynamic_size: bool = False
 ) -> dict[str, Any]:
-    """Compare ``runner`` with the fp32 PyTorch ``model`` on seeded random batches; ExportError when
-    they differ by more than ``precision`` allows."""
+    """Compare ``runner`` with the fp32 PyTorch ``model`` on seeded random batches (and another size
+    with ``dynamic_size``); ExportError when they differ by more than ``precision`` allows."""
     worst, scale = 0.0, 0.0
     with torch.no_grad():
-        for x in random_batches(example):
+        for x in random_batches(example, dynamic_size=dynamic_size):
             want = model(x).float()
             got = runner(x).float()
             if got.shape != want.shape:
@@ -94,19 +138,33 @@ def check_outputs(
 
 
 def check_agreement(runner: nn.Module, model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
-    """Top-1 agreement of the int8 ``runner`` with the fp32 ``model`` on ``batches`` (calibration images)."""
-    same = total = 0
+    """Top-1 agreement of the int8 ``runner`` with the fp32 ``model`` on ``batches`` (calibration
+    images): per image for a classifier, per pixel of the label maps for a segmenter."""
+    same = total = images = 0
     with torch.no_grad():
         for x in batches:
-            same += int((runner(x).argmax(1) == model(x).argmax(1)).sum())
-            total += x.shape[0]
+            agree = runner(x).argmax(1) == model(x).argmax(1)
+            same += int(agree.sum())
+            total += agree.numel()
+            images += x.shape[0]
     agreement = same / max(total, 1)
     if agreement < INT8_MIN_AGREEMENT:
+        unit = "calibration images" if total == images else f"pixels of {images} calibration images"
         raise ExportError(
             f"the int8 model picks the fp32 model's class on only {100 * agreement:.1f}% of the "
-            f"{total} calibration images; calibrate on more typical images or use --precision fp32"
+            f"{total} {unit}; calibrate on more typical images or use --precision fp32"
         )
-    return {"agreement": agreement, "images": total}
+    return {"agreement": agreement, "images": images}
 
 
-__all__ = ["BF16_RTOL", "FP32_ATOL", "INT8_MIN_AGREEMENT", "Runner", "check_agreement", "check_outputs"]
+__all__ = [
+    "BF16_RTOL",
+    "FP32_ATOL",
+    "INT8_MIN_AGREEMENT",
+    "Runner",
+    "check_agreement",
+    "check_outputs",
+    "fold_inference",
+    "foldable",
+    "other_size",
+]

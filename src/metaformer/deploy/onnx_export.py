@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metaformer.deploy.base import fold_inference, foldable, other_size
 from metaformer.deploy.runtimes import onnxruntime_session
 from metaformer.errors import ExportError, check_choice
-from metaformer.models.fast import optimize_for_inference
-from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +64,12 @@ class PortableGroupNorm(nn.Module):
 def portable_model(model: nn.Module, *, fold: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` that exports to portable ops (the input model is not changed).
 
-    ``fold=True`` starts from the folded inference model (``optimize_for_inference``), whose traced
-    graph uses plain ops; every remaining ``nn.GroupNorm`` becomes a ``PortableGroupNorm``.
+    ``fold=True`` starts from the folded inference model (``optimize_for_inference`` of the model or of
+    the MetaFormer backbone in it), whose traced graph uses plain ops; every remaining ``nn.GroupNorm``
+    becomes a ``PortableGroupNorm``.
     """
-    if fold and isinstance(model, (MetaFormer, MetaFormerFeatures)):
-        model = optimize_for_inference(model)
+    if fold and foldable(model):
+        model = fold_inference(model)
     else:
         model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
@@ -115,11 +115,20 @@ def max_abs_diff(expected: list[torch.Tensor], got: list) -> float:
     return worst
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, n_outputs: int, dynamic: bool) -> None:
+def _export_onnx(
+    model: nn.Module, example: torch.Tensor, path: Path, ranks: list[int], dynamic: bool, dynamic_size: bool
+) -> None:
+    """``ranks``: each output's number of dimensions (a 4-D output's height and width vary with
+    ``dynamic_size``, under their own names: a segmenter's match the input's, a backbone's do not)."""
     import onnx
 
-    output_names = ["logits"] if n_outputs == 1 else [f"features_{i}" for i in range(n_outputs)]
-    dynamic_axes = {name: {0: "batch"} for name in ["images", *output_names]} if dynamic else None
+    output_names = ["logits"] if len(ranks) == 1 else [f"features_{i}" for i in range(len(ranks))]
+    dynamic_axes = None
+    if dynamic or dynamic_size:
+        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}}
+        for name, rank in zip(output_names, ranks, strict=True):
+            spatial = {2: f"{name}_height", 3: f"{name}_width"} if dynamic_size and rank == 4 else {}
+            dynamic_axes[name] = {0: "batch", **spatial}
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore"
@@ -158,11 +167,14 @@ def export_model(
     dynamic_batch: bool = False,
     fold: bool = True,
     atol: float = 1e-4,
+    dynamic_size: bool = False,
 ) -> ExportReport:
     """Write ``model`` as ONNX or TorchScript, atomically, after checking it against PyTorch.
 
     A fixed-batch file takes batches of 1. The check runs seeded random batches through both (of 1,
     or of 2, 1 and 3 with ``dynamic_batch``) and requires a max absolute difference <= ``atol``.
+    ``dynamic_size`` (ONNX): the file takes any height and width (a segmenter's images differ in size
+    after its keep-ratio resize); one more batch of 1 at another size and aspect ratio checks that.
     """
     from metaformer.weights.io import atomic_write
 
@@ -174,26 +186,30 @@ def export_model(
     exported = portable_model(model, fold=fold).cpu()
     generator = torch.Generator().manual_seed(0)
     batches = (2, 1, 3) if dynamic_batch else (1,)  # the first is traced: a fixed-batch file takes 1
-    inputs = {b: torch.randn(b, in_chans, h, w, generator=generator) for b in batches}
+    sizes = [(b, h, w) for b in batches]
+    if dynamic_size and format == "onnx":
+        sizes.append((1, *other_size((h, w))))
+    inputs = [torch.randn(b, in_chans, *hw, generator=generator) for b, *hw in sizes]
     with torch.no_grad():
         if hasattr(model, "check_input"):
-            model.check_input(inputs[batches[0]])
-        expected = {b: outputs(model(x)) for b, x in inputs.items()}
+            model.check_input(inputs[0])
+        expected = [outputs(model(x)) for x in inputs]
     path = Path(path)
     worst = 0.0
     with atomic_write(path) as tmp, torch.no_grad():
         if format == "onnx":
-            _export_onnx(exported, inputs[batches[0]], tmp, len(expected[batches[0]]), dynamic_batch)
-            for b, x in inputs.items():
-                worst = max(worst, max_abs_diff(expected[b], _run_onnx(tmp, x)))
+            ranks = [out.ndim for out in expected[0]]
+            _export_onnx(exported, inputs[0], tmp, ranks, dynamic_batch, dynamic_size)
+            for want, x in zip(expected, inputs, strict=True):
+                worst = max(worst, max_abs_diff(want, _run_onnx(tmp, x)))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit deprecation notes
-                traced = torch.jit.trace(exported, (inputs[batches[0]],), check_trace=False, strict=False)
+                traced = torch.jit.trace(exported, (inputs[0],), check_trace=False, strict=False)
                 torch.jit.save(traced, str(tmp))
                 loaded = torch.jit.load(str(tmp), map_location="cpu")
-            for b, x in inputs.items():
-                worst = max(worst, max_abs_diff(expected[b], outputs(loaded(x))))
+            for want, x in zip(expected, inputs, strict=True):
+                worst = max(worst, max_abs_diff(want, outputs(loaded(x))))
         if not worst <= atol:
             raise ExportError(
                 f"the exported model differs from PyTorch by up to {worst:.3g} (allowed {atol:g}); "

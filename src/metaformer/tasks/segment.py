@@ -10,6 +10,7 @@ confusion matrix accumulated over the whole data set, never averaged per batch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -55,6 +56,14 @@ from metaformer.tasks.fpn import (
     read_task_metadata,
     save_png,
     save_task_weights,
+)
+from metaformer.tasks.segment_deploy import (
+    SegmentDeployOptions,
+    compare_report,
+    compare_with_fp32,
+    fp32_reference,
+    max_drop_option,
+    prepare_segmenter,
 )
 from metaformer.tasks.segmenter import IMAGENET_MEAN as IMAGENET_MEAN  # re-exported
 from metaformer.tasks.segmenter import IMAGENET_STD as IMAGENET_STD
@@ -171,7 +180,10 @@ def load_segmenter(path: str | Path) -> tuple[SemanticFPN, list[str], SegAugment
 
 # --------------------------------------------------------------------------- the task for engine.loop.fit
 class SegmentationTask:
-    """Cross entropy (ignore index) for training; mIoU / mAcc / pixel accuracy from one confusion matrix."""
+    """Cross entropy (ignore index) for training; mIoU / mAcc / pixel accuracy from one confusion matrix.
+
+    ``reference`` (eval at bf16 or int8): the fp32 model, run on the same images; ``compared`` then
+    holds its mIoU and the pixel agreement of the two label maps (at each mask's size)."""
 
     primary_metric = "mIoU"
 
@@ -182,8 +194,11 @@ class SegmentationTask:
         *,
         ignore_index: int = IGNORE_INDEX,
         class_weight: Sequence[float] | None = None,
+        reference: nn.Module | None = None,
     ):
         self.class_names = list(class_names)
+        self.reference = reference
+        self.compared: dict[str, float] = {}
         self.num_classes = len(self.class_names)
         self.augment = augment
         self.ignore_index = ignore_index
@@ -203,13 +218,15 @@ class SegmentationTask:
 
     def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
         """Whole-image inference; each prediction is resized to its mask's original size before counting."""
-        device = next(model.parameters()).device
+        tensors = itertools.chain(model.parameters(), model.buffers())  # a runtime's runner has no parameter
+        device = next((t.device for t in tensors), torch.device("cpu"))
         conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum over pixels, pixels
+        reference = torch.zeros_like(conf)
+        agree = torch.zeros(2, dtype=torch.int64, device=device)  # same label, pixels
         for images, targets in loader:
             for image, target in zip(images, targets, strict=True):
-                logits = model(image[None]).float()
-                logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                logits = self._labels_at(model, image, target)
                 labelled = int((target != self.ignore_index).sum())
                 if labelled:
                     loss = F.cross_entropy(
@@ -218,13 +235,28 @@ class SegmentationTask:
                     totals += torch.stack(
                         [loss.double(), torch.tensor(float(labelled), device=device).double()]
                     )
-                conf += confusion_matrix(logits.argmax(1)[0], target, self.num_classes, self.ignore_index)
+                labels = logits.argmax(1)[0]
+                conf += confusion_matrix(labels, target, self.num_classes, self.ignore_index)
+                if self.reference is not None:
+                    fp32 = self._labels_at(self.reference, image, target).argmax(1)[0]
+                    reference += confusion_matrix(fp32, target, self.num_classes, self.ignore_index)
+                    agree += torch.tensor([int((fp32 == labels).sum()), labels.numel()], device=device)
         conf = all_reduce_sum(conf).cpu()
         totals = all_reduce_sum(totals).cpu()
+        if self.reference is not None:
+            same, pixels = all_reduce_sum(agree).tolist()
+            fp32_miou = segmentation_metrics(all_reduce_sum(reference).cpu())["mIoU"]
+            self.compared = {"fp32_mIoU": fp32_miou, "agreement": same / max(pixels, 1)}
         self.confusion = conf
         metrics = segmentation_metrics(conf, self.class_names)
         self.per_class_iou = metrics.pop("per_class_IoU")
         return {**metrics, "loss": float(totals[0] / max(float(totals[1]), 1.0))}
+
+    @staticmethod
+    def _labels_at(model: nn.Module, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits of one image at its mask's size."""
+        logits = model(image[None]).float().to(target.device)
+        return F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
 
     def save_weights(self, model: nn.Module, path: Path) -> None:
         save_segmenter(model, path, class_names=self.class_names, augment=self.augment)
@@ -507,8 +539,9 @@ def poly_scheduler(
 
 # --------------------------------------------------------------------------- evaluate
 @dataclass(frozen=True, kw_only=True)
-class SegmentEvalConfig(DenseEvalOptions):
-    """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split)."""
+class SegmentEvalConfig(DenseEvalOptions, SegmentDeployOptions):
+    """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split), on any
+    backend and precision (bf16 and int8 are compared with fp32 on the same images)."""
 
     TASK: ClassVar[str] = "segment"
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
@@ -518,6 +551,11 @@ class SegmentEvalConfig(DenseEvalOptions):
 
     layout: str = option("auto", "data layout", choices=LAYOUTS)
     classes: str | None = option(None, "class names, one a line (default: the layout's)", metavar="FILE")
+    max_drop: float = max_drop_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_deploy()
 
 
 @command(
@@ -534,36 +572,47 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
         root, config.split, layout=config.layout, classes=config.classes, train=False, augment=augment
     )
     check_classes(config.checkpoint, class_names, dataset.class_names, str(root))
-    task = SegmentationTask(class_names, augment)
     subset = seeded_subset(dataset, config.limit, 1)
     device = pick_device(config.device)
+    model = model.to(device)
+    runner, backend = prepare_segmenter(
+        model, config, checkpoint=config.checkpoint, augment=augment, class_names=class_names, device=device,
+        img_size=tuple(subset[0][0].shape[-2:]), images=len(subset), shapes=SHAPES_SEGMENT,  # type: ignore[arg-type]
+    )  # fmt: skip
+    reference = fp32_reference(model, device) if config.precision != "fp32" else None
+    task = SegmentationTask(class_names, augment, reference=reference)
     metrics, seconds = skeleton.evaluate_dataset(
-        task,
-        model.to(device),
-        subset,
-        device=device,
-        num_workers=config.num_workers,
-        progress=config.progress,
+        task, runner, subset, device=device, num_workers=config.num_workers, progress=config.progress
     )
-    return {
+    result = {
         "checkpoint": str(config.checkpoint),
         "data": str(root),
         "images": len(subset),  # type: ignore[arg-type]
+        "backend": backend,
+        "precision": config.precision,
+        "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         "seconds": seconds,
         **metrics,
         "per_class_IoU": task.per_class_iou,
     }
+    if reference is not None:
+        result.update(compare_with_fp32(metrics, task.compared, config.precision, config.max_drop))
+    return result
 
 
 # --------------------------------------------------------------------------- predict
 @dataclass(frozen=True, kw_only=True)
-class SegmentPredictConfig(DensePredictOptions):
+class SegmentPredictConfig(DensePredictOptions, SegmentDeployOptions):
     """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
 
     TASK: ClassVar[str] = "segment"
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"output": {"help": "where the PNGs go"}}
 
     alpha: float = option(0.5, "overlay opacity (0.5)", metavar="A", check=PROBABILITY)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_deploy()
 
 
 @command(
@@ -576,10 +625,15 @@ def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
     (class ids 0..K-1 at the image's size)."""
     model, class_names, augment = load_segmenter(config.checkpoint)
     device = pick_device(config.device)
-    model = model.to(device)
+    paths = image_paths(config.inputs)
+    first = eval_resize(read_rgb(paths[0]), augment) if paths else torch.zeros(3, 64, 64)
+    model, _ = prepare_segmenter(
+        model.to(device), config, checkpoint=config.checkpoint, augment=augment, class_names=class_names,
+        device=device, img_size=tuple(first.shape[-2:]), images=len(paths), shapes=SHAPES_SEGMENT,  # type: ignore[arg-type]
+    )  # fmt: skip
     out = Path(config.output)
     written = []
-    for path in image_paths(config.inputs):
+    for path in paths:
         image = read_rgb(path)
         labels = predict_labels(model, eval_resize(image, augment).to(device), image.shape[-2:]).cpu()
         overlay, label_png = out / f"{path.stem}_overlay.png", out / f"{path.stem}_labels.png"
@@ -611,6 +665,9 @@ def eval_report(result: Mapping[str, Any]) -> str:
         f"{result['checkpoint']} on {result['data']}: {result['images']} images",
         f"  mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
         f"pixel accuracy {100 * result['pixel_acc']:.2f}",
+        f"  {result['seconds']:.1f} s ({result.get('runs_with', result.get('backend', 'torch'))}"
+        f"{', with the fp32 reference' if 'fp32_mIoU' in result else ''})",
+        *compare_report(result),
     ]
     for name, iou in result["per_class_IoU"].items():
         lines.append(f"  {name:<24}{'n/a' if iou is None else f'{100 * iou:.2f}':>8}")
