@@ -148,3 +148,21 @@ def test_cli_export_missing_checkpoint_is_a_short_error(tmp_path):
     assert str(missing) in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_segment_checkpoint_is_refused_with_the_command_that_deploys_it(tmp_path, capsys):
+    from metaformer.data.segmentation import SegAugment
+    from metaformer.tasks.segment import save_segmenter
+    from metaformer.tasks.segmenter import SegmenterConfig, create_segmenter
+
+    overrides = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+    model = create_segmenter(
+        SegmenterConfig(2, backbone_overrides=overrides, fpn_channels=8, head_channels=8)
+    )
+    checkpoint = tmp_path / "seg.safetensors"
+    save_segmenter(model, checkpoint, class_names=["a", "b"], augment=SegAugment())
+    out = tmp_path / "m.onnx"
+    assert main(["export", "poolformer_s12", "--checkpoint", str(checkpoint), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a segment model" in err and "segment predict" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -29,6 +29,12 @@ from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
+DENSE_DEPLOY = {
+    "segment": "run it with `metaformer segment eval` or `segment predict` and --backend onnxruntime or "
+    "openvino, --precision fp32, bf16 or int8",
+    "detect": "detectors run in PyTorch only (`metaformer detect eval` / `detect predict`): torchvision's "
+    "box post-processing does not export",
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ def run_export(config: ExportConfig) -> ExportReport:
             saved = read_metadata(config.checkpoint)
         except (CheckpointError, KeyError, ValueError):
             saved = {}
+        if saved.get("task") in DENSE_DEPLOY:  # a dense task's weights: not a classifier to export
+            raise ConfigError(
+                f"checkpoint '{config.checkpoint}' holds a {saved['task']} model and `metaformer export` "
+                f"writes classifiers; {DENSE_DEPLOY[saved['task']]}"
+            )
         if saved.get("config"):
             from metaformer.weights import model_from_weights
 
