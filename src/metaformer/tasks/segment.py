@@ -627,7 +627,7 @@ def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
     device = pick_device(config.device)
     paths = image_paths(config.inputs)
     first = eval_resize(read_rgb(paths[0]), augment) if paths else torch.zeros(3, 64, 64)
-    model, _ = prepare_segmenter(
+    model, backend = prepare_segmenter(
         model.to(device), config, checkpoint=config.checkpoint, augment=augment, class_names=class_names,
         device=device, img_size=tuple(first.shape[-2:]), images=len(paths), shapes=SHAPES_SEGMENT,  # type: ignore[arg-type]
     )  # fmt: skip
@@ -647,7 +647,8 @@ def predict_segmentation(config: SegmentPredictConfig) -> dict[str, Any]:
         written.append(
             {"path": str(path), "overlay": str(overlay), "labels": str(label_png), "classes": present}
         )
-    return {"images": written, "class_names": class_names}
+    runs_with = model.describe() if hasattr(model, "describe") else backend
+    return {"images": written, "class_names": class_names, "backend": backend, "runs_with": runs_with}
 
 
 # --------------------------------------------------------------------------- command line
