@@ -9,6 +9,9 @@ task (``tasks.segment``) both build it without importing each other.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,6 +127,11 @@ def create_segmenter(
     )
     model = SemanticFPN(neck, config.num_classes, head_channels=config.head_channels, dropout=config.dropout)
     model.segmenter_config = config  # type: ignore[assignment]
+    # names the architecture where deployment keeps per-model records (backend choices, build costs)
+    digest = hashlib.sha256(
+        json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode()
+    ).hexdigest()
+    model.model_name = f"semantic_fpn_{config.backbone}_{digest[:8]}"  # type: ignore[assignment]
     return model
 
 
