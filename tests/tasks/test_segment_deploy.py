@@ -222,11 +222,18 @@ def test_int8_without_a_calibration_source_asks_for_the_flag(trained, tmp_path, 
     assert main([*argv, "--precision", "int8"]) == 1
     err = capsys.readouterr().err
     assert "--calibration-data DIR" in err and len(err.strip().splitlines()) == 1
-    empty = tmp_path / "empty"
+    empty, corrupt = tmp_path / "empty", tmp_path / "corrupt"
     empty.mkdir()
-    assert main([*argv, "--precision", "int8", "--calibration-data", str(empty)]) == 1
-    err = capsys.readouterr().err
-    assert "holds no image files" in err and len(err.strip().splitlines()) == 1
+    corrupt.mkdir()
+    (corrupt / "x.png").write_bytes(b"not a png")
+    for folder, needle in [
+        (empty, "holds no image files"),
+        (tmp_path / "missing", "does not exist"),
+        (corrupt, "all 1 image files are unreadable"),
+    ]:
+        assert main([*argv, "--precision", "int8", "--calibration-data", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
