@@ -10,8 +10,8 @@ Everything goes through the library as a user would run it: the images are writt
 on the start classes, and each arm is ``classify train --recipe finetune`` on the few-shot folder, with
 ``--init-checkpoint`` (fine-tuned) or without it (scratch, layer decay 1). Both arms sweep the same
 ``lr_base`` values; each (arm, lr) runs every seed, and a seed draws its own few-shot sample (both arms
-see the same one). Accuracy is the last epoch's top-1 on 200 test images a target class (never a
-best-of-epochs pick on the test set). The start's own training time is reported apart; a later call
+see the same one). Accuracy is the last epoch's top-1 on all 1,000 test images of each target class
+(never a best-of-epochs pick on the test set). The start's own training time is reported apart; a later call
 with the same start options reuses the finished start.
 """
 
@@ -70,10 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--shots", type=int, default=40, help="training images per target class")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 4e-3, 1.6e-2], help="lr_base sweep")
-    parser.add_argument("--start-images", type=int, default=2000, help="per start class")
+    parser.add_argument("--start-images", type=int, default=6000, help="per start class (all 6,000)")
     parser.add_argument("--start-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (the recipe's)")
-    parser.add_argument("--test-images", type=int, default=200, help="per target class (of 1000)")
+    parser.add_argument("--test-images", type=int, default=1000, help="per target class (all 1,000)")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--dims", type=int, nargs=4, default=[32, 64, 128, 256])
     parser.add_argument(

@@ -81,6 +81,18 @@ def test_default_run_is_s12_on_digits_with_the_small_recipe():
     assert config.hflip == 0.0 and config.mixup == 0.0 and config.auto_augment == "none"
 
 
+def test_fashion_mnist_defaults_to_its_preset_and_its_trunk_yields_to_model_kwargs():
+    config = TrainConfig(data="fashion-mnist").resolve()
+    assert (config.recipe, config.img_size, config.batch_size, config.hflip) == ("fashion-mnist", 32, 128, 0.5)
+    assert config.lr == pytest.approx(4e-3)  # the small recipe's 2e-3 per 64 images
+    assert dict(config.model_kwargs) == {"depths": [1, 1, 3, 1], "dims": [32, 64, 128, 256]}
+    own = TrainConfig(data="fashion-mnist", model_kwargs={"dims": [64, 128, 320, 512]}).resolve()
+    assert dict(own.model_kwargs) == {"dims": [64, 128, 320, 512]}  # not merged: the model's own depths
+    assert TrainConfig(data="fashion-mnist", recipe="small").resolve().model_kwargs == {}
+    assert TrainConfig(data="fashion-mnist", init_checkpoint="w.safetensors").resolve().recipe == "finetune"
+    assert TrainConfig(data="/data/imagenet").resolve().model_kwargs == {}
+
+
 def test_paper_recipe_scales_lr_with_the_global_batch_and_uses_per_model_settings():
     s12 = TrainConfig(data="/data/imagenet").resolve(world_size=8)
     assert s12.recipe == "paper" and s12.lr == pytest.approx(1e-3)  # 8 x 128 = 1024 -> 1e-3

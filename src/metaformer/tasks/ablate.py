@@ -260,7 +260,9 @@ class AblateOptions:
     )
     only: tuple[str, ...] = option((), "run only these rows, e.g. baseline relu", metavar="VARIANT")
     recipe: str | None = option(
-        None, "training preset for every run (see classify train)", choices=("paper", "small")
+        None,
+        "training preset for every run (see classify train)",
+        choices=("paper", "small", "fashion-mnist"),
     )
     img_size: int | None = option(
         None, "training input size (digits and fashion-mnist 32, folders 224)", metavar="PX"

@@ -54,8 +54,8 @@ class TrainConfig(RunOptions):
             "DIR/<class>/*: --val-split holds out a part), or fashion-mnist[:DIR] "
             "(default: the embedded digits)"
         },
-        "recipe": {"help": "hyperparameter preset (finetune from --pretrained/--init-checkpoint, else paper "
-                   "with --data, small without)"},
+        "recipe": {"help": "hyperparameter preset (finetune from --pretrained/--init-checkpoint, else "
+                   "fashion-mnist on fashion-mnist, paper with other --data, small without)"},
         "epochs": {"help": "epochs (paper 300, small 12)"},
         "batch_size": {"help": "images per process per step (paper 128, small 64)"},
         "lr": {"help": "peak learning rate (default: lr-base x global batch / lr-base-batch)"},
@@ -208,9 +208,12 @@ class TrainConfig(RunOptions):
 
     @property
     def recipe_name(self) -> str:
-        """The recipe asked for, else finetune from weights, paper with --data, small without."""
+        """The recipe asked for, else finetune from weights, fashion-mnist on Fashion-MNIST, paper with
+        other --data, small without."""
         if self.recipe is None and (self.pretrained or self.init_checkpoint is not None):
             return "finetune"
+        if self.recipe is None and is_fashion_mnist(self.data):
+            return "fashion-mnist"
         return super().recipe_name
 
     def resolve(self, world_size: int = 1) -> TrainConfig:
@@ -239,9 +242,12 @@ class TrainConfig(RunOptions):
         if workers is None:
             in_memory = self.data is None or fashion  # decoded arrays: loader processes only add copies
             workers = 0 if in_memory else min(8, max(1, (os.cpu_count() or 2) - 1))
+        # a recipe's trunk (fashion-mnist's) stands in only where the user gave no --model-kwargs
+        model_kwargs = self.model_kwargs or dict(values.get("model_kwargs", {}))
         return dataclasses.replace(
             self,
             recipe=recipe,
+            model_kwargs=model_kwargs,
             lr=lr,
             head_dropout=head_dropout,
             img_size=img_size,

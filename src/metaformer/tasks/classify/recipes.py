@@ -1,12 +1,52 @@
 """Classification recipes: the hyperparameter presets ``TrainConfig`` fills its None fields from (``paper``,
-``small`` and ``finetune``), and the constants that go with them (default image sizes, interpolations, what
-may change between a run and its ``--resume``)."""
+``small``, ``fashion-mnist`` and ``finetune``), and the constants that go with them (default image sizes,
+interpolations, what may change between a run and its ``--resume``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+# Small data sets (the default run on the 32x32 digits): short per-step cosine schedule, light geometric
+# augmentation, no flips (digits are not mirror-symmetric), no mixup, no random erasing.
+_SMALL: dict[str, Any] = {
+    "epochs": 12,
+    "batch_size": 64,
+    "lr_base": 2e-3,
+    "lr_base_batch": 64,
+    "weight_decay": 0.05,
+    "opt": "adamw",
+    "opt_eps": 1e-8,
+    "opt_betas": (0.9, 0.999),
+    "sched": "cosine",
+    "sched_on_steps": True,
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "min_lr": 1e-5,
+    "label_smoothing": 0.1,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch",
+    "auto_augment": "none",
+    "re_prob": 0.0,
+    "re_mode": "pixel",
+    "scale": (0.8, 1.0),
+    "ratio": (0.85, 1.18),
+    "hflip": 0.0,
+    "train_interpolation": "bicubic",
+    "interpolation": "bicubic",
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "crop_pct": 1.0,
+    "drop_path_rate": 0.0,
+    "accum_steps": 1,
+    "amp": "off",  # fp32 on every CPU, so the demo gives the same numbers everywhere
+    "seed": 0,
+    "layer_decay": None,
+}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # PAPER.md section 4 (PoolFormer v1 on ImageNet-1K); drop path and crop_pct come from the model.
@@ -45,44 +85,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seed": 42,
         "layer_decay": None,  # every layer at the full lr
     },
-    # Small data sets (the default run on the 32x32 digits): short per-step cosine schedule, light
-    # geometric augmentation, no flips (digits are not mirror-symmetric), no mixup, no random erasing.
-    "small": {
-        "epochs": 12,
-        "batch_size": 64,
-        "lr_base": 2e-3,
-        "lr_base_batch": 64,
-        "weight_decay": 0.05,
-        "opt": "adamw",
-        "opt_eps": 1e-8,
-        "opt_betas": (0.9, 0.999),
-        "sched": "cosine",
-        "sched_on_steps": True,
-        "warmup_epochs": 1,
-        "warmup_lr": 1e-5,
-        "min_lr": 1e-5,
-        "label_smoothing": 0.1,
-        "mixup": 0.0,
-        "cutmix": 0.0,
-        "mixup_prob": 1.0,
-        "mixup_switch_prob": 0.5,
-        "mixup_mode": "batch",
-        "auto_augment": "none",
-        "re_prob": 0.0,
-        "re_mode": "pixel",
-        "scale": (0.8, 1.0),
-        "ratio": (0.85, 1.18),
-        "hflip": 0.0,
-        "train_interpolation": "bicubic",
-        "interpolation": "bicubic",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "crop_pct": 1.0,
-        "drop_path_rate": 0.0,
-        "accum_steps": 1,
-        "amp": "off",  # fp32 on every CPU, so the demo gives the same numbers everywhere
-        "seed": 0,
-        "layer_decay": None,
+    "small": _SMALL,
+    # Fashion-MNIST from scratch (the default with --data fashion-mnist): the small recipe at a batch of 128,
+    # with flips (clothes are mirror-symmetric), on a six-block half-width trunk unless --model-kwargs says
+    # otherwise: at 8x8 tokens a 2-core CPU trains it 2.2x faster than the 12-block S12 at half width, and it
+    # reaches the same accuracy in the same time with more epochs (docs/training.md).
+    "fashion-mnist": {
+        **_SMALL,
+        "epochs": 10,
+        "batch_size": 128,
+        "hflip": 0.5,
+        "model_kwargs": {"depths": [1, 1, 3, 1], "dims": [32, 64, 128, 256]},
     },
     # Fine-tuning from weights (the default with --pretrained or --init-checkpoint). From sail-sg/metaformer's
     # fine-tuning commands: AdamW, a few tens of epochs, no mixup or cutmix, the model's drop path and head

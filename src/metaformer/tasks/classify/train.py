@@ -295,8 +295,10 @@ def _build(config: TrainConfig, info: DistInfo) -> TrainingParts:
         mixup=_mixup(config, len(classes)),
         metadata=metadata,
     )
+    trunk = "".join(f" {k} {v}" for k, v in config.model_kwargs.items() if k in ("depths", "dims"))
     describe = (
-        f"{config.model} on {config.data or 'the embedded digits'}: {len(train)} train / {len(val)} val "  # type: ignore[arg-type]
+        f"{config.model}{f' ({trunk.strip()})' if trunk else ''} on {config.data or 'the embedded digits'}: "
+        f"{len(train)} train / {len(val)} val "  # type: ignore[arg-type]
         f"images, {len(classes)} classes, recipe '{config.recipe}'"
         + (
             f", layer decay {config.layer_decay:g} (the log shows the head's lr)"
