@@ -63,7 +63,7 @@ class TrainConfig(RunOptions):
         "amp": {"help": "off, auto, bf16 or fp16 (auto: bf16 where native, else off)", "choices": None,
                 "metavar": "MODE"},
         "clip_grad": {"help": "clip the gradient norm (off)"},
-        "num_workers": {"help": "data-loading processes (digits 0, folders up to 8)"},
+        "num_workers": {"help": "data-loading processes (digits and fashion-mnist 0, folders up to 8)"},
         "limit_train": {"check": POSITIVE},
         "limit_val": {"check": POSITIVE},
         "stop_after_epoch": {"help": "stop (resumably) after epoch N, e.g. to fit a job time limit"},
