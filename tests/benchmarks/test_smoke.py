@@ -142,3 +142,16 @@ def test_precisions_benchmark_quick(tmp_path):
         else:  # int8: about 0.04-0.1 of the largest logit measured; a wrong scale or graph gives ~1
             assert diff <= 0.25 and agreement >= 75, label
     assert table["int8 OpenVINO (NNCF), our export"][1] >= 87.5
+
+
+@pytest.mark.timeout(300)
+def test_segment_deploy_benchmark_quick():
+    out = run("segment_deploy.py")
+    assert "weights: random" in out
+    for label in ("torch fp32", "onnxruntime fp32", "openvino fp32"):
+        if any(line.startswith(label) for line in out.splitlines()):
+            diff, agree = row(out, label)[-2:]
+            assert float(diff) <= 1e-5 and float(agree) == 100.0, label  # fp32 graphs give PyTorch's maps
+    for line in out.splitlines():
+        if " bf16 " in f" {line} " and line.split()[0] in ("torch", "openvino"):
+            assert float(line.split()[-2]) <= 0.05, line  # within bf16's precision of the largest logit
