@@ -79,7 +79,7 @@ def test_help_texts_are_those_of_before() -> None:
     changed = {"ablate --dims", "export name"}  # %(default)s written out; the positional is now `model`
     # Fashion-MNIST, the one-folder hold-out and the finetune recipe joined these (issue 24)
     changed |= {"ablate --data", "ablate --img-size", "classify train --data", "classify train --recipe"}
-    changed |= {"classify eval --data"}
+    changed |= {"classify eval --data", "classify train --workers"}
     # OpenVINO and the precisions joined the backend choice (issue 23)
     changed |= {"classify eval --backend", "classify predict --backend"}
     changed |= {"export :help", "export --format", "export --dynamic-batch"}
