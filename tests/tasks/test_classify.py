@@ -83,7 +83,12 @@ def test_default_run_is_s12_on_digits_with_the_small_recipe():
 
 def test_fashion_mnist_defaults_to_its_preset_and_its_trunk_yields_to_model_kwargs():
     config = TrainConfig(data="fashion-mnist").resolve()
-    assert (config.recipe, config.img_size, config.batch_size, config.hflip) == ("fashion-mnist", 32, 128, 0.5)
+    assert (config.recipe, config.img_size, config.batch_size, config.hflip) == (
+        "fashion-mnist",
+        32,
+        128,
+        0.5,
+    )
     assert config.lr == pytest.approx(4e-3)  # the small recipe's 2e-3 per 64 images
     assert dict(config.model_kwargs) == {"depths": [1, 1, 3, 1], "dims": [32, 64, 128, 256]}
     own = TrainConfig(data="fashion-mnist", model_kwargs={"dims": [64, 128, 320, 512]}).resolve()

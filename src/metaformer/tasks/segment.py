@@ -44,6 +44,7 @@ from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subse
 from metaformer.errors import ConfigError
 from metaformer.options import AT_LEAST_1, BELOW_ONE, FRACTION, PROBABILITY, option
 from metaformer.tasks import TaskCommands, command
+from metaformer.tasks.classify.loading import DeployOptions
 from metaformer.tasks.fpn import (
     DenseEvalOptions,
     DensePredictOptions,
@@ -58,7 +59,6 @@ from metaformer.tasks.fpn import (
     save_task_weights,
 )
 from metaformer.tasks.segment_deploy import (
-    SegmentDeployOptions,
     compare_report,
     compare_with_fp32,
     fp32_reference,
@@ -539,7 +539,7 @@ def poly_scheduler(
 
 # --------------------------------------------------------------------------- evaluate
 @dataclass(frozen=True, kw_only=True)
-class SegmentEvalConfig(DenseEvalOptions, SegmentDeployOptions):
+class SegmentEvalConfig(DenseEvalOptions, DeployOptions):
     """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split), on any
     backend and precision (bf16 and int8 are compared with fp32 on the same images)."""
 
@@ -602,7 +602,7 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- predict
 @dataclass(frozen=True, kw_only=True)
-class SegmentPredictConfig(DensePredictOptions, SegmentDeployOptions):
+class SegmentPredictConfig(DensePredictOptions, DeployOptions):
     """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
 
     TASK: ClassVar[str] = "segment"

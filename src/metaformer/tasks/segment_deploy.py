@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +28,16 @@ from torch import nn
 
 from metaformer.data.segmentation import SegAugment, eval_resize, open_segmentation
 from metaformer.data.shapes import SEGMENTATION_CLASSES, ShapesConfig, make_shapes
-from metaformer.deploy import BACKENDS, PRECISIONS, prepare_for_inference
+from metaformer.deploy import prepare_for_inference
 from metaformer.deploy.quantize import CALIBRATION_IMAGES, Calibration
-from metaformer.errors import ConfigError, check_choice
-from metaformer.options import NON_NEGATIVE, POSITIVE, option
-from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set
-from metaformer.tasks.classify.loading import BACKEND_HELP, PRECISION_HELP, THREADS_HELP
+from metaformer.errors import ConfigError
+from metaformer.options import NON_NEGATIVE, option
+from metaformer.tasks.classify.calibration import calibration_set
+from metaformer.tasks.classify.loading import DeployOptions
 from metaformer.tasks.fpn import read_rgb
 
 BATCH = 8  # calibration images per batch (each is a whole eval-size image)
 MAX_DROP_HELP = "with --precision bf16/int8: fail when mIoU is more than this many points below fp32 (1.0)"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SegmentDeployOptions:
-    """The deployment flags segment eval and predict share (classify's, with the same help)."""
-
-    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
-    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
-    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
-    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
-
-    def check_deploy(self) -> None:
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("precision", self.precision, PRECISIONS)
 
 
 def max_drop_option() -> Any:
@@ -61,7 +46,7 @@ def max_drop_option() -> Any:
 
 def prepare_segmenter(
     model: nn.Module,
-    options: SegmentDeployOptions,
+    options: DeployOptions,
     *,
     checkpoint: str,
     augment: SegAugment,
@@ -202,7 +187,6 @@ def _training_split(
 
 
 __all__ = [
-    "SegmentDeployOptions",
     "calibration_images",
     "calibration_view",
     "compare_report",

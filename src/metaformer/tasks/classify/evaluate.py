@@ -18,14 +18,12 @@ from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
 from metaformer.errors import CheckpointError, ConfigError, check_choice
-from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
+from metaformer.inference import prepare_for_inference
 from metaformer.options import AMP_MODES, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
+from metaformer.tasks.classify.calibration import calibration_set, transform_key
 from metaformer.tasks.classify.loading import (
-    BACKEND_HELP,
-    PRECISION_HELP,
-    THREADS_HELP,
+    DeployOptions,
     _eval_tf,
     _readable_names,
     load_classifier,
@@ -35,7 +33,7 @@ from metaformer.tasks.classify.train import ClassificationTask, _subset
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(EvalOptions):
+class EvalConfig(EvalOptions, DeployOptions):
     """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
@@ -64,10 +62,6 @@ class EvalConfig(EvalOptions):
     confusion_png: str | None = option(
         None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
     )
-    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
-    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
-    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
-    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
     max_drop: float = option(
         1.0,
         "with --precision bf16/int8: fail when top-1 is more than this many points below fp32 (1.0)",
@@ -82,10 +76,9 @@ class EvalConfig(EvalOptions):
     )
 
     def __post_init__(self) -> None:
-        check_choice("backend", self.backend, BACKENDS)
+        self.check_deploy()
         super().__post_init__()
         check_choice("amp", self.amp, AMP_MODES)
-        check_choice("precision", self.precision, PRECISIONS)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
 

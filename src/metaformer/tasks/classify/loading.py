@@ -4,6 +4,7 @@ checkpoint, or a release; its class names and eval transform."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 
 from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from metaformer.errors import CheckpointError, ConfigError
+from metaformer.deploy import BACKENDS, PRECISIONS
+from metaformer.errors import CheckpointError, ConfigError, check_choice
 from metaformer.models import create_model, get_variant
+from metaformer.options import POSITIVE, option
+from metaformer.tasks.classify.calibration import CALIBRATION_HELP
 
 BACKEND_HELP = (
     "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), or auto: the "
@@ -22,6 +26,20 @@ PRECISION_HELP = (
     "fp32 (exact, default), bf16, or int8 (post-training quantization calibrated on --calibration-data)"
 )
 THREADS_HELP = "CPU threads for PyTorch and the runtimes (default: PyTorch's)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployOptions:
+    """The deployment flags every eval and predict command shares (classify's and segment's)."""
+
+    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
+    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
+    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
+    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
+
+    def check_deploy(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def _checkpoint_classes(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -11,16 +11,14 @@ import torch
 
 from metaformer.data.images import image_paths, open_rgb
 from metaformer.engine.distributed import pick_device
-from metaformer.errors import ConfigError, DataError, check_choice
-from metaformer.inference import BACKENDS, PRECISIONS, prepare_for_inference
+from metaformer.errors import ConfigError, DataError
+from metaformer.inference import prepare_for_inference
 from metaformer.options import POSITIVE, check_fields, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import CALIBRATION_HELP, calibration_set, transform_key
+from metaformer.tasks.classify.calibration import calibration_set, transform_key
 from metaformer.tasks.classify.cam import grad_cam, write_cam_png
 from metaformer.tasks.classify.loading import (
-    BACKEND_HELP,
-    PRECISION_HELP,
-    THREADS_HELP,
+    DeployOptions,
     _eval_tf,
     _readable_names,
     load_classifier,
@@ -30,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(DeployOptions):
     """Classify one image or every image under a folder; ``cam`` writes a Grad-CAM PNG (single image)."""
 
     inputs: str = option(
@@ -45,14 +43,9 @@ class PredictConfig:
     )
     batch_size: int = option(32, metavar="N", check=POSITIVE)
     device: str | None = option(None, "cpu, cuda or cuda:N")
-    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
-    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
-    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
-    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
 
     def __post_init__(self) -> None:
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("precision", self.precision, PRECISIONS)
+        self.check_deploy()
         check_fields(self)
         if (self.checkpoint is None) == (not self.pretrained):
             raise ConfigError("pass --checkpoint PATH or --pretrained (one of them)")
