@@ -539,7 +539,7 @@ def poly_scheduler(
 
 # --------------------------------------------------------------------------- evaluate
 @dataclass(frozen=True, kw_only=True)
-class SegmentEvalConfig(DenseEvalOptions, DeployOptions):
+class SegmentEvalConfig(DeployOptions, DenseEvalOptions):
     """Evaluate a Semantic FPN checkpoint on a split (default: the shapes set's val split), on any
     backend and precision (bf16 and int8 are compared with fp32 on the same images)."""
 
@@ -602,7 +602,7 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- predict
 @dataclass(frozen=True, kw_only=True)
-class SegmentPredictConfig(DensePredictOptions, DeployOptions):
+class SegmentPredictConfig(DeployOptions, DensePredictOptions):
     """Run a Semantic FPN on an image or a folder; write a colour overlay PNG and a label PNG per image."""
 
     TASK: ClassVar[str] = "segment"

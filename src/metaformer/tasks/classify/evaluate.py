@@ -33,7 +33,7 @@ from metaformer.tasks.classify.train import ClassificationTask, _subset
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(EvalOptions, DeployOptions):
+class EvalConfig(DeployOptions, EvalOptions):
     """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
