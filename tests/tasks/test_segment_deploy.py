@@ -26,7 +26,7 @@ SIZE = 32
 AUGMENT = SegAugment(
     scale=(4 * SIZE, SIZE), ratio_range=(1.0, 1.0), crop_size=(SIZE, SIZE), photometric=False
 )
-# Pixel agreement of int8 with fp32 on the held-out images, measured on the model trained below: onnxruntime
+# int8 pixel agreement with fp32 on the held-out images, measured on the model below at lr 4e-3: onnxruntime
 # QDQ 99.2%, OpenVINO (NNCF) 92.9%; calibrated on images x 8 (wrong ranges) 94.4% and 91.4%. The floors
 # fail a quantization with wrong ranges (onnxruntime) and a broken one (near chance, both).
 INT8_FLOOR = {"onnxruntime": 0.97, "openvino": 0.85}
@@ -51,8 +51,9 @@ def _tensors(root, split):
 
 @pytest.fixture(scope="module")
 def trained(shapes, tmp_path_factory):
-    """A tiny Semantic FPN trained on the shapes set (12 short epochs, background weighed down to get
-    past the all-background start) above the all-background mIoU; its checkpoint (with the run's
+    """A tiny Semantic FPN trained on the shapes set (16 short epochs at lr 2e-3, background weighed down
+    to get past the all-background start) above the all-background mIoU (at lr 4e-3 and 12 epochs it
+    cleared it by 0.04 natively but not under the AVX2 simulation's numerics); its checkpoint (with the run's
     config.json beside it), train and val images."""
     torch.manual_seed(0)
     x, y = _tensors(shapes, "train")
@@ -60,9 +61,9 @@ def trained(shapes, tmp_path_factory):
     overrides = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "layer_scale_init": None}
     config = SegmenterConfig(4, backbone_overrides=overrides, fpn_channels=16, head_channels=16, dropout=0.0)
     model = create_segmenter(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     weight = torch.tensor([0.25, 1.0, 1.0, 1.0])
-    for _ in range(12):
+    for _ in range(16):
         model.train()
         order = torch.randperm(len(x))
         for i in range(0, len(x), 8):
