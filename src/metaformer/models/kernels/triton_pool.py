@@ -3,7 +3,7 @@
 The kernels (``triton_pool_kernels``) are wrapped as ``torch.library`` custom ops with fake
 implementations and an autograd formula, so ``torch.compile``, ``torch.export`` and CUDA graphs see
 one opaque op with known output shapes instead of breaking the graph. The path stays opt-in until it
-is measured faster than timm on a GPU (issue 16). Triton is imported only when a kernel first runs:
+is measured faster than timm on a GPU (``benchmarks/gpu_check.sh``). Triton is imported only when a kernel first runs:
 without it, the package imports and every block keeps its torch ops.
 
 On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
