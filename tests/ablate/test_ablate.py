@@ -10,9 +10,17 @@ import torch
 from PIL import Image
 
 from metaformer import ablate
-from metaformer.ablate import run_ablation, study
+from metaformer.ablate import run_ablation
 from metaformer.ablate.report import VariantResult
-from metaformer.ablate.study import STUDIES, AblationConfig, import_mixer
+from metaformer.ablate.study import (
+    BASE_MODEL,
+    BASELINE,
+    STUDIES,
+    AblationConfig,
+    _check_recipe,
+    import_mixer,
+    study_variants,
+)
 from metaformer.cli import main
 from metaformer.complexity import count_macs
 from metaformer.errors import ConfigError
@@ -49,13 +57,13 @@ def _summary(folder):
 @pytest.mark.parametrize("study", list(STUDIES))
 def test_every_study_row_builds_and_runs_at_32px(study):
     for variant in STUDIES[study]:
-        model = create_model(study.BASE_MODEL, num_classes=10, img_size=32, **TINY, **variant.overrides)
+        model = create_model(BASE_MODEL, num_classes=10, img_size=32, **TINY, **variant.overrides)
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10), variant.name
         assert variant.paper_top1 is not None and variant.paper_params_m is not None
 
 
 def test_study_rows_are_the_papers_table5_changes():
-    rows = {v.name: v for v in study.study_variants("all")}
+    rows = {v.name: v for v in study_variants("all")}
     assert len(rows) == 1 + 3 + 3 + 3 + 2 + 4  # one shared baseline, then each study's changes
     assert rows["random"].overrides == {"mixers": ("random",) * 4}
     assert rows["dwconv"].overrides == {"mixers": ("dwconv",) * 4}
@@ -63,15 +71,15 @@ def test_study_rows_are_the_papers_table5_changes():
     assert rows["nonorm"].overrides == {"norms": ("none",) * 4} and rows["nonorm"].paper_top1 == 46.1
     hybrid = VARIANTS["metaformer_ppaa_s12_224"].config  # attention hybrids also switch to LayerNorm
     assert rows["ppaa"].overrides["norms"] == hybrid.norms and rows["ppaa"].paper_top1 == 81.0
-    model = create_model(study.BASE_MODEL, img_size=32, **TINY, **rows["pppa"].overrides)
+    model = create_model(BASE_MODEL, img_size=32, **TINY, **rows["pppa"].overrides)
     assert type(model.stages[3].blocks[0].token_mixer).__name__ == "Attention"
     assert model.stages[3].pos_embed is not None and model.stages[2].pos_embed is None
 
 
 def test_variant_result_reports_sample_std_over_seeds():
-    result = VariantResult(study.BASELINE, (90.0, 92.0), 1, 1, None, (32, 32))
+    result = VariantResult(BASELINE, (90.0, 92.0), 1, 1, None, (32, 32))
     assert result.mean == 91.0 and result.std == pytest.approx(2**0.5)
-    assert VariantResult(study.BASELINE, (90.0,), 1, 1, None, None).std is None
+    assert VariantResult(BASELINE, (90.0,), 1, 1, None, None).std is None
 
 
 def test_study_completes_resumes_without_rerunning_and_reports_the_runs_numbers(tmp_path, monkeypatch):
@@ -122,7 +130,7 @@ def test_study_completes_resumes_without_rerunning_and_reports_the_runs_numbers(
     top1 = [_summary(runs / "relu" / f"seed{s}")["last"]["top1"] for s in (0, 1)]
     assert relu[2] == f"{np.mean(top1):.2f} ± {np.std(top1, ddof=1):.2f}" and relu[3] == "2/2"
     assert relu[4] == f"{_summary(resumed)['params'] / 1e6:.3f}"
-    macs = count_macs(create_model(study.BASE_MODEL, num_classes=10, img_size=32, act="relu", **TINY), 32)
+    macs = count_macs(create_model(BASE_MODEL, num_classes=10, img_size=32, act="relu", **TINY), 32)
     assert relu[5] == f"{macs / 1e6:.2f}" and relu[9] == "76.4"
     edited = _summary(runs / "relu" / "seed1")
     edited["last"]["top1"] = 12.5
@@ -136,7 +144,7 @@ def test_study_completes_resumes_without_rerunning_and_reports_the_runs_numbers(
 
 def test_a_study_with_another_recipe_is_refused(tmp_path):
     first = AblationConfig(output=str(tmp_path), epochs=3)
-    study._check_recipe(tmp_path, first.recipe())
+    _check_recipe(tmp_path, first.recipe())
     with pytest.raises(ConfigError, match="another recipe .*epochs"):
         run_ablation(AblationConfig(output=str(tmp_path), epochs=4))
 
@@ -213,9 +221,9 @@ def test_import_mixer_checks_the_spec(tmp_path, user_mixer_module):
             import_mixer(spec)
     assert import_mixer(f"shift={user_mixer_module}:ShiftMixer") == "shift" and "shift" in MIXERS
     with pytest.raises(ConfigError, match="joins the token-mixer study"):
-        study.study_variants("norm", extra_mixers=("shift",))
+        study_variants("norm", extra_mixers=("shift",))
     with pytest.raises(ConfigError, match="has no variant 'pool4'"):
-        study.study_variants("pool-size", only=("pool4",))
+        study_variants("pool-size", only=("pool4",))
 
 
 def test_cli_bad_mixer_spec_exits_1_with_one_line_and_no_traceback(tmp_path):
