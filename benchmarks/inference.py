@@ -182,7 +182,7 @@ def build_candidates(
         try:
             import onnxruntime as ort
 
-            from metaformer.export import export_model
+            from metaformer.deploy.onnx_export import export_model
         except ImportError as err:  # pragma: no cover - the export extra is not installed
             notes["onnxruntime"] = f"skipped ({err})"
         else:

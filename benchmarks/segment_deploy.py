@@ -51,7 +51,7 @@ def build_rows(
     """label -> runner, label -> build seconds, and the PyTorch model they all hold."""
     from metaformer.deploy import backend_module, build, candidates
     from metaformer.deploy.quantize import Calibration
-    from metaformer.tasks.segmenter import SegmenterConfig, create_segmenter
+    from metaformer.tasks.segment.model import SegmenterConfig, create_segmenter
 
     overrides = {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]} if args.quick else {}
     channels = {"fpn_channels": 16, "head_channels": 8} if args.quick else {}

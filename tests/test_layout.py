@@ -222,3 +222,170 @@ def test_checker_finds_a_long_module(fake_package):
     _write(fake_package, "metaformer/c/d.py", "y = 1\n" * (MAX_LINES + 1))
     assert long_modules(fake_package) == {"metaformer.c.d": MAX_LINES + 1}
     assert long_modules(fake_package, limit=MAX_LINES + 1) == {}
+
+
+# --------------------------------------------------------------------------- one package per task, no hand-on
+# Modules whose whole purpose is to be a documented door onto names defined elsewhere, each with where it is
+# documented: they may import a name only to hand it on.
+PUBLIC_DOORS: dict[str, str] = {
+    "metaformer.inference": "docs/deployment.md: prepare_for_inference, onnxruntime_options",
+}
+SHARED_TASK = "dense"  # the one task package the other tasks may import
+
+
+def task_package(module: str) -> str | None:
+    """``metaformer.tasks.X...`` -> X (None for other modules and for ``metaformer.tasks`` itself)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["metaformer", "tasks"] else None
+
+
+def cross_task_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Edges from one task package into another, other than into the shared one."""
+    found = []
+    for module, targets in graph.items():
+        source = task_package(module)
+        for target in sorted(targets):
+            other = task_package(target)
+            if source and other and other != source and other != SHARED_TASK:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def loose_task_modules(root: Path, package: str = "metaformer") -> list[str]:
+    """Files directly in tasks/ other than its __init__: every task is a package."""
+    return sorted(p.name for p in (root / package / "tasks").glob("*.py") if p.name != "__init__.py")
+
+
+def _top_level_imports(tree: ast.Module) -> dict[str, int]:
+    """Name bound -> line, for the imports at the top of a module (``if TYPE_CHECKING`` blocks included)."""
+    bound: dict[str, int] = {}
+    nodes = list(tree.body)
+    while nodes:
+        node = nodes.pop(0)
+        if isinstance(node, ast.If):
+            nodes[:0] = node.body
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for alias in node.names:
+                bound[alias.asname or alias.name] = node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                bound[alias.asname or alias.name.split(".")[0]] = node.lineno
+    return bound
+
+
+def _exported(tree: ast.Module) -> list[str]:
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
+                return [e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant)]
+    return []
+
+
+def handed_on_imports(root: Path, package: str = "metaformer") -> list[str]:
+    """Imports outside ``__init__.py`` (and the public doors) that the module itself never uses: kept
+    only so that another module, or a test, can import the name from here."""
+    found = []
+    for name, path in module_files(root, package).items():
+        if path.name == "__init__.py" or name in PUBLIC_DOORS:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        for bound, line in _top_level_imports(tree).items():
+            if bound not in used:
+                found.append(f"{name}:{line} {bound}")
+    return found
+
+
+def foreign_exports(root: Path, package: str = "metaformer") -> list[str]:
+    """Names in a module's ``__all__`` it does not define (an ``__init__.py`` may list what it imports)."""
+    found = []
+    for name, path in module_files(root, package).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports = _top_level_imports(tree)
+        allowed = set(imports) if path.name == "__init__.py" or name in PUBLIC_DOORS else set()
+        defined = set()
+        nodes = list(tree.body)
+        while nodes:  # the top level, with the bodies of its if / try blocks
+            node = nodes.pop(0)
+            if isinstance(node, (ast.If, ast.Try)):
+                nodes[:0] = [*node.body, *node.orelse, *getattr(node, "finalbody", [])]
+                nodes[:0] = [n for handler in getattr(node, "handlers", []) for n in handler.body]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        found.extend(f"{name}: {n}" for n in _exported(tree) if n not in defined | allowed)
+    return found
+
+
+def test_tasks_holds_only_packages():
+    assert not loose_task_modules(SRC), "modules loose in tasks/ (make each task a package)"
+    assert {"classify", "dense", "detect", "segment"} <= {
+        p.name for p in (SRC / "metaformer/tasks").iterdir()
+    }
+
+
+def test_no_task_package_imports_another_but_dense():
+    graph = import_graph(SRC)
+    assert "metaformer.tasks.dense.fpn" in graph["metaformer.tasks.detect.model"]  # the walk sees task edges
+    crossing = cross_task_imports(graph)
+    assert not crossing, (
+        "a task imports another task (move what they share to tasks/dense, deploy/ or data/): "
+        + ("; ".join(crossing))
+    )
+
+
+def test_no_import_is_kept_only_to_hand_a_name_on():
+    found = handed_on_imports(SRC)
+    assert not found, (
+        "imports the module never uses (import the name from where it is defined): " + ", ".join(found)
+    )
+
+
+def test_every_exported_name_is_defined_in_its_module():
+    found = foreign_exports(SRC)
+    fix = "export them from where they are defined"
+    assert not found, f"__all__ lists names defined elsewhere ({fix}): " + ", ".join(found)
+
+
+def test_public_doors_are_documented():
+    root = SRC.parent
+    for module, where in PUBLIC_DOORS.items():
+        assert module in module_files(SRC), f"PUBLIC_DOORS names a missing module {module}"
+        doc = root / where.split(":")[0]
+        assert module in doc.read_text(encoding="utf-8"), f"{module} is not documented in {doc}"
+
+
+def test_checker_finds_a_task_importing_another(tmp_path):
+    _write(tmp_path, "metaformer/__init__.py", "")
+    _write(tmp_path, "metaformer/tasks/__init__.py", "")
+    _write(tmp_path, "metaformer/tasks/dense/__init__.py", "")
+    _write(tmp_path, "metaformer/tasks/dense/fpn.py", "x = 1\n")
+    _write(tmp_path, "metaformer/tasks/segment/__init__.py", "")
+    _write(tmp_path, "metaformer/tasks/segment/train.py", "from metaformer.tasks.dense.fpn import x\n")
+    _write(tmp_path, "metaformer/tasks/detect/__init__.py", "")
+    _write(tmp_path, "metaformer/tasks/detect/train.py", "from metaformer.tasks import command\n")
+    assert cross_task_imports(import_graph(tmp_path)) == [] and loose_task_modules(tmp_path) == []
+    _write(
+        tmp_path,
+        "metaformer/tasks/detect/train.py",
+        "def f():\n    from metaformer.tasks.segment import train\n",
+    )
+    assert cross_task_imports(import_graph(tmp_path)) == [
+        "metaformer.tasks.detect.train -> metaformer.tasks.segment.train"
+    ]
+    _write(tmp_path, "metaformer/tasks/loose.py", "")
+    assert loose_task_modules(tmp_path) == ["loose.py"]
+
+
+def test_checker_finds_a_name_handed_on(fake_package):
+    _write(fake_package, "metaformer/a.py", "from metaformer.b import x\nz = x + 1\n__all__ = ['z']\n")
+    _write(fake_package, "metaformer/b.py", "x = 1\n")
+    assert handed_on_imports(fake_package) == [] and foreign_exports(fake_package) == []
+    _write(fake_package, "metaformer/a.py", "from metaformer.b import x as x\n__all__ = ['x']\n")
+    assert handed_on_imports(fake_package) == ["metaformer.a:1 x"]
+    assert foreign_exports(fake_package) == ["metaformer.a: x"]
+    _write(fake_package, "metaformer/c/__init__.py", "from metaformer.c.d import y\n__all__ = ['y', 'z']\n")
+    assert foreign_exports(fake_package) == ["metaformer.a: x", "metaformer.c: z"]  # an __init__ may list y

@@ -1,8 +1,7 @@
 """``metaformer export``: write the file a user ships (ONNX, OpenVINO IR or TorchScript; fp32, bf16 or
 int8), checked against PyTorch.
 
-The command layer over ``metaformer.deploy`` (the checked export itself lives in ``deploy.onnx_export``
-and is re-exported here under its old names).
+The command layer over ``metaformer.deploy`` (the checked export itself lives in ``deploy.onnx_export``).
 """
 
 from __future__ import annotations
@@ -15,15 +14,8 @@ from typing import Any
 from torch import nn
 
 from metaformer.deploy import PRECISIONS
-from metaformer.deploy.onnx_export import (
-    DEFAULT_OPSET,
-    FORMATS,
-    ExportReport,
-    PortableGroupNorm,
-    export_model,
-    portable_model,
-)
-from metaformer.errors import CheckpointError, ConfigError, ExportError, check_choice, check_number
+from metaformer.deploy.onnx_export import ExportReport
+from metaformer.errors import CheckpointError, ConfigError, check_choice, check_number
 from metaformer.options import option
 from metaformer.tasks import TaskCommands, command
 
@@ -144,38 +136,25 @@ def run_export(config: ExportConfig) -> ExportReport:
 
 def _calibration(config: ExportConfig, model: nn.Module) -> Any:
     """int8's calibration images, preprocessed as the checkpoint's eval transform says."""
-    import json
-
-    from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from metaformer.tasks.classify.calibration import calibration_set, transform_key
-    from metaformer.tasks.classify.loading import _eval_tf
+    from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform_from_preprocessing
+    from metaformer.deploy.calibration import calibration_set, transform_key
 
     preproc: dict[str, Any] = {"crop_pct": 0.9, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     if config.checkpoint is not None:
         from metaformer.weights import read_metadata
 
         try:
-            preproc.update(json.loads(read_metadata(config.checkpoint).get("preprocessing") or "{}"))
+            preproc.update(read_metadata(config.checkpoint).get("preprocessing") or {})
         except (CheckpointError, KeyError, ValueError):
             pass
     size = int(config.img_size[-1])
-    transform = _eval_tf(preproc, size, None)
+    transform = eval_transform_from_preprocessing(preproc, size)
     return calibration_set(
         config.checkpoint, config.calibration_data, transform, transform_key(preproc, size)
     )
 
 
-__all__ = [
-    "DEFAULT_OPSET",
-    "FORMATS",
-    "ExportConfig",
-    "ExportError",
-    "ExportReport",
-    "PortableGroupNorm",
-    "export_model",
-    "portable_model",
-    "run_export",
-]
+__all__ = ["ExportConfig", "export_report", "run_export"]
 
 
 def export_report(report: ExportReport) -> str:

@@ -8,7 +8,7 @@ from metaformer import create_model
 from metaformer.deploy.base import check_agreement, fold_inference, foldable
 from metaformer.errors import ExportError
 from metaformer.models.fast import ChannelsLastInput
-from metaformer.tasks.segmenter import SegmenterConfig, create_segmenter
+from metaformer.tasks.segment.model import SegmenterConfig, create_segmenter
 
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 

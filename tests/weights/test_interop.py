@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from metaformer import CheckpointError, create_model, save_pretrained
 from metaformer.cli import main
-from metaformer.tasks.fpn import create_backbone
+from metaformer.tasks.dense.fpn import create_backbone
 from metaformer.weights import convert_checkpoint, detect_layout, model_from_weights, read_metadata
 
 transformers = pytest.importorskip("transformers")

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from metaformer.data.images import IMG_EXTENSIONS
 from metaformer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("auto", "ade20k", "folder")
 DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "folder": ("train", "val")}
 _CHECK_UP_FRONT = 8
@@ -326,7 +326,7 @@ def open_segmentation(
         names = read_class_list(classes)
     else:
         names = list(classes)
-    image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
     mask_of = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
     missing = [p.name for p in image_paths if p.stem not in mask_of]
     if missing:

@@ -161,11 +161,14 @@ class EvalTransform:
         )
 
 
-def eval_transform_from_preprocessing(preprocessing: Mapping[str, Any]) -> Callable[[Any], Any]:
-    """The eval transform a weights record reports its accuracy with (timm data-config keys)."""
+def eval_transform_from_preprocessing(
+    preprocessing: Mapping[str, Any], img_size: int | None = None, crop_pct: float | None = None
+) -> Callable[[Any], Any]:
+    """The eval transform a weights record reports its accuracy with (timm data-config keys);
+    ``img_size`` and ``crop_pct``, where given, override the record's."""
     return eval_transform(
-        int(preprocessing["input_size"][-1]),
-        crop_pct=float(preprocessing.get("crop_pct", 0.9)),
+        int(img_size if img_size is not None else preprocessing["input_size"][-1]),
+        crop_pct=float(crop_pct if crop_pct is not None else preprocessing.get("crop_pct", 0.9)),
         interpolation=str(preprocessing.get("interpolation", "bicubic")),
         mean=preprocessing.get("mean", IMAGENET_MEAN),
         std=preprocessing.get("std", IMAGENET_STD),

@@ -40,6 +40,16 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_run_config(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The ``config.json`` of the run folder a checkpoint sits in; None where there is none, or it is not
+    a readable JSON object (a file copied out of its run folder, say)."""
+    try:
+        config = json.loads((Path(checkpoint).parent / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

@@ -23,7 +23,6 @@ from metaformer.models.layers import (
     ACTIVATIONS,
     DropPath,
     GroupNorm1,
-    LayerNorm2d,
     Mlp,
     Scale,
     make_activation,
@@ -589,4 +588,4 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-__all__ = ["MetaFormer", "MetaFormerFeatures", "MetaFormerBlock", "MetaFormerStage", "LayerNorm2d"]
+__all__ = ["MetaFormer", "MetaFormerFeatures", "MetaFormerBlock", "MetaFormerStage"]

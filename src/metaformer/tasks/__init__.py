@@ -5,7 +5,9 @@ predict: each takes one config dataclass and returns a result), writes ``<name>_
 for the terminal, and declares ``COMMANDS = TaskCommands(__name__, task, help, description)``. The
 CLI builds ``metaformer <task> <name>`` from that, flags and all (see ``metaformer.options``). A new
 task is one module plus one line in ``TASK_MODULES`` (or a ``register_task`` call); a task that outgrows
-one module becomes a package (``tasks/classify/``) whose ``__init__`` re-exports its functions.
+one module becomes a package (``tasks/classify/``) whose ``__init__`` re-exports its functions. Each task
+here is a package; ``tasks.dense`` holds what detect and segment share and is the one task package the
+others may import.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ TASK_MODULES: list[str] = [
     "metaformer.tasks.segment",
 ]
 # modules whose commands sit at the top level (``metaformer ablate``, ``metaformer export``)
-TOOL_MODULES: list[str] = ["metaformer.tasks.ablate", "metaformer.export"]
+TOOL_MODULES: list[str] = ["metaformer.ablate", "metaformer.export"]
 # the first command word -> the module that declares it, so that ``metaformer classify predict`` imports
 # the classify package alone (a task module imports its data and training libraries: seconds); a word
 # not found here builds every module's commands (tests/test_cli.py keeps this index true)
@@ -28,7 +30,7 @@ COMMAND_MODULES: dict[str, str] = {
     "classify": "metaformer.tasks.classify",
     "detect": "metaformer.tasks.detect",
     "segment": "metaformer.tasks.segment",
-    "ablate": "metaformer.tasks.ablate",
+    "ablate": "metaformer.ablate",
     "export": "metaformer.export",
 }
 

@@ -6,7 +6,6 @@ fits (``infer_model_name``). These build models by name, so they sit above ``mod
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -28,6 +27,8 @@ from metaformer.weights.folder import (
 )
 from metaformer.weights.io import (
     FORMAT,
+    WeightsMetadata,
+    decode_metadata,
     read_checkpoint,
     read_folder_config,
     read_metadata,
@@ -83,8 +84,6 @@ def model_from_weights(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     meta = folder_config if folder_config is not None else read_metadata(path)
     path = weights_file(path)
     preprocessing = meta.get("preprocessing")
-    if isinstance(preprocessing, str):
-        preprocessing = json.loads(preprocessing)
     config = {k: _tuples(v) for k, v in (meta.get("config") or {}).items()}
     if not config:
         raise CheckpointError(
@@ -145,9 +144,11 @@ def convert_checkpoint(
     folder_config = read_folder_config(src)
     class_names = None
     overrides: dict[str, Any] = {}
+    stored: WeightsMetadata = {}
     if layout == "metaformer":
-        model_name = model_name or metadata.get("model_name") or None
-        class_names = json.loads(metadata.get("class_names") or "null")
+        stored = decode_metadata(metadata, src)
+        model_name = model_name or stored.get("model_name") or None
+        class_names = stored["class_names"]
     if layout == "transformers" and is_transformers_config(folder_config):
         name, overrides = transformers_model(folder_config, src)  # type: ignore[arg-type]
         model_name = model_name or name
@@ -204,7 +205,7 @@ def convert_checkpoint(
         from metaformer.weights.folder import WEIGHTS_NAME, default_preprocessing
 
         preprocessing = (
-            json.loads(metadata.get("preprocessing") or "null")
+            stored.get("preprocessing")
             or (folder_config and transformers_preprocessing(src))
             or default_preprocessing(model)
         )

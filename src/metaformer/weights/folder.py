@@ -25,7 +25,6 @@ from metaformer.weights.io import (
     FORMAT,
     _unwrap_module,
     atomic_write,
-    read_folder_config,
     save_weights,
 )
 
@@ -243,7 +242,6 @@ __all__ = [
     "default_preprocessing",
     "is_metaformer_config",
     "is_transformers_config",
-    "read_folder_config",
     "save_pretrained",
     "transformers_class_names",
     "transformers_model",

@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -360,11 +360,41 @@ def write_weights(
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+class WeightsMetadata(TypedDict, total=False):
+    """The metadata ``save_weights`` stores, as ``read_metadata`` gives it back: the JSON fields decoded
+    (here, once), any other extra (a task's own records) as the string it was stored as."""
+
+    format: str
+    model_name: str
+    config: dict[str, Any]  # the full MetaFormer keyword arguments
+    class_names: list[str] | None
+    features: dict[str, Any] | None  # out_indices / out_norm of a features backbone
+    preprocessing: dict[str, Any]  # the eval transform (timm data-config keys), where one was stored
+    task: str  # "detect", "segment" (a classifier's may say "classify" or nothing)
+
+
+def decode_metadata(raw: Mapping[str, str], path: str | os.PathLike) -> WeightsMetadata:
+    """The stored strings of one of our files (``read_checkpoint``'s metadata) as a ``WeightsMetadata``."""
+    meta: dict[str, Any] = dict(raw)
+    try:
+        meta["config"] = json.loads(raw.get("config") or "{}")
+        meta["class_names"] = json.loads(raw.get("class_names") or "null")
+        meta["features"] = json.loads(raw["features"]) if "features" in raw else None
+        if "preprocessing" in raw:
+            meta["preprocessing"] = json.loads(raw["preprocessing"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"'{path}' has malformed metaformer metadata ({err}); re-save the weights"
+        ) from None
+    return meta  # type: ignore[return-value]
+
+
+def read_metadata(path: str | os.PathLike) -> WeightsMetadata:
     """Metadata of a file written by ``save_weights``.
 
     Keys: "model_name", "config" (dict), "class_names" (list or None), "features" (dict with
-    out_indices / out_norm for a features backbone, else None), plus any extras as strings.
+    out_indices / out_norm for a features backbone, else None), "preprocessing" (dict, where stored),
+    plus any other extras as strings.
     """
     path = Path(path)
     _check_exists(path)
@@ -385,16 +415,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(not_ours)
-    meta: dict[str, Any] = dict(raw)
-    try:
-        meta["config"] = json.loads(raw.get("config") or "{}")
-        meta["class_names"] = json.loads(raw.get("class_names") or "null")
-        meta["features"] = json.loads(raw["features"]) if "features" in raw else None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            f"'{path}' has malformed metaformer metadata ({err}); re-save the weights"
-        ) from None
-    return meta
+    return decode_metadata(raw, path)
 
 
 def save_state(obj: Any, path: str | os.PathLike) -> None:

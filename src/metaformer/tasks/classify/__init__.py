@@ -25,7 +25,6 @@ from metaformer.tasks import TaskCommands
 from metaformer.tasks.classify.train import (
     TRAINING,
     ClassificationTask,
-    _build_model,
     build_datasets,
     train_classifier,
 )
@@ -35,7 +34,7 @@ from metaformer.tasks.classify.prediction import PredictConfig, predict
 # isort: on
 from metaformer.tasks.classify.cam import grad_cam, write_cam_png
 from metaformer.tasks.classify.config import TrainConfig
-from metaformer.tasks.classify.loading import BACKEND_HELP, load_classifier
+from metaformer.tasks.classify.loading import load_classifier
 from metaformer.tasks.classify.recipes import (
     EMBEDDED_IMG_SIZE,
     FOLDER_IMG_SIZE,
@@ -55,7 +54,6 @@ COMMANDS = TaskCommands(
 )
 
 __all__ = [
-    "BACKEND_HELP",
     "COMMANDS",
     "EMBEDDED_IMG_SIZE",
     "FOLDER_IMG_SIZE",
@@ -68,7 +66,6 @@ __all__ = [
     "EvalConfig",
     "PredictConfig",
     "TrainConfig",
-    "_build_model",
     "build_datasets",
     "eval_report",
     "evaluate_classifier",

@@ -12,24 +12,23 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
-from metaformer.data.fashion_mnist import fashion_mnist_splits, is_fashion_mnist
+from metaformer.data.embedded import DIGITS_CLASSES
+from metaformer.data.fashion_mnist import is_fashion_mnist
+from metaformer.data.sources import classification_splits
+from metaformer.data.transforms import eval_transform_from_preprocessing
+from metaformer.deploy import prepare_for_inference
+from metaformer.deploy.calibration import calibration_set, transform_key
+from metaformer.deploy.options import DeployOptions, compare_with_fp32, max_drop_option
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
+from metaformer.engine.skeleton import seeded_subset
 from metaformer.errors import CheckpointError, ConfigError, check_choice
-from metaformer.inference import prepare_for_inference
-from metaformer.options import AMP_MODES, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, EvalOptions, option
+from metaformer.options import AMP_MODES, FRACTION, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import calibration_set, transform_key
-from metaformer.tasks.classify.loading import (
-    DeployOptions,
-    _eval_tf,
-    _readable_names,
-    load_classifier,
-)
+from metaformer.tasks.classify.loading import _readable_names, load_classifier
 from metaformer.tasks.classify.recipes import VAL_SPLIT
-from metaformer.tasks.classify.train import ClassificationTask, _subset
+from metaformer.tasks.classify.train import ClassificationTask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,12 +61,7 @@ class EvalConfig(DeployOptions, EvalOptions):
     confusion_png: str | None = option(
         None, "confusion-matrix image (default: next to the checkpoint)", flag="--confusion", metavar="PNG"
     )
-    max_drop: float = option(
-        1.0,
-        "with --precision bf16/int8: fail when top-1 is more than this many points below fp32 (1.0)",
-        metavar="POINTS",
-        check=NON_NEGATIVE,
-    )
+    max_drop: float = max_drop_option("top-1")
     val_split: float = option(
         VAL_SPLIT,
         f"for a folder without val/: the fraction training held out ({VAL_SPLIT})",
@@ -94,34 +88,27 @@ class EvalConfig(DeployOptions, EvalOptions):
 def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     """Top-1, top-5, per-class top-1, loss and images/s of a checkpoint, plus a confusion-matrix PNG."""
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
-    transform = _eval_tf(preproc, config.img_size, config.crop_pct)
+    transform = eval_transform_from_preprocessing(preproc, config.img_size, config.crop_pct)
     size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
-    if config.data is None:
-        if len(classes) != len(DIGITS_CLASSES):
-            raise CheckpointError(
-                f"the checkpoint has {len(classes)} classes but the embedded digits have 10; pass --data DIR "
-                "with matching class folders"
-            )
-        dataset: Dataset = digits_splits(size, val_transform=transform)[1]
-        skipped = 0
-    elif is_fashion_mnist(config.data):
-        dataset = fashion_mnist_splits(config.data, val_transform=transform)[1]
-        _check_classes(classes, dataset.classes, config.data)
-        skipped = 0
-    else:
-        from metaformer.data.folders import folder_split, held_out_split  # torchvision: only for folders
-
-        folder = Path(config.data)
-        if (folder / "val").is_dir() or not folder.is_dir():
-            val_dir = folder / "val"
-            found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
-            _check_classes(classes, found, val_dir, exact=False)  # folder_split maps names to indices
-            dataset = folder_split(folder, "val", transform, classes=classes)
-        else:  # the part a training run on this folder held out
-            dataset = held_out_split(folder, config.val_split, val_transform=transform)[1]
-            _check_classes(classes, dataset.classes, folder)
-        skipped = len(dataset.skipped)  # type: ignore[attr-defined]
-    dataset = _subset(dataset, config.limit, 0)
+    if config.data is None and len(classes) != len(DIGITS_CLASSES):
+        raise CheckpointError(
+            f"the checkpoint has {len(classes)} classes but the embedded digits have 10; pass --data DIR "
+            "with matching class folders"
+        )
+    folder = Path(config.data) if config.data is not None and not is_fashion_mnist(config.data) else None
+    with_val = folder is not None and ((folder / "val").is_dir() or not folder.is_dir())
+    if with_val:  # folder_split maps the names to the checkpoint's indices
+        val_dir = folder / "val"  # type: ignore[operator]
+        found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
+        _check_classes(classes, found, val_dir, exact=False)
+    dataset: Dataset = classification_splits(
+        config.data, img_size=size, val_transform=transform, val_split=config.val_split, only="val",
+        classes=classes,
+    )[1]  # fmt: skip
+    if config.data is not None and not with_val:  # Fashion-MNIST, or the part training held out
+        _check_classes(classes, dataset.classes, folder or config.data)  # type: ignore[attr-defined]
+    skipped = len(dataset.skipped) if folder is not None else 0  # type: ignore[attr-defined]
+    dataset = seeded_subset(dataset, config.limit, 0)
     device = pick_device(config.device)
     model = model.to(device)
     channels_last = use_channels_last(config.channels_last, device)
@@ -134,8 +121,8 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     calibration = None
     if config.precision == "int8":
         calibration = calibration_set(
-            config.checkpoint, config.calibration_data, _eval_tf(preproc, size, config.crop_pct),
-            transform_key(preproc, size),
+            config.checkpoint, config.calibration_data,
+            eval_transform_from_preprocessing(preproc, size, config.crop_pct), transform_key(preproc, size),
         )  # fmt: skip
     batch_size = min(config.batch_size, len(dataset))  # type: ignore[arg-type]
     runner, backend = prepare_for_inference(
@@ -158,14 +145,18 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         reference = Predictions(prepare_for_inference(model, backend="torch", device=device)[0])
         fp32_top1 = run(reference, ClassificationTask(classes))[0]["top1"]
         agreement = 100.0 * float((recorded.all() == reference.all()).float().mean())
-        drop = fp32_top1 - metrics["top1"]
-        compared = {"fp32_top1": fp32_top1, "agreement": agreement, "drop": drop, "max_drop": config.max_drop}
-        if drop > config.max_drop:
-            compared["failed"] = (
-                f"{config.precision} top-1 is {drop:.2f} points below fp32 ({metrics['top1']:.2f}% vs "
-                f"{fp32_top1:.2f}%), more than --max-drop {config.max_drop:g}; calibrate on more typical "
-                "images or use another precision"
-            )
+        compared = {"fp32_top1": fp32_top1}
+        compared.update(
+            compare_with_fp32(
+                "top-1",
+                metrics["top1"],
+                fp32_top1,
+                agreement,
+                precision=config.precision,
+                max_drop=config.max_drop,
+                unit="%",
+            )  # fmt: skip
+        )
     png = config.confusion_png
     if png is None:
         png = (

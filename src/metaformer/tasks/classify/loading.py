@@ -4,42 +4,15 @@ checkpoint, or a release; its class names and eval transform."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from metaformer.deploy import BACKENDS, PRECISIONS
-from metaformer.errors import CheckpointError, ConfigError, check_choice
+from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from metaformer.errors import CheckpointError, ConfigError
 from metaformer.models import create_model, get_variant
-from metaformer.options import POSITIVE, option
-from metaformer.tasks.classify.calibration import CALIBRATION_HELP
-
-BACKEND_HELP = (
-    "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), or auto: the "
-    "one measured faster here for the precision (default)"
-)
-PRECISION_HELP = (
-    "fp32 (exact, default), bf16, or int8 (post-training quantization calibrated on --calibration-data)"
-)
-THREADS_HELP = "CPU threads for PyTorch and the runtimes (default: PyTorch's)"
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeployOptions:
-    """The deployment flags every eval and predict command shares (classify's and segment's)."""
-
-    backend: str = option("auto", BACKEND_HELP, choices=BACKENDS)
-    precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
-    threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
-    calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
-
-    def check_deploy(self) -> None:
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("precision", self.precision, PRECISIONS)
 
 
 def _checkpoint_classes(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -132,12 +105,7 @@ def load_classifier(
                 f"'{path}' is a backbone without a classifier; pass a classification checkpoint"
             )
         names = meta.get("class_names") or _imagenet_names(net.num_classes)
-        preproc = meta.get("preprocessing")
-        if isinstance(preproc, str):
-            import json
-
-            preproc = json.loads(preproc)
-        return net.eval(), list(names), dict(preproc or default_preproc)
+        return net.eval(), list(names), dict(meta.get("preprocessing") or default_preproc)
     if model is None:
         raise ConfigError(
             f"'{path}' is not a metaformer weights file, so the model is unknown; pass --model NAME"
@@ -155,13 +123,3 @@ def load_classifier(
     except KeyError:  # no released weights for this model: timm's default eval transform
         pass
     return net.eval(), _imagenet_names(num_classes), dict(preproc)
-
-
-def _eval_tf(preproc: Mapping[str, Any], img_size: int | None, crop_pct: float | None) -> Any:
-    return eval_transform(
-        int(img_size if img_size is not None else preproc["input_size"][-1]),
-        crop_pct=float(crop_pct if crop_pct is not None else preproc.get("crop_pct", 0.9)),
-        interpolation=str(preproc.get("interpolation", "bicubic")),
-        mean=preproc.get("mean", IMAGENET_MEAN),
-        std=preproc.get("std", IMAGENET_STD),
-    )

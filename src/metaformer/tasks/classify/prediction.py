@@ -10,19 +10,16 @@ from typing import Any
 import torch
 
 from metaformer.data.images import image_paths, open_rgb
+from metaformer.data.transforms import eval_transform_from_preprocessing
+from metaformer.deploy import prepare_for_inference
+from metaformer.deploy.calibration import calibration_set, transform_key
+from metaformer.deploy.options import DeployOptions
 from metaformer.engine.distributed import pick_device
 from metaformer.errors import ConfigError, DataError
-from metaformer.inference import prepare_for_inference
 from metaformer.options import POSITIVE, check_fields, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import calibration_set, transform_key
 from metaformer.tasks.classify.cam import grad_cam, write_cam_png
-from metaformer.tasks.classify.loading import (
-    DeployOptions,
-    _eval_tf,
-    _readable_names,
-    load_classifier,
-)
+from metaformer.tasks.classify.loading import _readable_names, load_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +62,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         )
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
     names = _readable_names(classes)
-    transform = _eval_tf(preproc, None, None)
+    transform = eval_transform_from_preprocessing(preproc)
     device = pick_device(config.device)
     model = model.to(device)
     size = int(preproc["input_size"][-1])

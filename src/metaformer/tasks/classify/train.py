@@ -9,19 +9,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from metaformer.data.embedded import DIGITS_CLASSES, digits_splits
-from metaformer.data.fashion_mnist import fashion_mnist_dir, fashion_mnist_splits, is_fashion_mnist
+from metaformer.data.embedded import DIGITS_CLASSES
+from metaformer.data.fashion_mnist import fashion_mnist_dir, is_fashion_mnist
+from metaformer.data.sources import classification_splits
 from metaformer.data.transforms import eval_transform, train_transform
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import DistInfo, all_reduce_sum
 from metaformer.engine.loop import create_optimizer
-from metaformer.engine.skeleton import TrainingParts, TrainingSpec
+from metaformer.engine.skeleton import TrainingParts, TrainingSpec, seeded_subset
 from metaformer.errors import ConfigError
 from metaformer.models import create_model
 from metaformer.tasks import command
@@ -94,15 +94,6 @@ class ClassificationTask:
 
 
 # --------------------------------------------------------------------------- data
-def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded random subset of ``limit`` items (all of them when limit is None or larger)."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if limit is None or limit >= n:
-        return dataset
-    indices = np.random.RandomState(seed).permutation(n)[:limit]
-    return Subset(dataset, sorted(int(i) for i in indices))
-
-
 def _transforms(config: TrainConfig) -> tuple[Any, Any]:
     size = int(config.img_size)  # resolved configs only: no field is None
     aa = None if config.auto_augment in (None, "", "none") else config.auto_augment
@@ -131,24 +122,16 @@ def _transforms(config: TrainConfig) -> tuple[Any, Any]:
 def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str], dict[str, int]]:
     """(train, val, class names, skipped-image counts) for a resolved config."""
     train_tf, val_tf = _transforms(config)
-    if config.data is None:
-        train, val = digits_splits(config.img_size, train_transform=train_tf, val_transform=val_tf)
-        classes = list(DIGITS_CLASSES)
-    elif is_fashion_mnist(config.data):
-        train, val = fashion_mnist_splits(config.data, train_tf, val_tf)  # val: the 10,000 test images
-        classes = list(train.classes)
-    else:
-        from metaformer.data.folders import folder_splits  # torchvision: only for a folder of images
-
-        train, val = folder_splits(
-            config.data, train_tf, val_tf, verify=config.verify_images, val_split=config.val_split
-        )
-        classes = list(train.classes)
+    train, val = classification_splits(
+        config.data, img_size=int(config.img_size), train_transform=train_tf, val_transform=val_tf,
+        val_split=config.val_split, verify=config.verify_images,
+    )  # fmt: skip
+    classes = list(DIGITS_CLASSES) if config.data is None else list(train.classes)  # type: ignore[union-attr]
     skipped = {"train": len(train.skipped), "val": len(val.skipped)}
     seed = config.seed
     return (
-        _subset(train, config.limit_train, seed),
-        _subset(val, config.limit_val, seed + 1),
+        seeded_subset(train, config.limit_train, seed),  # type: ignore[arg-type]
+        seeded_subset(val, config.limit_val, seed + 1),  # type: ignore[arg-type]
         classes,
         skipped,
     )
