@@ -116,3 +116,15 @@ def test_segment_calibrates_on_each_image_of_the_folder_once(shapes, tmp_path):
     expected = [calibration_view(read_rgb(p), AUGMENT) for p in paths]
     calibration = calibration_images(tmp_path / "best.safetensors", folder, AUGMENT, [], ShapesConfig())
     assert_each_once(calibration, expected)
+
+
+def test_segment_calibration_view_is_the_centre_of_the_eval_view():
+    """Rotating an image by 180 degrees rotates its view: a centre crop (with even margins), not a
+    corner's."""
+    image = torch.rand(3, 32, 64)  # eval size 32x64 (no resize): margins 0 and 32 around the 32x32 crop
+    view = calibration_view(image, AUGMENT)
+    assert view.shape == (3, 32, 32)
+    torch.testing.assert_close(
+        calibration_view(image.flip(1, 2), AUGMENT), view.flip(1, 2), rtol=0, atol=1e-6
+    )
+    assert torch.equal(view, image[:, :, 16:48])
