@@ -44,6 +44,9 @@ COMPUTE_OPS = {
     "AveragePool", "AvgPool", "ReduceMean", "MVN", "Erf", "Gelu", "Sqrt", "Power", "Pow", "Softmax",
 }  # fmt: skip
 INT8_OPS = {"Conv", "Convolution", "MatMul", "Gemm"}
+# ops that only move values (a quantized input read through them is still quantized: the FPN's
+# lateral convolutions read the backbone's out norms through a Reshape)
+MOVE_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten"}
 
 
 @dataclass
@@ -174,18 +177,31 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
 def float_ops(model: Any) -> dict[str, dict[str, int]]:
     """{"int8": {op: count}, "float": {op: count}} for the compute ops of a quantized model. An op runs in
     int8 when it has int8 kernels (convolution, matmul) and reads a quantized input (from an ONNX
-    DequantizeLinear or an OpenVINO FakeQuantize); every other op computes in float, on dequantized
-    values where its input was quantized."""
+    DequantizeLinear or an OpenVINO FakeQuantize, directly or through ``MOVE_OPS``); every other op
+    computes in float, on dequantized values where its input was quantized."""
     found: dict[str, dict[str, int]] = {"int8": {}, "float": {}}
     if hasattr(model, "get_ordered_ops"):  # an OpenVINO model
+
+        def origin(node: Any) -> str:
+            while node.get_type_name() in MOVE_OPS:
+                node = node.input(0).get_source_output().get_node()
+            return node.get_type_name()
+
         nodes = [
-            (op.get_type_name(), [inp.get_source_output().get_node().get_type_name() for inp in op.inputs()])
+            (op.get_type_name(), [origin(inp.get_source_output().get_node()) for inp in op.inputs()])
             for op in model.get_ordered_ops()
         ]
         quant = {"FakeQuantize"}
     else:  # an onnx.ModelProto
-        producer = {out: node.op_type for node in model.graph.node for out in node.output}
-        nodes = [(node.op_type, [producer.get(name, "") for name in node.input]) for node in model.graph.node]
+        producer = {out: node for node in model.graph.node for out in node.output}
+
+        def onnx_origin(name: str) -> str:
+            node = producer.get(name)
+            while node is not None and node.op_type in MOVE_OPS:
+                node = producer.get(node.input[0])
+            return "" if node is None else node.op_type
+
+        nodes = [(node.op_type, [onnx_origin(name) for name in node.input]) for node in model.graph.node]
         quant = {"DequantizeLinear"}
     for op, sources in nodes:
         if op in COMPUTE_OPS:
