@@ -44,7 +44,11 @@ class EvalConfig(DeployOptions, EvalOptions):
         "limit": {"check": POSITIVE},
     }
 
-    checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
+    checkpoint: str | None = option(
+        None,
+        "weights file (metaformer, official, timm or transformers) or save_pretrained folder",
+        metavar="PATH",
+    )
     model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
     pretrained: bool = option(False, "evaluate the released ImageNet weights of --model")
     batch_size: int = option(128, metavar="N", check=POSITIVE)
