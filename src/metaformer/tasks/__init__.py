@@ -37,7 +37,7 @@ COMMAND_HELP: dict[str, str] = {
     "classify": "train, evaluate and run image classifiers",
     "detect": "train, evaluate and run RetinaNet / Mask R-CNN detectors",
     "segment": "train, evaluate and run Semantic FPN segmenters",
-    "ablate": "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, hybrids)",
+    "ablate": "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, other, hybrids)",
     "export": "write a model as ONNX, OpenVINO IR or TorchScript (fp32/bf16/int8), checked",
 }
 
