@@ -244,7 +244,7 @@ def build_parser(command: str | None = None, *, summary: bool = False) -> argpar
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     word = command_word(argv)
-    parser = build_parser(word, summary=word is None)
+    parser = build_parser(word) if word is not None else build_parser(summary=True)
     args = parser.parse_args(argv)
     configure_logging(debug=args.debug)
     try:
