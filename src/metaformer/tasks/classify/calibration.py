@@ -61,15 +61,22 @@ def calibration_set(
     return Calibration(_sample(lambda: dataset(transform), limit), key, limit)
 
 
-def _training_data(checkpoint: str | os.PathLike | None) -> tuple[str, Callable[[Any], Any]] | None:
-    """(a name, a builder of the training split under a transform) from the run's config.json, or None."""
+def run_record(checkpoint: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The ``config.json`` of the training run beside ``checkpoint`` when it names the run's data (a
+    classify run's), else None."""
     if checkpoint is None:
         return None
     try:
         config = json.loads((Path(checkpoint).parent / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or "data" not in config:
+    return config if isinstance(config, dict) and "data" in config else None
+
+
+def _training_data(checkpoint: str | os.PathLike | None) -> tuple[str, Callable[[Any], Any]] | None:
+    """(a name, a builder of the training split under a transform) from the run's config.json, or None."""
+    config = run_record(checkpoint)
+    if config is None:
         return None
     data, size = config.get("data"), int(config.get("img_size") or 32)
     if data is None:

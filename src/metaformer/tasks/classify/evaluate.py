@@ -21,7 +21,7 @@ from metaformer.errors import CheckpointError, ConfigError, check_choice
 from metaformer.inference import prepare_for_inference
 from metaformer.options import AMP_MODES, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
-from metaformer.tasks.classify.calibration import calibration_set, transform_key
+from metaformer.tasks.classify.calibration import calibration_set, run_record, transform_key
 from metaformer.tasks.classify.loading import (
     DeployOptions,
     _eval_tf,
@@ -34,12 +34,14 @@ from metaformer.tasks.classify.train import ClassificationTask, _subset
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(DeployOptions, EvalOptions):
-    """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
+    """Evaluate a checkpoint on DIR/val; when ``data`` is None, on the validation part of the data its
+    run recorded in config.json beside the checkpoint, else the embedded digits' val split."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "data": {
             "help": "folder with val/<class>/* images (without val/: the part --val-split held out in "
-            "training), or fashion-mnist[:DIR] (its 10,000 test images)"
+            "training), or fashion-mnist[:DIR] (its 10,000 test images); default: the data in the "
+            "run's config.json beside --checkpoint, else the embedded digits"
         },
         "limit": {"check": POSITIVE},
     }
@@ -91,7 +93,8 @@ class EvalConfig(DeployOptions, EvalOptions):
     "eval",
     EvalConfig,
     "top-1/top-5/loss/images-per-s and a confusion matrix",
-    "Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
+    "Evaluate a checkpoint on DIR/val (default: the data its training run recorded in config.json beside "
+    "the checkpoint, the part it held out for validation; else the embedded digits' val split). "
     "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
     "they were trained with.",
 )
@@ -100,7 +103,12 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
     transform = _eval_tf(preproc, config.img_size, config.crop_pct)
     size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
-    if config.data is None:
+    data, val_split, source = config.data, config.val_split, "--data"
+    record = run_record(config.checkpoint) if config.data is None else None
+    if record is not None:  # the data the checkpoint's run trained on, and the part it held out
+        data, val_split = record["data"], float(record.get("val_split") or val_split)
+        source = f"recorded in {Path(str(config.checkpoint)).parent / 'config.json'}"
+    if data is None:
         if len(classes) != len(DIGITS_CLASSES):
             raise CheckpointError(
                 f"the checkpoint has {len(classes)} classes but the embedded digits have 10; pass --data DIR "
@@ -108,23 +116,29 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
             )
         dataset: Dataset = digits_splits(size, val_transform=transform)[1]
         skipped = 0
-    elif is_fashion_mnist(config.data):
-        dataset = fashion_mnist_splits(config.data, val_transform=transform)[1]
-        _check_classes(classes, dataset.classes, config.data)
+        described = "embedded:digits (val split)"
+    elif is_fashion_mnist(data):
+        dataset = fashion_mnist_splits(data, val_transform=transform)[1]
+        _check_classes(classes, dataset.classes, data)
         skipped = 0
+        described = f"{data} (test split)"
     else:
         from metaformer.data.folders import folder_split, held_out_split  # torchvision: only for folders
 
-        folder = Path(config.data)
+        folder = Path(data)
         if (folder / "val").is_dir() or not folder.is_dir():
             val_dir = folder / "val"
             found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
             _check_classes(classes, found, val_dir, exact=False)  # folder_split maps names to indices
             dataset = folder_split(folder, "val", transform, classes=classes)
+            described = f"{folder} (val/)"
         else:  # the part a training run on this folder held out
-            dataset = held_out_split(folder, config.val_split, val_transform=transform)[1]
+            dataset = held_out_split(folder, val_split, val_transform=transform)[1]
             _check_classes(classes, dataset.classes, folder)
+            described = f"{folder} (the held-out {val_split:g})"
         skipped = len(dataset.skipped)  # type: ignore[attr-defined]
+    if source != "--data":
+        described += f", {source}"
     dataset = _subset(dataset, config.limit, 0)
     device = pick_device(config.device)
     model = model.to(device)
@@ -188,7 +202,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "precision": config.precision,
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         **compared,
-        "data": config.data or "embedded:digits (val split)",
+        "data": described,
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,
         "top1": metrics["top1"],
