@@ -235,6 +235,8 @@ class TrainConfig(RunOptions):
         if is_fashion_mnist(self.data):
             return "fashion-mnist", "the default for Fashion-MNIST"
         images = _training_images(str(self.data), self.val_split)
+        if images is None:
+            return "paper", f"the default for --data ('{self.data}' is not a folder here to count)"
         if images < SMALL_DATA_IMAGES:
             return "small", (
                 f"'{self.data}' has {images:,} training images, under {SMALL_DATA_IMAGES:,} "
@@ -285,12 +287,14 @@ class TrainConfig(RunOptions):
 
 
 @functools.lru_cache(maxsize=16)
-def _training_images(data: str, val_split: float) -> int:
+def _training_images(data: str, val_split: float) -> int | None:
     """Training images in a folder (DIR/train, else all but the held-out part), counted up to the small
-    recipe's bound."""
+    recipe's bound; None when there is no such folder."""
     from metaformer.data.images import count_images
 
     root = Path(data)
+    if not root.is_dir():
+        return None
     if (root / "train").is_dir():
         return count_images(root / "train", SMALL_DATA_IMAGES)
     total = count_images(root, math.ceil(SMALL_DATA_IMAGES / (1 - val_split)))
