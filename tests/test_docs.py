@@ -336,12 +336,14 @@ def _tables_without_weights(fast: bool) -> Iterator[None]:
     previous = os.environ.get("METAFORMER_ROUTE_PROBE")
     os.environ["METAFORMER_ROUTE_PROBE"] = "0"
     report.create_model = on_meta if fast else zeroed
+    stored, report.MODEL_COUNTS = report.MODEL_COUNTS, {}  # count now, not from the stored table
     if fast:
         F.scaled_dot_product_attention, F.group_norm, F.layer_norm = opaque_sdpa, opaque_norm, opaque_norm
     try:
         yield
     finally:
         report.create_model = real_create
+        report.MODEL_COUNTS = stored
         for name, op in real_ops.items():
             setattr(F, name, op)
         if previous is None:

@@ -282,7 +282,7 @@ class DetectTrainConfig(DenseRunOptions):
         """A copy with every recipe field filled in (the lr is not scaled by ``world_size``)."""
         values = RECIPES[self.recipe_name]
         filled = self.recipe_values(RECIPE_FIELDS)
-        filled["model_kwargs"] = {**values["model_kwargs"], **self.model_kwargs}  # the user's win
+        filled["model_kwargs"] = self.backbone_overrides(values["model_kwargs"])
         if filled["lr"] is None:
             filled["lr"] = PAPER_LR[filled["arch"]]
         workers = (
@@ -380,7 +380,7 @@ def _build(config: DetectTrainConfig, info: DistInfo) -> TrainingParts:
         config, train_set, val_set, info, collate_fn=collate_detection
     )
     detector = config.detector_config(train_set.num_classes)
-    model = create_detector(detector, backbone_checkpoint=config.backbone_checkpoint).to(info.device)
+    model = create_detector(detector, backbone_checkpoint=config.backbone_weights()).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = create_optimizer(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
     updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)

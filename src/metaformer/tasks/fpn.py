@@ -186,8 +186,9 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
 
 @dataclass(frozen=True)
 class DenseRunOptions(RunOptions):
-    """The run fields detect train and segment train add to RunOptions: a backbone to start from, the
-    stages to freeze and a warmup counted in steps. None fields come from the recipe."""
+    """The run fields detect train and segment train add to RunOptions: a backbone to start from (a
+    classification checkpoint, or with ``pretrained`` the released weights of ``model``), the stages to
+    freeze and a warmup counted in steps. None fields come from the recipe."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "weight_decay": {"help": "AdamW weight decay (paper 1e-4)"},
@@ -201,13 +202,48 @@ class DenseRunOptions(RunOptions):
     backbone_checkpoint: str | None = option(
         None,
         "initialise the backbone from classification weights (official, timm or metaformer)",
+        flag=("--backbone-checkpoint", "--init-checkpoint"),
         metavar="PATH",
     )
+    pretrained: bool = option(False, "initialise the backbone from --model's released ImageNet weights")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         depths = self.model_kwargs.get("depths", get_variant(self.model).config.depths)
         check_number("frozen_stages", self.frozen_stages, low=-1, high=len(depths))
+        if self.pretrained and self.backbone_checkpoint is not None:
+            raise ConfigError(
+                "pass either --pretrained or --init-checkpoint (--backbone-checkpoint), not both"
+            )
+        if self.pretrained:
+            from metaformer.weights import get_weights
+
+            get_weights(self.model)  # a model without released weights fails here, before any download
+
+    def backbone_overrides(self, recipe_trunk: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone's overrides: the recipe's trunk (the shapes recipe's small one) under the user's
+        --model-kwargs, but not when the backbone starts from weights, whose shapes are --model's."""
+        starts_from_weights = self.pretrained or self.backbone_checkpoint is not None
+        return {**({} if starts_from_weights else recipe_trunk), **self.model_kwargs}  # the user's win
+
+    def backbone_weights(self) -> str | None:
+        """The classification weights the backbone starts from: ``backbone_checkpoint``, or with
+        ``pretrained`` the released weights of ``model`` (downloaded once into the cache); None for a
+        random start, where frozen stages would stay random (a warning says so)."""
+        if self.pretrained:
+            from metaformer.weights import download_weights, get_weights
+
+            record = get_weights(self.model)
+            if record.sha256 is None:
+                logger.warning("weights %s are unverified: no sha256 was published for them", record.tag)
+            return str(download_weights(record.tag))
+        if self.backbone_checkpoint is None and self.frozen_stages >= 0 and not self.resume:
+            logger.warning(
+                "--frozen-stages %d freezes randomly initialised stages, which then never learn; start "
+                "from weights with --pretrained or --init-checkpoint, or leave --frozen-stages out",
+                self.frozen_stages,
+            )
+        return self.backbone_checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -397,7 +397,7 @@ class SegmentTrainConfig(DenseRunOptions):
         """A copy with every recipe field filled in (the lr is not scaled by ``world_size``)."""
         values = RECIPES[self.recipe_name]
         filled = self.recipe_values(RECIPE_FIELDS)
-        filled["model_kwargs"] = {**values["model_kwargs"], **self.model_kwargs}  # the user's win
+        filled["model_kwargs"] = self.backbone_overrides(values["model_kwargs"])
         if self.epochs is not None and self.iters is None:
             filled["iters"] = None  # an explicit --epochs replaces the recipe's iteration count
         workers = (
@@ -473,7 +473,7 @@ def _build(config: SegmentTrainConfig, info: DistInfo) -> TrainingParts:
         max(1, round(config.eval_iters / updates_per_epoch)) if config.eval_iters else 1
     )
     model = create_segmenter(
-        config.segmenter_config(train_set.num_classes), backbone_checkpoint=config.backbone_checkpoint
+        config.segmenter_config(train_set.num_classes), backbone_checkpoint=config.backbone_weights()
     )
     if info.distributed and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
