@@ -44,6 +44,8 @@ def _flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[
                 else action.option_strings[0]
             )
             found.setdefault(" ".join(path), {})[key] = action
+            for spelling in action.option_strings:  # a flag that gained another spelling still parses
+                found[" ".join(path)].setdefault(spelling, action)
     return found
 
 
@@ -87,7 +89,8 @@ def test_help_texts_are_those_of_before() -> None:
     changed |= {"ablate :help", "classify eval --checkpoint", "classify eval :description", "info name"}
     changed |= {"classify predict --checkpoint", "classify predict :description", "models --markdown"}
     changed |= {"classify train --hflip", "classify train --min-lr", "classify train --warmup-lr"}
-    changed |= {"classify train :description"}
+    changed |= {"classify train :description", "detect train --backbone-checkpoint"}
+    changed |= {"segment train --backbone-checkpoint"}  # now also spelled --init-checkpoint
     now: dict[str, Any] = {}
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
