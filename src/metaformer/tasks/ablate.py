@@ -236,7 +236,9 @@ class AblateOptions:
     TASK: ClassVar[str] = "ablate"
 
     study: str = option("mixers", "which Table 5 block (default mixers)", choices=STUDY_NAMES)
-    list: bool = option(False, "print each study's variants (the names --only takes) and exit")
+    list_studies: bool = option(
+        False, "print each study's variants (the names --only takes) and exit", flag="--list"
+    )
     data: str | None = option(
         None,
         "ImageFolder root with train/ (and val/, else a tenth is held out), or fashion-mnist[:DIR] "
@@ -292,7 +294,7 @@ class AblateOptions:
 )
 def ablate(options: AblateOptions) -> AblationResult | StudyListing:
     """Run (or resume) the study the command line describes; with ``list``, only name its rows."""
-    if options.list:
+    if options.list_studies:
         return list_studies()
     return run_ablation(options.to_config())
 
