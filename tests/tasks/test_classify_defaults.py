@@ -48,6 +48,20 @@ def test_eval_without_data_evaluates_a_two_class_run_on_the_part_it_held_out(tmp
     assert str(data) in first and "held-out 0.2" in first
 
 
+def test_eval_names_the_recorded_data_when_it_is_gone(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "moved"), "val_split": 0.1}))
+    from metaformer import create_model, save_weights
+
+    model = create_model("poolformer_s12", num_classes=2, **json.loads(TINY))
+    save_weights(model, run / "best.safetensors", class_names=["cat", "dog"])
+    assert main(["classify", "eval", "--checkpoint", str(run / "best.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("metaformer: error:") == 1 and "Traceback" not in err
+    assert "moved" in err and "config.json" in err and "--data" in err
+
+
 def test_a_small_folder_trains_with_the_small_recipe_and_flips(tmp_path):
     data = _class_folders(tmp_path / "few", {"a": 3, "b": 3})
     config = TrainConfig(data=str(data))

@@ -17,7 +17,7 @@ from metaformer.data.fashion_mnist import fashion_mnist_splits, is_fashion_mnist
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
-from metaformer.errors import CheckpointError, ConfigError, check_choice
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_choice
 from metaformer.inference import prepare_for_inference
 from metaformer.options import AMP_MODES, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
@@ -108,6 +108,10 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     if record is not None:  # the data the checkpoint's run trained on, and the part it held out
         data, val_split = record["data"], float(record.get("val_split") or val_split)
         source = f"recorded in {Path(str(config.checkpoint)).parent / 'config.json'}"
+        if data is not None and not is_fashion_mnist(data) and not Path(data).is_dir():
+            raise DataError(
+                f"the run trained on '{data}' ({source}), which is not a folder from here; pass --data DIR"
+            )
     if data is None:
         if len(classes) != len(DIGITS_CLASSES):
             raise CheckpointError(
