@@ -336,12 +336,14 @@ def _tables_without_weights(fast: bool) -> Iterator[None]:
     previous = os.environ.get("METAFORMER_ROUTE_PROBE")
     os.environ["METAFORMER_ROUTE_PROBE"] = "0"
     report.create_model = on_meta if fast else zeroed
+    stored, report.MODEL_COUNTS = report.MODEL_COUNTS, {}  # count now, not from the stored table
     if fast:
         F.scaled_dot_product_attention, F.group_norm, F.layer_norm = opaque_sdpa, opaque_norm, opaque_norm
     try:
         yield
     finally:
         report.create_model = real_create
+        report.MODEL_COUNTS = stored
         for name, op in real_ops.items():
             setattr(F, name, op)
         if previous is None:
@@ -413,6 +415,64 @@ def test_the_fast_count_is_the_cpu_count() -> None:
     assert render("metaformer models --markdown randformer_s12") == render(
         "metaformer models --markdown randformer_s12", fast=False
     )
+
+
+# --------------------------------------------------------------------------- examples that need a download
+def _marked_block(doc: str, needle: str) -> Block:
+    """The one Python block of ``doc`` containing ``needle``; it must be marked skip (a download or a
+    trained checkpoint), so that the reader is told why the page's own run leaves it out."""
+    path = ROOT / doc
+    (block,) = [b for b in code_blocks(_read(path), doc) if b.lang == "python" and needle in b.text]
+    assert block.skip, f"{doc}:{block.line}: mark the example <!-- skip: reason -->"
+    return block
+
+
+def _run_block(block: Block) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block.text, f"{block.doc}:{block.line}", "exec"), {"__name__": "__doc_example__"})  # noqa: S102
+    return out.getvalue()
+
+
+def test_the_faster_rcnn_example_runs_on_a_local_copy_of_the_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dense.md's FasterRCNN example, as written, with poolformer_s12's record pointing at a file:// copy."""
+    import dataclasses
+
+    from metaformer import create_model
+    from metaformer.weights import PRETRAINED, to_official_keys
+
+    release = tmp_path / "poolformer_s12.pth.tar"
+    torch.save(to_official_keys(create_model("poolformer_s12").state_dict()), release)
+    record = dataclasses.replace(PRETRAINED["poolformer_s12.sail_in1k"], url=release.as_uri(), sha256=None)
+    monkeypatch.setitem(PRETRAINED, record.tag, record)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
+    out = _run_block(_marked_block("docs/dense.md", "FasterRCNN("))
+    assert out.splitlines() == [
+        "[(64, 4), (128, 8), (320, 16), (512, 32)]",
+        "256",
+        "['boxes', 'labels', 'scores']",
+    ]
+
+
+def test_the_predict_in_python_example_runs_on_a_trained_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's predict-in-Python example, as written, in a folder holding a tiny run and an image."""
+    from PIL import Image
+
+    from metaformer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
+    tiny = '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}'
+    argv = ["classify", "train", "--output", "runs/s12", "--model-kwargs", tiny, "--epochs", "1"]
+    assert main([*argv, "--limit-train", "32", "--limit-val", "16", "--batch-size", "16"]) == 0
+    Image.new("RGB", (60, 40), (200, 30, 30)).save("cat.jpg")
+    out = _run_block(_marked_block("README.md", "model_from_weights("))
+    name, probability = out.split()
+    assert name in [str(d) for d in range(10)] and probability.endswith("%")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
@@ -138,8 +138,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{info['model']}  ({info['family']}), input {info['img_size'][0]}x{info['img_size'][1]}")
     print(f"  params: {info['params']:,}  ({info['params'] / 1e6:.2f} M)")
     print(f"  MACs:   {info['macs'] / 1e9:.3f} G")
+    size = f"{info['img_size'][0]}x{info['img_size'][1]}"
     if info["paper_top1"] is not None:
         print(f"  paper ImageNet-1K top-1: {info['paper_top1']}")
+    elif info["weights_top1"]:  # another size: the released weights evaluated at it, if any
+        for tag, top1 in info["weights_top1"].items():
+            print(f"  ImageNet-1K top-1 at {size}: {top1} ({tag})")
+    else:
+        print(f"  ImageNet-1K top-1 at {size}: none reported (no released weights at this size)")
     print(f"  {'stage':<7}{'mixer':<13}{'norm':<19}{'depth':>6}{'output shape':>22}{'stride':>8}")
     for stage in info["stages"]:
         shape = "x".join(str(s) for s in stage["output_shape"])
@@ -154,7 +160,7 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     p = sub.add_parser("models", parents=[common], help="list the models with params, GMACs and paper top-1")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'poolformer_*'")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
     p.set_defaults(handler=cmd_models)
 
@@ -163,7 +169,7 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
         parents=[common],
         help="per-stage output shapes, params and MACs of one model; --system: this machine and its routes",
     )
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="model name, e.g. poolformer_s12 (see `metaformer models`)")
     p.add_argument(
         "--system",
         action="store_true",
@@ -206,27 +212,39 @@ def command_word(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, summary: bool = False) -> argparse.ArgumentParser:
     """The whole CLI, or (``command``, the first command word) just what parsing that command needs:
-    its own flags are the same, and only its task module is imported."""
+    its own flags are the same, and only its task module is imported. ``summary``: the task commands
+    are listed by name and help line only (``metaformer --help``), importing no task module."""
+    from metaformer import __version__
+
     common = _common()
     parser = _Parser(
         prog="metaformer",
         description="MetaFormer vision backbones: models, weights, training, detection, segmentation.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"metaformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_model_parsers(sub, common)
     add_weights_parsers(sub, common)
-    if command not in BUILTIN_COMMANDS:
+    if summary:
+        from metaformer.tasks import COMMAND_HELP, COMMAND_MODULES
+
+        for word, help_line in COMMAND_HELP.items():
+            sub.add_parser(word, help=help_line, add_help=False)
+        listed = {COMMAND_MODULES.get(word) for word in COMMAND_HELP}
+        add_task_parsers(sub, common, skip=listed)  # tasks registered at run time list their own
+    elif command not in BUILTIN_COMMANDS:
         add_task_parsers(sub, common, command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(command_word(argv))
+    word = command_word(argv)
+    parser = build_parser(word) if word is not None else build_parser(summary=True)
     args = parser.parse_args(argv)
     configure_logging(debug=args.debug)
     try:
@@ -294,16 +312,22 @@ def add_weights_parsers(sub: argparse._SubParsersAction, common: argparse.Argume
 
 # --------------------------------------------------------------------------- task commands
 def add_task_parsers(
-    sub: argparse._SubParsersAction, common: argparse.ArgumentParser, command: str | None = None
+    sub: argparse._SubParsersAction,
+    common: argparse.ArgumentParser,
+    command: str | None = None,
+    skip: Collection[str | None] = (),
 ) -> None:
     """``metaformer <task> <action>`` for every registered task, flags generated from its configs; with
-    ``command`` (a command word) only for the module that declares it, if one does."""
+    ``command`` (a command word) only for the module that declares it, if one does; never for the
+    modules in ``skip``."""
     import importlib
 
-    from metaformer.options import add_config_flags, add_flags
     from metaformer.tasks import command_modules
 
-    for module_name in command_modules(command):
+    modules = [name for name in command_modules(command) if name not in skip]
+    if modules:
+        from metaformer.options import add_config_flags, add_flags
+    for module_name in modules:
         commands = importlib.import_module(module_name).COMMANDS
         actions = sub
         if commands.name is not None:

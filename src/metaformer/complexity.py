@@ -9,6 +9,8 @@ add the norms from forward hooks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,18 +44,24 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
     chans = in_chans or getattr(model, "in_chans", 3)
     param = next(model.parameters())
     x = torch.zeros(1, chans, h, w, dtype=param.dtype, device=param.device)
-    norm_ops = [0]  # norm and attention-product MACs the op counter misses
+    norm_ops = [0]  # norm MACs the op counter misses
+    products: dict[str, int] = {}  # attention module name -> its q @ k^T and attn @ v MACs
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         norm_ops[0] += _norm_ops(module, inputs)
 
-    def attention_hook(module: Attention, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        # q @ k^T and attn @ v: the fused SDPA kernel is invisible to the op counter on CPU
+    def attention_hook(
+        name: str, module: Attention, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
         b, n, _ = inputs[0].shape
-        norm_ops[0] += 2 * b * module.num_heads * n * n * module.head_dim
+        products[name] = products.get(name, 0) + 2 * b * module.num_heads * n * n * module.head_dim
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _NORM_TYPES)]
-    handles += [m.register_forward_hook(attention_hook) for m in model.modules() if isinstance(m, Attention)]
+    handles += [
+        m.register_forward_hook(partial(attention_hook, name))
+        for name, m in model.named_modules()
+        if isinstance(m, Attention)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -64,4 +72,15 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224, in_chans: 
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return counter.get_total_flops() // 2 + norm_ops[0]
+    return counter.get_total_flops() // 2 + norm_ops[0] + _uncounted(products, counter.get_flop_counts())
+
+
+def _uncounted(products: dict[str, int], counted: dict[str, dict[Any, int]]) -> int:
+    """The attention products the op counter did not see: the fused SDPA kernel is invisible to it on
+    CPU, while on CUDA (flash) and on the meta device (batched matmuls) it counts them itself."""
+    total = 0
+    for name, macs in products.items():
+        ops = next((ops for module, ops in counted.items() if name and module.endswith(f".{name}")), {})
+        if not any("bmm" in str(op) or "attention" in str(op) for op in ops):
+            total += macs
+    return total

@@ -8,24 +8,34 @@ import torch
 
 from metaformer.complexity import count_macs, count_params
 from metaformer.errors import check_number
+from metaformer.model_counts import MODEL_COUNTS
 from metaformer.models import create_model, get_variant, list_models
 from metaformer.models.metaformer import MIN_INPUT_SIZE
 
 
+def count_model(name: str) -> tuple[int, int, int]:
+    """(params, frozen params, MACs at 224) of a registered model, counted on the meta device: shapes
+    only, no weights allocated or initialised, the same counts as on the CPU."""
+    with torch.device("meta"):
+        model = create_model(name)
+    params = count_params(model)
+    return params, params - count_params(model, trainable_only=True), count_macs(model, 224)
+
+
 def model_table(pattern: str = "*", *, with_macs: bool = True) -> list[dict[str, Any]]:
-    """One row per model: params (all, incl. frozen), GMACs at 224, the paper's top-1."""
+    """One row per model: params (all, incl. frozen), GMACs at 224, the paper's top-1. The counts come
+    from ``MODEL_COUNTS`` (a model registered at run time is counted now)."""
     rows = []
     for name in list_models(pattern):
         variant = get_variant(name)
-        model = create_model(name)
-        frozen = count_params(model) - count_params(model, trainable_only=True)
+        params, frozen, macs = MODEL_COUNTS.get(name) or count_model(name)
         rows.append(
             {
                 "model": name,
                 "family": variant.family,
-                "params_m": count_params(model) / 1e6,
+                "params_m": params / 1e6,
                 "frozen_params_m": frozen / 1e6,
-                "gmacs": count_macs(model, 224) / 1e9 if with_macs else None,
+                "gmacs": macs / 1e9 if with_macs else None,
                 "paper_top1": variant.paper_top1,
                 "paper_params_m": variant.paper_params_m,
                 "paper_gmacs": variant.paper_gmacs,
@@ -60,6 +70,21 @@ def model_info(name: str, img_size: tuple[int, int] = (224, 224)) -> dict[str, A
         "img_size": list(img_size),
         "params": count_params(model),
         "macs": count_macs(model, img_size),
-        "paper_top1": variant.paper_top1,
+        "paper_top1": variant.paper_top1 if tuple(img_size) == (224, 224) else None,
+        "weights_top1": weights_top1(name, img_size),
         "stages": stages,
+    }
+
+
+def weights_top1(name: str, img_size: tuple[int, int]) -> dict[str, float]:
+    """The reported ImageNet-1K top-1 of each released weights of ``name`` evaluated at ``img_size``."""
+    from metaformer.weights.pretrained import PRETRAINED
+
+    return {
+        tag: record.top1
+        for tag, record in PRETRAINED.items()
+        if record.model_name == name
+        and tuple(record.input_size[1:]) == tuple(img_size)
+        and record.num_classes == 1000
+        and record.top1 is not None
     }

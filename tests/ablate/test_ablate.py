@@ -64,7 +64,7 @@ def test_every_study_row_builds_and_runs_at_32px(study):
 
 def test_study_rows_are_the_papers_table5_changes():
     rows = {v.name: v for v in study_variants("all")}
-    assert len(rows) == 1 + 3 + 3 + 3 + 2 + 4  # one shared baseline, then each study's changes
+    assert len(rows) == 1 + 3 + 3 + 3 + 2 + 2 + 4  # one shared baseline, then each study's changes
     assert rows["random"].overrides == {"mixers": ("random",) * 4}
     assert rows["dwconv"].overrides == {"mixers": ("dwconv",) * 4}
     assert rows["pool7"].overrides == {"mixer_kwargs": {"pool_size": 7}}

@@ -44,6 +44,8 @@ def _flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[
                 else action.option_strings[0]
             )
             found.setdefault(" ".join(path), {})[key] = action
+            for spelling in action.option_strings:  # a flag that gained another spelling still parses
+                found[" ".join(path)].setdefault(spelling, action)
     return found
 
 
@@ -83,6 +85,12 @@ def test_help_texts_are_those_of_before() -> None:
     # OpenVINO and the precisions joined the backend choice (issue 23)
     changed |= {"classify eval --backend", "classify predict --backend"}
     changed |= {"export :help", "export --format", "export --dynamic-batch"}
+    # the "other" study, eval's recorded data, recipes by data size, and help that was missing (issue 33)
+    changed |= {"ablate :help", "classify eval --checkpoint", "classify eval :description", "info name"}
+    changed |= {"classify predict --checkpoint", "classify predict :description", "models --markdown"}
+    changed |= {"classify train --hflip", "classify train --min-lr", "classify train --warmup-lr"}
+    changed |= {"classify train :description", "detect train --backbone-checkpoint"}
+    changed |= {"segment train --backbone-checkpoint"}  # now also spelled --init-checkpoint
     now: dict[str, Any] = {}
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:

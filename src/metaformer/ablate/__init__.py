@@ -225,6 +225,9 @@ class AblateOptions:
     TASK: ClassVar[str] = "ablate"
 
     study: str = option("mixers", "which Table 5 block (default mixers)", choices=STUDY_NAMES)
+    list_studies: bool = option(
+        False, "print each study's variants (the names --only takes) and exit", flag="--list"
+    )
     data: str | None = option(
         None,
         "ImageFolder root with train/ (and val/, else a tenth is held out), or fashion-mnist[:DIR] "
@@ -274,16 +277,41 @@ class AblateOptions:
 @command(
     "ablate",
     AblateOptions,
-    "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, hybrids)",
+    "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, other, hybrids)",
     "Each (variant, seed) is one training run in OUTPUT/runs/; finished runs are never re-run, so rerunning "
     "the command resumes an interrupted study. Writes OUTPUT/ablation.md and .png.",
 )
-def ablate(options: AblateOptions) -> AblationResult:
-    """Run (or resume) the study the command line describes."""
+def ablate(options: AblateOptions) -> AblationResult | StudyListing:
+    """Run (or resume) the study the command line describes; with ``list``, only name its rows."""
+    if options.list_studies:
+        return list_studies()
     return run_ablation(options.to_config())
 
 
-def ablate_report(result: AblationResult) -> str:
+@dataclass(frozen=True)
+class StudyListing:
+    """Every study and its rows: variant name, the change it makes, the paper's top-1."""
+
+    studies: dict[str, list[dict[str, Any]]]
+
+
+def list_studies() -> StudyListing:
+    return StudyListing(
+        {
+            study: [{"variant": v.name, "change": v.change, "paper_top1": v.paper_top1} for v in variants]
+            for study, variants in STUDIES.items()
+        }
+    )
+
+
+def ablate_report(result: AblationResult | StudyListing) -> str:
+    if isinstance(result, StudyListing):
+        lines = ["study        variant       change (paper ImageNet-1K top-1)"]
+        for study, rows in result.studies.items():
+            for row in rows:
+                lines.append(f"{study:<13}{row['variant']:<14}{row['change']} ({row['paper_top1']})")
+        lines.append("run one with --study STUDY, or some rows with --only VARIANT ...")
+        return "\n".join(lines)
     trained, skipped = len(result.trained), len(result.skipped)
     return (
         f"{result.report.read_text()}\nwrote {result.report} and {result.plot} "

@@ -114,7 +114,8 @@ def render_markdown(
         "Top-1 is the final epoch's validation accuracy, mean ± sample std over the finished seeds; "
         "params, MACs (fvcore convention, at the input size) and train images/s come from each run's files "
         "(images/s is shared-CPU wall time: compare rows of one study only). "
-        "Paper columns: ImageNet-1K, 224x224, the full S12, 300 epochs (PAPER.md 7.1).",
+        "Paper columns: ImageNet-1K, 224x224, the full S12, 300 epochs (Table 5 of Yu et al., "
+        '"MetaFormer Is Actually What You Need for Vision", CVPR 2022, arXiv:2111.11418).',
         "",
         "| ablation | variant | top-1 (%) | seeds | params (M) | MACs (M) | train img/s "
         "| paper params (M) | paper MACs (G) | paper top-1 (%) |",

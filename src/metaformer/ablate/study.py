@@ -95,6 +95,12 @@ STUDIES: dict[str, tuple[AblationVariant, ...]] = {
         AblationVariant("relu", "activation", "GELU -> ReLU", {"act": "relu"}, 11.9, 1.8, 76.4),
         AblationVariant("silu", "activation", "GELU -> SiLU", {"act": "silu"}, 11.9, 1.8, 77.2),
     ),
+    "other": (
+        BASELINE,
+        AblationVariant("noresidual", "other", "residual connection -> none", {"residual": False},
+                        11.9, 1.8, 0.1),
+        AblationVariant("nomlp", "other", "channel MLP -> none", {"mlp_ratio": 0}, 2.5, 0.2, 5.7),
+    ),
     "hybrid": (
         BASELINE,
         _from_model("pppa", "hybrid stages", "[P,P,P,P] -> [P,P,P,Attention]", "metaformer_pppa_s12_224",

@@ -3,6 +3,7 @@ recursively) and reading one as RGB, each failing in one sentence that names the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from metaformer.errors import DataError
 # the files an image folder holds: torchvision's ``datasets.folder.IMG_EXTENSIONS`` (a test keeps them
 # equal), written here so that finding images does not import torchvision
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def count_images(folder: str | Path, stop: int) -> int:
+    """How many image files ``folder`` and its subfolders hold, counting no further than ``stop`` (so
+    that sizing up an ImageNet-scale tree takes a moment); 0 for a folder that does not exist."""
+    count = 0
+    for _, _, files in os.walk(folder):
+        count += sum(1 for name in files if os.path.splitext(name)[1].lower() in IMG_EXTENSIONS)
+        if count >= stop:
+            return stop
+    return count
 
 
 def image_paths(inputs: str | Path, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[Path]:

@@ -60,10 +60,17 @@ def calibration_set(
     return Calibration(_sample(lambda: dataset(transform), limit), key, limit)
 
 
+def run_record(checkpoint: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The ``config.json`` of the training run beside ``checkpoint`` when it names the run's data (a
+    classify run's), else None."""
+    config = read_run_config(checkpoint) if checkpoint is not None else None
+    return config if config is not None and "data" in config else None
+
+
 def _training_data(checkpoint: str | os.PathLike | None) -> tuple[str, Callable[[Any], Any]] | None:
     """(a name, a builder of the training split under a transform) from the run's config.json, or None."""
-    config = read_run_config(checkpoint) if checkpoint is not None else None
-    if config is None or "data" not in config:
+    config = run_record(checkpoint)
+    if config is None:
         return None
     data, size = config.get("data"), int(config.get("img_size") or 32)
     split = float(config.get("val_split") or 0.1)
@@ -141,4 +148,4 @@ def _read(
         logger.warning("skipped %d unreadable calibration image(s) in %s", skipped, root)
 
 
-__all__ = ["calibration_set", "transform_key"]
+__all__ = ["calibration_set", "run_record", "transform_key"]

@@ -47,6 +47,7 @@ from metaformer.models.layers import (
     GroupNorm1Tokens,
     LayerNorm2d,
     Mlp,
+    NoShortcut,
     Scale,
     SquaredReLU,
     StarReLU,
@@ -554,6 +555,8 @@ class FoldedGenericBlock(nn.Module):
 
 def fold_block(block: MetaFormerBlock, tokens: bool) -> nn.Module:
     """The folded equivalent of one block in eval mode, or the block itself when nothing applies."""
+    if not block.channel_mlp or isinstance(block.res_scale1, NoShortcut):
+        return block  # a Table 5 ablation block: nothing to fold
     special = {Pooling: FoldedPoolBlock, SepConv: FoldedSepConv, Attention: FoldedAttention}
     builder = special.get(type(block.token_mixer))
     if builder is not None and tokens == (builder is FoldedAttention):

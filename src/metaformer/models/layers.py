@@ -147,6 +147,14 @@ class Scale(nn.Module):
         return x * self.scale.view(self.shape)
 
 
+class NoShortcut(nn.Module):
+    """In place of a sub-block's shortcut: adds nothing, so the branch's output replaces its input
+    (the paper's Table 5 "residual connection -> none")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample, scaling kept ones by 1/keep."""
 

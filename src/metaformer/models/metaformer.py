@@ -24,6 +24,7 @@ from metaformer.models.layers import (
     DropPath,
     GroupNorm1,
     Mlp,
+    NoShortcut,
     Scale,
     make_activation,
     make_norm,
@@ -85,7 +86,10 @@ def _optional_scale(dim: int, init_value: float | None, tokens: bool) -> nn.Modu
 
 
 class MetaFormerBlock(nn.Module):
-    """x = rs1(x) + ls1(drop(mixer(norm1(x)))); x = rs2(x) + ls2(drop(mlp(norm2(x))))."""
+    """x = rs1(x) + ls1(drop(mixer(norm1(x)))); x = rs2(x) + ls2(drop(mlp(norm2(x)))).
+
+    ``residual=False`` drops both shortcuts and ``mlp_ratio=0`` the second half: two rows of the
+    PoolFormer paper's Table 5 ablations."""
 
     def __init__(
         self,
@@ -101,18 +105,21 @@ class MetaFormerBlock(nn.Module):
         layer_scale_init: float | None,
         res_scale_init: float | None,
         tokens: bool,
+        residual: bool = True,
     ):
         super().__init__()
         self.norm1 = make_norm(norm, dim, tokens=tokens)
         self.token_mixer = mixer(dim, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale1 = _optional_scale(dim, layer_scale_init, tokens)
-        self.res_scale1 = _optional_scale(dim, res_scale_init, tokens)
-        self.norm2 = make_norm(norm, dim, tokens=tokens)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=mlp_bias, drop=drop_rate, tokens=tokens)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale2 = _optional_scale(dim, layer_scale_init, tokens)
-        self.res_scale2 = _optional_scale(dim, res_scale_init, tokens)
+        self.res_scale1 = _optional_scale(dim, res_scale_init, tokens) if residual else NoShortcut()
+        self.channel_mlp = mlp_ratio > 0  # mlp_ratio 0: Table 5 "channel MLP -> none", the mixer half alone
+        if self.channel_mlp:
+            self.norm2 = make_norm(norm, dim, tokens=tokens)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, bias=mlp_bias, drop=drop_rate, tokens=tokens)
+            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+            self.layer_scale2 = _optional_scale(dim, layer_scale_init, tokens)
+            self.res_scale2 = _optional_scale(dim, res_scale_init, tokens) if residual else NoShortcut()
 
     def _native_pool_radius(self) -> int | None:
         """The pooling window's radius when the mixer half can run as one native kernel (a PoolFormer
@@ -177,6 +184,8 @@ class MetaFormerBlock(nn.Module):
             x = self._pool_half_native(x, radius)
         else:
             x = self._pool_half_torch(x)
+        if not self.channel_mlp:
+            return x
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 
@@ -324,6 +333,7 @@ class MetaFormer(nn.Module):
         layer_scale_init: float | None | Sequence[float | None] = 1e-5,
         res_scale_init: float | None | Sequence[float | None] = None,
         pos_embed: bool | Sequence[bool] = False,
+        residual: bool = True,
         final_norm: str = "map",
         head: str = "linear",
         head_dropout: float = 0.0,
@@ -393,6 +403,7 @@ class MetaFormer(nn.Module):
                     drop_rate=drop_rate,
                     layer_scale_init=layer_scales[i],
                     res_scale_init=res_scales[i],
+                    residual=residual,
                 )
             )
             prev_dim, start = dims[i], start + depths[i]

@@ -201,7 +201,7 @@ for _name, (_config, _top1, _params, _macs) in _ABLATIONS.items():
 
 
 # Keyword arguments of MetaFormer that create_model accepts as overrides beyond the config fields.
-_EXTRA_OVERRIDES = ("head_dropout", "drop_rate", "img_size")
+_EXTRA_OVERRIDES = ("head_dropout", "drop_rate", "img_size", "residual")
 
 
 def get_variant(name: str) -> Variant:

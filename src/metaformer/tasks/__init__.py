@@ -33,7 +33,15 @@ COMMAND_MODULES: dict[str, str] = {
     "ablate": "metaformer.ablate",
     "export": "metaformer.export",
 }
-
+# each command word's help line, for `metaformer --help` without importing the task modules (seconds);
+# tests/test_cli_speed.py keeps it equal to what each module declares
+COMMAND_HELP: dict[str, str] = {
+    "classify": "train, evaluate and run image classifiers",
+    "detect": "train, evaluate and run RetinaNet / Mask R-CNN detectors",
+    "segment": "train, evaluate and run Semantic FPN segmenters",
+    "ablate": "train the paper's Table 5 ablations (mixers, pool sizes, norms, activations, other, hybrids)",
+    "export": "write a model as ONNX, OpenVINO IR or TorchScript (fp32/bf16/int8), checked",
+}
 
 JSON_HELP = {"train": "print the summary as JSON", "eval": "print the metrics as JSON"}
 
@@ -122,6 +130,7 @@ def command_modules(word: str | None) -> list[str]:
 
 
 __all__ = [
+    "COMMAND_HELP",
     "COMMAND_MODULES",
     "Action",
     "TASK_MODULES",

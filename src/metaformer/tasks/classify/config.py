@@ -4,9 +4,12 @@ from the recipe (``recipes.RECIPES``) and the model."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from metaformer.data.fashion_mnist import is_fashion_mnist
@@ -27,10 +30,12 @@ from metaformer.options import (
 from metaformer.tasks.classify.recipes import (
     EMBEDDED_IMG_SIZE,
     FASHION_MNIST_IMG_SIZE,
+    FOLDER_HFLIP,
     FOLDER_IMG_SIZE,
     INTERPOLATIONS,
     RECIPE_FIELDS,
     RECIPES,
+    SMALL_DATA_IMAGES,
     VAL_SPLIT,
 )
 
@@ -55,7 +60,9 @@ class TrainConfig(RunOptions):
             "(default: the embedded digits)"
         },
         "recipe": {"help": "hyperparameter preset (finetune from --pretrained/--init-checkpoint, else "
-                   "fashion-mnist on fashion-mnist, paper with other --data, small without)"},
+                   "fashion-mnist on fashion-mnist, small on the digits and on folders under "
+                   f"{SMALL_DATA_IMAGES:,} training images, paper on larger ones); "
+                   "--print-config prints every value it resolves to"},
         "epochs": {"help": "epochs (paper 300, small 12)"},
         "batch_size": {"help": "images per process per step (paper 128, small 64)"},
         "lr": {"help": "peak learning rate (default: lr-base x global batch / lr-base-batch)"},
@@ -101,9 +108,11 @@ class TrainConfig(RunOptions):
         None, "linear warmup epochs (paper 5, small 1)", metavar="N", check=NON_NEGATIVE
     )
     warmup_lr: float | None = option(
-        None, "lr at the start of warmup (paper 1e-6)", metavar="LR", check=NON_NEGATIVE
+        None, "lr at the start of warmup (paper, finetune 1e-6; small 1e-5)", metavar="LR", check=NON_NEGATIVE
     )
-    min_lr: float | None = option(None, "cosine floor (1e-5)", metavar="LR", check=NON_NEGATIVE)
+    min_lr: float | None = option(
+        None, "cosine floor (paper, small 1e-5; finetune 1e-6)", metavar="LR", check=NON_NEGATIVE
+    )
     label_smoothing: float | None = option(None, "label smoothing (0.1)", metavar="P", check=PROBABILITY)
     mixup: float | None = option(
         None, "mixup alpha, 0 = off (paper 0.8, small 0)", metavar="ALPHA", check=NON_NEGATIVE
@@ -135,7 +144,10 @@ class TrainConfig(RunOptions):
         None, "random-resized-crop aspect range (paper 0.75 1.33)", metavar=("LOW", "HIGH"), check=POSITIVE
     )
     hflip: float | None = option(
-        None, "horizontal flip probability (paper 0.5, small 0)", metavar="P", check=PROBABILITY
+        None,
+        "horizontal flip probability (paper, finetune 0.5; small 0 on the digits, 0.5 on folders)",
+        metavar="P",
+        check=PROBABILITY,
     )
     train_interpolation: str | None = option(
         None, "bilinear, bicubic or random (paper random)", metavar="MODE"
@@ -208,18 +220,36 @@ class TrainConfig(RunOptions):
 
     @property
     def recipe_name(self) -> str:
-        """The recipe asked for, else finetune from weights, fashion-mnist on Fashion-MNIST, paper with
-        other --data, small without."""
-        if self.recipe is None and (self.pretrained or self.init_checkpoint is not None):
-            return "finetune"
-        if self.recipe is None and is_fashion_mnist(self.data):
-            return "fashion-mnist"
-        return super().recipe_name
+        """The recipe asked for, else finetune from weights, fashion-mnist on Fashion-MNIST, small on the
+        digits and on folders under ``SMALL_DATA_IMAGES`` training images, paper on larger folders."""
+        return self.recipe_choice()[0]
+
+    def recipe_choice(self) -> tuple[str, str]:
+        """(the recipe, why it applies): the reason is the first line a training run prints."""
+        if self.recipe is not None:
+            return self.recipe, "asked for with --recipe"
+        if self.pretrained or self.init_checkpoint is not None:
+            return "finetune", "training starts from weights"
+        if self.data is None:
+            return "small", "the embedded digits' default (no flips: a mirrored digit can change class)"
+        if is_fashion_mnist(self.data):
+            return "fashion-mnist", "the default for Fashion-MNIST"
+        images = _training_images(str(self.data), self.val_split)
+        if images is None:
+            return "paper", f"the default for --data ('{self.data}' is not a folder here to count)"
+        if images < SMALL_DATA_IMAGES:
+            return "small", (
+                f"'{self.data}' has {images:,} training images, under {SMALL_DATA_IMAGES:,} "
+                f"(horizontal flips at p {FOLDER_HFLIP:g}; --recipe paper for the ImageNet recipe)"
+            )
+        return "paper", f"'{self.data}' has {SMALL_DATA_IMAGES:,} or more training images"
 
     def resolve(self, world_size: int = 1) -> TrainConfig:
         """A copy with every recipe field filled in, the lr scaled, and data-dependent defaults set."""
         recipe = self.recipe_name
         values = dict(RECIPES[recipe])
+        if recipe == "small" and self.data is not None and not is_fashion_mnist(self.data):
+            values["hflip"] = FOLDER_HFLIP  # photographs may be mirrored; the digits may not
         variant = get_variant(self.model)
         values.setdefault("drop_path_rate", variant.drop_path_rate)
         fashion = is_fashion_mnist(self.data)
@@ -254,6 +284,21 @@ class TrainConfig(RunOptions):
             num_workers=workers,
             **filled,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _training_images(data: str, val_split: float) -> int | None:
+    """Training images in a folder (DIR/train, else all but the held-out part), counted up to the small
+    recipe's bound; None when there is no such folder."""
+    from metaformer.data.images import count_images
+
+    root = Path(data)
+    if not root.is_dir():
+        return None
+    if (root / "train").is_dir():
+        return count_images(root / "train", SMALL_DATA_IMAGES)
+    total = count_images(root, math.ceil(SMALL_DATA_IMAGES / (1 - val_split)))
+    return int(total * (1 - val_split))
 
 
 def _default_crop_pct(model: str) -> float:

@@ -17,13 +17,14 @@ from metaformer.data.fashion_mnist import is_fashion_mnist
 from metaformer.data.sources import classification_splits
 from metaformer.data.transforms import eval_transform_from_preprocessing
 from metaformer.deploy import prepare_for_inference
-from metaformer.deploy.calibration import calibration_set, transform_key
+from metaformer.deploy.calibration import calibration_set, run_record, transform_key
 from metaformer.deploy.options import DeployOptions, compare_with_fp32, max_drop_option
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
 from metaformer.engine.skeleton import seeded_subset
-from metaformer.errors import CheckpointError, ConfigError, check_choice
+from metaformer.engine.state import CONFIG_FILE
+from metaformer.errors import CheckpointError, ConfigError, DataError, check_choice
 from metaformer.options import AMP_MODES, FRACTION, OPEN_UNIT, POSITIVE, EvalOptions, option
 from metaformer.tasks import command
 from metaformer.tasks.classify.loading import _readable_names, load_classifier
@@ -33,17 +34,23 @@ from metaformer.tasks.classify.train import ClassificationTask
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(DeployOptions, EvalOptions):
-    """Evaluate a checkpoint on DIR/val (or the embedded digits' val split when ``data`` is None)."""
+    """Evaluate a checkpoint on DIR/val; when ``data`` is None, on the validation part of the data its
+    run recorded in config.json beside the checkpoint, else the embedded digits' val split."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "data": {
             "help": "folder with val/<class>/* images (without val/: the part --val-split held out in "
-            "training), or fashion-mnist[:DIR] (its 10,000 test images)"
+            "training), or fashion-mnist[:DIR] (its 10,000 test images); default: the data in the "
+            "run's config.json beside --checkpoint, else the embedded digits"
         },
         "limit": {"check": POSITIVE},
     }
 
-    checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
+    checkpoint: str | None = option(
+        None,
+        "weights file (metaformer, official, timm or transformers) or save_pretrained folder",
+        metavar="PATH",
+    )
     model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
     pretrained: bool = option(False, "evaluate the released ImageNet weights of --model")
     batch_size: int = option(128, metavar="N", check=POSITIVE)
@@ -81,7 +88,8 @@ class EvalConfig(DeployOptions, EvalOptions):
     "eval",
     EvalConfig,
     "top-1/top-5/loss/images-per-s and a confusion matrix",
-    "Evaluate a checkpoint on DIR/val (default: the embedded digits' val split). "
+    "Evaluate a checkpoint on DIR/val (default: the data its training run recorded in config.json beside "
+    "the checkpoint, the part it held out for validation; else the embedded digits' val split). "
     "Official ImageNet checkpoints use the paper's eval transform; metaformer checkpoints the one "
     "they were trained with.",
 )
@@ -90,24 +98,40 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     model, classes, preproc = load_classifier(config.checkpoint, config.model, config.pretrained)
     transform = eval_transform_from_preprocessing(preproc, config.img_size, config.crop_pct)
     size = int(config.img_size if config.img_size is not None else preproc["input_size"][-1])
-    if config.data is None and len(classes) != len(DIGITS_CLASSES):
+    data, val_split, source = config.data, config.val_split, "--data"
+    record = run_record(config.checkpoint) if config.data is None else None
+    if record is not None:  # the data the checkpoint's run trained on, and the part it held out
+        data, val_split = record["data"], float(record.get("val_split") or val_split)
+        source = f"recorded in {Path(str(config.checkpoint)).parent / CONFIG_FILE}"
+        if data is not None and not is_fashion_mnist(data) and not Path(data).is_dir():
+            raise DataError(
+                f"the run trained on '{data}' ({source}), which is not a folder from here; pass --data DIR"
+            )
+    if data is None and len(classes) != len(DIGITS_CLASSES):
         raise CheckpointError(
             f"the checkpoint has {len(classes)} classes but the embedded digits have 10; pass --data DIR "
             "with matching class folders"
         )
-    folder = Path(config.data) if config.data is not None and not is_fashion_mnist(config.data) else None
+    folder = Path(data) if data is not None and not is_fashion_mnist(data) else None
     with_val = folder is not None and ((folder / "val").is_dir() or not folder.is_dir())
     if with_val:  # folder_split maps the names to the checkpoint's indices
         val_dir = folder / "val"  # type: ignore[operator]
         found = sorted(e.name for e in os.scandir(val_dir) if e.is_dir()) if val_dir.is_dir() else []
         _check_classes(classes, found, val_dir, exact=False)
     dataset: Dataset = classification_splits(
-        config.data, img_size=size, val_transform=transform, val_split=config.val_split, only="val",
-        classes=classes,
+        data, img_size=size, val_transform=transform, val_split=val_split, only="val", classes=classes,
     )[1]  # fmt: skip
-    if config.data is not None and not with_val:  # Fashion-MNIST, or the part training held out
-        _check_classes(classes, dataset.classes, folder or config.data)  # type: ignore[attr-defined]
+    if data is not None and not with_val:  # Fashion-MNIST, or the part training held out
+        _check_classes(classes, dataset.classes, folder or data)  # type: ignore[attr-defined]
     skipped = len(dataset.skipped) if folder is not None else 0  # type: ignore[attr-defined]
+    if data is None:
+        described = "embedded:digits (val split)"
+    elif folder is None:
+        described = f"{data} (test split)"
+    else:
+        described = f"{folder} (val/)" if with_val else f"{folder} (the held-out {val_split:g})"
+    if source != "--data":
+        described += f", {source}"
     dataset = seeded_subset(dataset, config.limit, 0)
     device = pick_device(config.device)
     model = model.to(device)
@@ -175,7 +199,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "precision": config.precision,
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         **compared,
-        "data": config.data or "embedded:digits (val split)",
+        "data": described,
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,
         "top1": metrics["top1"],

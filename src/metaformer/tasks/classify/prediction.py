@@ -31,7 +31,11 @@ class PredictConfig(DeployOptions):
     inputs: str = option(
         help="an image file or a folder (searched recursively)", metavar="IMAGE|DIR", positional=True
     )
-    checkpoint: str | None = option(None, "weights file (metaformer, official or timm)", metavar="PATH")
+    checkpoint: str | None = option(
+        None,
+        "weights file (metaformer, official, timm or transformers) or save_pretrained folder",
+        metavar="PATH",
+    )
     model: str | None = option(None, "model name (needed for official/timm checkpoints and --pretrained)")
     pretrained: bool = option(False, "use the released ImageNet weights of --model")
     topk: int = option(5, "classes to list per image (5)", metavar="K", check=POSITIVE)
@@ -52,6 +56,9 @@ class PredictConfig(DeployOptions):
     "predict",
     PredictConfig,
     "class names and probabilities for images",
+    "Classify an image, or every image under a folder, with a checkpoint (--checkpoint) or released "
+    "weights (--model NAME --pretrained): the top-K class names and probabilities per image. --cam also "
+    "writes a Grad-CAM heat map; --backend and --precision run it through ONNX Runtime or OpenVINO.",
 )
 def predict(config: PredictConfig) -> list[dict[str, Any]]:
     """Top-k class names and probabilities per image; unreadable files in a folder are reported, not fatal."""

@@ -165,3 +165,6 @@ EMBEDDED_IMG_SIZE = 32
 FOLDER_IMG_SIZE = 224
 FASHION_MNIST_IMG_SIZE = 32  # the 28x28 photographs, enlarged to the smallest input a MetaFormer takes
 VAL_SPLIT = 0.1  # the fraction held out of a folder without val/
+# a folder with fewer training images than this trains with the small recipe (and flips) by default
+SMALL_DATA_IMAGES = 20_000
+FOLDER_HFLIP = 0.5  # the small recipe's flips on a folder of photographs (the digits keep none)

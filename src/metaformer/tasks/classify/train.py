@@ -26,7 +26,7 @@ from metaformer.errors import ConfigError
 from metaformer.models import create_model
 from metaformer.tasks import command
 from metaformer.tasks.classify.config import TrainConfig
-from metaformer.tasks.classify.recipes import RESUME_MAY_DIFFER
+from metaformer.tasks.classify.recipes import RESUME_MAY_DIFFER, SMALL_DATA_IMAGES
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,10 @@ def _preprocessing(config: TrainConfig) -> dict[str, Any]:
     "train",
     TrainConfig,
     "train or fine-tune a classifier",
-    "Train a classifier. Flags left out come from --recipe (paper: the PoolFormer "
-    "ImageNet recipe, default with --data; small: the short recipe the default digits run uses). The "
+    "Train a classifier. Flags left out come from --recipe (paper: the PoolFormer ImageNet recipe, "
+    f"the default for folders of {SMALL_DATA_IMAGES:,} training images or more; small: the short recipe "
+    "for the digits and smaller folders; finetune: from weights); --print-config prints every value the "
+    "run would use. The "
     "resolved settings are saved as config.json in the run folder. Under `torchrun "
     "--nproc_per_node=N -m metaformer classify train` it trains data-parallel.",
 )
@@ -232,6 +234,8 @@ def train_classifier(config: TrainConfig) -> dict[str, Any]:
 
     Under torchrun every process calls this; rank 0 alone writes the run folder.
     """
+    recipe, why = config.recipe_choice()
+    logger.info("recipe %s: %s", recipe, why)
     return skeleton.train(config, TRAINING)
 
 

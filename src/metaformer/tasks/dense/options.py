@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from metaformer.errors import check_number
+from metaformer.errors import ConfigError, check_number
 from metaformer.models import get_variant
 from metaformer.options import NON_NEGATIVE, EvalOptions, RunOptions, check_fields, option
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DenseRunOptions(RunOptions):
-    """The run fields detect train and segment train add to RunOptions: a backbone to start from, the
-    stages to freeze and a warmup counted in steps. None fields come from the recipe."""
+    """The run fields detect train and segment train add to RunOptions: a backbone to start from (a
+    classification checkpoint, or with ``pretrained`` the released weights of ``model``), the stages to
+    freeze and a warmup counted in steps. None fields come from the recipe."""
 
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
         "weight_decay": {"help": "AdamW weight decay (paper 1e-4)"},
@@ -30,19 +34,54 @@ class DenseRunOptions(RunOptions):
     backbone_checkpoint: str | None = option(
         None,
         "initialise the backbone from classification weights (official, timm or metaformer)",
+        flag=("--backbone-checkpoint", "--init-checkpoint"),
         metavar="PATH",
     )
+    pretrained: bool = option(False, "initialise the backbone from --model's released ImageNet weights")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         depths = self.model_kwargs.get("depths", get_variant(self.model).config.depths)
         check_number("frozen_stages", self.frozen_stages, low=-1, high=len(depths))
+        if self.pretrained and self.backbone_checkpoint is not None:
+            raise ConfigError(
+                "pass either --pretrained or --init-checkpoint (--backbone-checkpoint), not both"
+            )
+        if self.pretrained:
+            from metaformer.weights import get_weights
+
+            get_weights(self.model)  # a model without released weights fails here, before any download
 
     def recipe_filled(self, fields: Iterable[str]) -> dict[str, Any]:
         """The recipe's value of each field left as None; the backbone overrides merged (the user's win)."""
         filled = self.recipe_values(fields)
-        filled["model_kwargs"] = {**self.RECIPES[self.recipe_name]["model_kwargs"], **self.model_kwargs}
+        filled["model_kwargs"] = self.backbone_overrides(self.RECIPES[self.recipe_name]["model_kwargs"])
         return filled
+
+    def backbone_overrides(self, recipe_trunk: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone's overrides: the recipe's trunk (the shapes recipe's small one) under the user's
+        --model-kwargs, but not when the backbone starts from weights, whose shapes are --model's."""
+        starts_from_weights = self.pretrained or self.backbone_checkpoint is not None
+        return {**({} if starts_from_weights else recipe_trunk), **self.model_kwargs}  # the user's win
+
+    def backbone_weights(self) -> str | None:
+        """The classification weights the backbone starts from: ``backbone_checkpoint``, or with
+        ``pretrained`` the released weights of ``model`` (downloaded once into the cache); None for a
+        random start, where frozen stages would stay random (a warning says so)."""
+        if self.pretrained:
+            from metaformer.weights import download_weights, get_weights
+
+            record = get_weights(self.model)
+            if record.sha256 is None:
+                logger.warning("weights %s are unverified: no sha256 was published for them", record.tag)
+            return str(download_weights(record.tag))
+        if self.backbone_checkpoint is None and self.frozen_stages >= 0 and not self.resume:
+            logger.warning(
+                "--frozen-stages %d freezes randomly initialised stages, which then never learn; start "
+                "from weights with --pretrained or --init-checkpoint, or leave --frozen-stages out",
+                self.frozen_stages,
+            )
+        return self.backbone_checkpoint
 
     def resolved_with(self, filled: dict[str, Any]) -> Any:
         """A copy with the recipe and the ``filled`` fields set, and the data-loading processes chosen."""

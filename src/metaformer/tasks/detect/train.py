@@ -287,7 +287,7 @@ def _build(config: DetectTrainConfig, info: DistInfo) -> TrainingParts:
         config, train_set, val_set, info, collate_fn=collate_detection
     )
     detector = config.detector_config(train_set.num_classes)
-    model = create_detector(detector, backbone_checkpoint=config.backbone_checkpoint).to(info.device)
+    model = create_detector(detector, backbone_checkpoint=config.backbone_weights()).to(info.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = create_optimizer(params, lr=float(config.lr), weight_decay=float(config.weight_decay))
     updates_per_epoch = math.ceil(len(train_loader) / config.accum_steps)

@@ -353,7 +353,7 @@ def _build(config: SegmentTrainConfig, info: DistInfo) -> TrainingParts:
         max(1, round(config.eval_iters / updates_per_epoch)) if config.eval_iters else 1
     )
     model = create_segmenter(
-        config.segmenter_config(train_set.num_classes), backbone_checkpoint=config.backbone_checkpoint
+        config.segmenter_config(train_set.num_classes), backbone_checkpoint=config.backbone_weights()
     )
     if info.distributed and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the paper's SyncBN
