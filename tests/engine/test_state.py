@@ -72,6 +72,25 @@ def test_run_folder_holding_a_run_is_not_overwritten(tmp_path):
     assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
 
 
+
+def test_resume_removes_the_temp_files_a_killed_run_left_and_nothing_else(tmp_path):
+    """A SIGKILL mid-write skips atomic_write's clean-up; the resumed run owns the folder again."""
+    out = run_state.prepare_run_dir(tmp_path / "run", resume=False, overwrite=False)
+    (out / "last.pt").write_bytes(b"state")
+    with pytest.raises(KeyboardInterrupt), run_state.atomic_write(out / "curves.png") as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt  # the clean path removes its own temp file
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    killed = [out / ".curves.png.k1ll3d.tmp.png", out / ".last.pt.x9y8z7.tmp.pt"]  # what a SIGKILL leaves
+    for path in killed:
+        path.write_bytes(b"half")
+    theirs = [out / ".notes.txt.abc.tmp.txt", out / "curves.tmp.png"]  # not temp files of a run's writes
+    for path in theirs:
+        path.write_text("mine")
+    run_state.prepare_run_dir(out, resume=True, overwrite=False)
+    assert not any(p.exists() for p in killed) and all(p.exists() for p in theirs)
+    assert (out / "last.pt").read_bytes() == b"state"
+
 def test_resume_without_a_state_and_output_that_is_a_file_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_state.prepare_run_dir(tmp_path, resume=True, overwrite=False)

@@ -39,6 +39,7 @@ from metaformer.ablate.study import (
     DEFAULT_DEPTHS,
     DEFAULT_DIMS,
     DEFAULT_EPOCHS,
+    STUDIES,
     STUDY_NAMES,
     SUMMARY_FILE,
     AblationConfig,

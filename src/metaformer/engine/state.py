@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from metaformer.errors import ConfigError
-from metaformer.weights import atomic_write
+from metaformer.weights import atomic_write, leftover_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) ->
             f"output folder '{out}' is not writable ({err.strerror}); pass another --output"
         ) from None
     existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume or overwrite:  # a killed run's half-written temp files: this run now owns the folder
+        for stale in (tmp for name in RUN_FILES for tmp in leftover_temp_files(out / name)):
+            stale.unlink(missing_ok=True)
     if resume:
         if not (out / STATE_FILE).exists():
             raise ConfigError(

@@ -12,6 +12,7 @@ from metaformer.weights.download import cache_dir, download_weights, sha256_of
 from metaformer.weights.folder import save_pretrained
 from metaformer.weights.io import (
     atomic_write,
+    leftover_temp_files,
     load_state,
     read_checkpoint,
     read_metadata,
@@ -55,6 +56,7 @@ __all__ = [
     "LoadReport",
     "PretrainedWeights",
     "atomic_write",
+    "leftover_temp_files",
     "cache_dir",
     "compare_state_dict",
     "convert_checkpoint",

@@ -8,6 +8,7 @@ so a crash mid-write never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
@@ -65,6 +66,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, Exception) and _is_write_failure(err, tmp):
             raise _write_error(path, err) from None
         raise
+
+
+
+def leftover_temp_files(path: str | os.PathLike) -> list[Path]:
+    """The temp files ``atomic_write`` left beside ``path`` when its process was killed mid-write (a
+    SIGKILL or power loss skips the clean-up); safe to delete once no process writes ``path``."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"))
 
 
 # What torch's zip writer and safetensors say when the disk fills up mid-file (their errors carry no errno).
