@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from metaformer.ablate import run_ablation
+from metaformer.ablate.study import BASE_MODEL, STUDIES, AblationConfig
 from metaformer.cli import main
 from metaformer.complexity import count_macs, count_params
 from metaformer.models import create_model
-from metaformer.ablate import run_ablation
-from metaformer.ablate.study import BASE_MODEL, STUDIES, AblationConfig
 
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
 

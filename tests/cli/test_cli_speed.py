@@ -27,7 +27,10 @@ def _run_and_list_modules(*argv: str) -> tuple[str, set[str]]:
 def _heavy(modules: set[str]) -> list[str]:
     task_modules = set(tasks.COMMAND_MODULES.values())
     return sorted(
-        m for m in modules if m in task_modules or m.startswith(("metaformer.tasks.", "metaformer.ablate.", "timm", "torchvision"))
+        m
+        for m in modules
+        if m in task_modules
+        or m.startswith(("metaformer.tasks.", "metaformer.ablate.", "timm", "torchvision"))
     )
 
 

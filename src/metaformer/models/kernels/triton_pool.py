@@ -3,8 +3,8 @@
 The kernels (``triton_pool_kernels``) are wrapped as ``torch.library`` custom ops with fake
 implementations and an autograd formula, so ``torch.compile``, ``torch.export`` and CUDA graphs see
 one opaque op with known output shapes instead of breaking the graph. The path stays opt-in until it
-is measured faster than timm on a GPU (``benchmarks/gpu_check.sh``). Triton is imported only when a kernel first runs:
-without it, the package imports and every block keeps its torch ops.
+is measured faster than timm on a GPU (``benchmarks/gpu_check.sh``). Triton is imported only when a
+kernel first runs: without it, the package imports and every block keeps its torch ops.
 
 On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 Triton is imported) and only inside ``triton_kernels(True, cpu=True)``: that is how the tests check
