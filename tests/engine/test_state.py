@@ -72,7 +72,6 @@ def test_run_folder_holding_a_run_is_not_overwritten(tmp_path):
     assert not (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
 
 
-
 def test_resume_removes_the_temp_files_a_killed_run_left_and_nothing_else(tmp_path):
     """A SIGKILL mid-write skips atomic_write's clean-up; the resumed run owns the folder again."""
     out = run_state.prepare_run_dir(tmp_path / "run", resume=False, overwrite=False)
@@ -90,6 +89,7 @@ def test_resume_removes_the_temp_files_a_killed_run_left_and_nothing_else(tmp_pa
     run_state.prepare_run_dir(out, resume=True, overwrite=False)
     assert not any(p.exists() for p in killed) and all(p.exists() for p in theirs)
     assert (out / "last.pt").read_bytes() == b"state"
+
 
 def test_resume_without_a_state_and_output_that_is_a_file_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="nothing to resume"):

@@ -68,7 +68,6 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-
 def leftover_temp_files(path: str | os.PathLike) -> list[Path]:
     """The temp files ``atomic_write`` left beside ``path`` when its process was killed mid-write (a
     SIGKILL or power loss skips the clean-up); safe to delete once no process writes ``path``."""
