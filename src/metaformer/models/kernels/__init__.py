@@ -122,9 +122,16 @@ def native_kernels(enabled: bool) -> Iterator[None]:
         _ENABLED[0] = previous
 
 
+def fx_tracing() -> bool:
+    """Inside ``torch.fx.symbolic_trace`` (or torchvision's ``create_feature_extractor``): tensors are
+    proxies there, so code that branches on a tensor's shape, dtype or layout must not run."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def portable() -> bool:
-    """Tracing, scripting or compiling: the graph must hold ops every exporter and compiler knows."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    """Tracing (TorchScript or FX), scripting or compiling: the graph must hold ops every exporter and
+    compiler knows, and no Python branch may inspect a tensor."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or fx_tracing()
 
 
 def native_available() -> bool:
