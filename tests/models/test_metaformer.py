@@ -204,7 +204,8 @@ def test_features_without_out_norm_equal_the_classifier_stage_maps():
     classifier.load_state_dict(features.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for a, b in zip(features(x), classifier.forward_intermediates(x, intermediates_only=True), strict=True):
+        maps = classifier.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(features(x), maps, strict=True):
             torch.testing.assert_close(a, b)
 
 

@@ -124,7 +124,8 @@ def test_getter_features_equal_forward_intermediates_of_the_classifier(family):
 
 
 def test_feature_cfg_is_timms_spelling_and_unknown_keys_are_refused():
-    features = _model("poolformer", features_only=True, feature_cfg={"feature_cls": "getter", "out_indices": 2})
+    cfg = {"feature_cls": "getter", "out_indices": 2}
+    features = _model("poolformer", features_only=True, feature_cfg=cfg)
     assert features.out_indices == (2, 3)  # an int n: the last n stages, as timm
     with pytest.raises(ConfigError, match="flatten_sequential"):
         _model("poolformer", features_only=True, feature_cfg={"flatten_sequential": True})
