@@ -202,3 +202,19 @@ def test_timm_create_model_builds_ours_under_the_prefix():
     ours = create_model("poolformer_s12", **TINY, num_classes=3)
     assert model.state_dict().keys() == ours.state_dict().keys()
     assert timm.models.get_pretrained_cfg_value("mf_poolformer_s12", "crop_pct") == 0.9
+
+
+def test_fx_features_are_a_scriptable_graph_with_the_backbones_outputs_and_parameter_names():
+    backbone = _model("caformer", features_only=True, out_indices=(1, 3), out_norm=True)
+    graph = _model("caformer", features_only=True, out_indices=(1, 3), out_norm=True, feature_cls="fx")
+    assert isinstance(graph, torch.fx.GraphModule)
+    assert graph.state_dict().keys() == backbone.state_dict().keys()
+    graph.load_state_dict(backbone.state_dict())
+    assert graph.feature_info.channels() == backbone.feature_info.channels()
+    x = _input()
+    with torch.no_grad():
+        for got, want in zip(torch.jit.script(graph)(x), backbone(x), strict=True):
+            torch.testing.assert_close(got, want)
+        dropping = _model("caformer", features_only=True, feature_cls="fx", drop_path_rate=0.5).train()
+        # stochastic depth follows train()/eval() at call time, as in the eager backbone
+        assert not torch.equal(dropping(x)[-1], dropping.eval()(x)[-1])

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from metaformer.errors import ConfigError
-from metaformer.models.features import MetaFormerFeatureGetter
+from metaformer.models.features import MetaFormerFeatureGetter, trace_features
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures, stage_grid_sizes
 from metaformer.models.variants import VARIANTS, get_variant, model_kwargs
 
@@ -20,7 +20,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
 
 
-FEATURE_CLASSES = ("list", "getter")
+FEATURE_CLASSES = ("list", "getter", "fx")
 FEATURE_CFG_KEYS = ("feature_cls", "out_indices", "out_norm", "norm")
 
 
@@ -46,8 +46,10 @@ def create_model(
     ``features_only=True`` returns a ``MetaFormerFeatures`` backbone whose forward gives the stage maps
     at ``out_indices`` (default all four; negative indices count from the end); ``out_norm=True`` adds
     the official dense models' fresh GroupNorm per output. ``feature_cls="getter"`` instead wraps the
-    classifier's ``forward_intermediates``, as timm's does; ``feature_cfg`` takes the same options as a
-    dict (timm's spelling). ``global_pool=""`` builds a head that keeps the map unpooled.
+    classifier's ``forward_intermediates``, as timm's does, and ``feature_cls="fx"`` returns the
+    backbone as a ``torch.fx.GraphModule`` (same parameter names; scriptable); ``feature_cfg`` takes
+    the same options as a dict (timm's spelling). ``global_pool=""`` builds a head that keeps the map
+    unpooled.
     Overrides are any ``MetaFormerConfig`` field (``mixers``, ``norms``, ``act``, ``final_norm``...).
     Every model carries ``pretrained_cfg`` (timm's keys: preprocessing, input and pooled sizes,
     first conv and classifier names), so ``timm.data.resolve_data_config(model=m)`` gives ours.
@@ -83,6 +85,8 @@ def create_model(
         model.model_config = kwargs  # type: ignore[assignment]
     if pretrained or checkpoint_path is not None:
         _load(model, name, pretrained, checkpoint_path)
+    if features_only and features["feature_cls"] == "fx":
+        return trace_features(model)  # type: ignore[arg-type]
     return model
 
 
@@ -102,9 +106,10 @@ def _feature_options(feature_cfg: dict[str, Any] | None, **given: Any) -> dict[s
     if cfg["feature_cls"] not in FEATURE_CLASSES:
         raise ConfigError(
             f"feature_cls must be one of {', '.join(FEATURE_CLASSES)}, got {cfg['feature_cls']!r} "
-            "('list' returns MetaFormerFeatures, 'getter' wraps forward_intermediates)"
+            "('list' returns MetaFormerFeatures, 'getter' wraps forward_intermediates, "
+            "'fx' is MetaFormerFeatures as a torch.fx GraphModule)"
         )
-    if cfg["feature_cls"] == "getter" and cfg["out_norm"]:
+    if cfg["feature_cls"] == "getter" and cfg["out_norm"]:  # the getter has no output norms
         raise ConfigError("out_norm adds norms to MetaFormerFeatures; use feature_cls='list' with it")
     return cfg
 

@@ -11,9 +11,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from metaformer.errors import ConfigError
+from metaformer.models.layers import DropPath
 
 FEATURE_KEYS = ("num_chs", "reduction", "module")
 
@@ -135,3 +137,25 @@ class MetaFormerFeatureGetter(nn.Module):
         return self.model.forward_intermediates(
             x, indices=list(self.out_indices), norm=self.norm, stop_early=True, intermediates_only=True
         )
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps ``DropPath`` whole: its train/eval branch must run when called, not when traced."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, DropPath) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_features(features: nn.Module) -> torch.fx.GraphModule:
+    """timm's ``feature_cls='fx'``: a features backbone as a ``torch.fx.GraphModule`` (for graph edits
+    such as FX quantisation, and TorchScript). Blocks trace to plain torch ops; parameter names stay.
+    Stochastic depth stays a module call, so it follows ``train()``/``eval()`` as in the eager model;
+    the graph keeps ``feature_info``, ``out_indices`` and ``pretrained_cfg``."""
+    graph = torch.fx.GraphModule(features, _Tracer().trace(features), type(features).__name__)
+    for name in ("feature_info", "out_indices", "out_norm", "in_chans", "img_size", "pretrained_cfg"):
+        setattr(graph, name, getattr(features, name))
+    graph.default_cfg = graph.pretrained_cfg
+    for name in ("model_name", "model_config"):
+        if hasattr(features, name):
+            setattr(graph, name, getattr(features, name))
+    return graph

@@ -6,7 +6,6 @@ CAFormer, IdentityFormer and RandFormer are rows of ``variants.VARIANTS``, not c
 Parameter names follow timm's ``metaformer.py``, so timm checkpoints load as they are.
 """
 
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
