@@ -85,11 +85,19 @@ def test_pretrained_cfg_gives_timm_our_preprocessing_and_real_parameter_names(fa
     assert model.pretrained_cfg["fixed_input_size"] == (family == "randformer")
 
 
-def test_pretrained_cfg_without_released_weights_is_our_recipe_crop_0_9():
+@pytest.mark.parametrize(("name", "crop"), [("poolformer_m36", 0.95), ("poolformerv2_s12", 1.0)])
+def test_pretrained_cfg_holds_the_preprocessing_of_the_released_weights(name, crop):
     timm_data = pytest.importorskip("timm.data")
-    model = create_model("metaformer_ppaa_s12_224", **TINY).eval()  # released with crop 0.95
-    assert timm_data.resolve_data_config(model=model)["crop_pct"] == 0.95
-    assert timm_data.resolve_data_config(model=_model("poolformer"))["crop_pct"] == 0.9
+    model = create_model(name, **TINY)
+    assert timm_data.resolve_data_config(model=model)["crop_pct"] == crop
+
+
+def test_pretrained_cfg_without_released_weights_is_our_recipe_crop_0_9(monkeypatch):
+    from metaformer.weights import pretrained
+
+    monkeypatch.delitem(pretrained.DEFAULT_TAGS, "poolformer_m36")
+    cfg = create_model("poolformer_m36", **TINY).pretrained_cfg
+    assert cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic" and cfg["tag"] is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
