@@ -226,3 +226,24 @@ def test_fx_features_are_a_scriptable_graph_with_the_backbones_outputs_and_param
         dropping = _model("caformer", features_only=True, feature_cls="fx", drop_path_rate=0.5).train()
         # stochastic depth follows train()/eval() at call time, as in the eager backbone
         assert not torch.equal(dropping(x)[-1], dropping.eval()(x)[-1])
+
+
+@pytest.mark.parametrize("family", ["poolformerv2", "convformer", "caformer"])
+def test_the_inference_fast_path_traces_with_fx_to_plain_ops(family):
+    from metaformer.models.fast import optimize_for_inference
+
+    fast = optimize_for_inference(_model(family))  # folded blocks, chunking, kernel and oneDNN routes
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(fast)(x), fast(x), rtol=1e-5, atol=1e-5)
+
+
+def test_negative_out_indices_are_saved_non_negative_and_the_backbone_rebuilds(tmp_path):
+    from metaformer.weights import model_from_weights, read_metadata, save_weights
+
+    features = _model("poolformer", features_only=True, out_indices=(-2, -1), out_norm=True)
+    path = tmp_path / "backbone.safetensors"
+    save_weights(features, path)
+    assert read_metadata(path)["features"]["out_indices"] == [2, 3]
+    rebuilt = model_from_weights(path).eval()
+    assert rebuilt.out_indices == (2, 3) and list(rebuilt.state_dict()) == list(features.state_dict())

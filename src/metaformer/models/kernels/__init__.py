@@ -141,11 +141,11 @@ def native_available() -> bool:
 
 def _native_map(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        native_available()  # first: it is False while tracing, where x may be an FX proxy
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and native_available()
     )
 
 
@@ -240,11 +240,11 @@ def pool_mix_train(
 def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear_gelu`` takes these rows: CPU fp32, outside autocast, kernels available."""
     return (
-        x.device.type == "cpu"
+        native_available()  # first: it is False while tracing, where x may be an FX proxy
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and native_available()
     )
 
 
