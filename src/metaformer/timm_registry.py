@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from metaformer.errors import ConfigError
@@ -60,7 +61,8 @@ def register_timm_models(pattern: str = "*", prefix: str = DEFAULT_PREFIX) -> li
             continue
         if is_model(timm_name):
             raise ConfigError(f"timm already has a model named '{timm_name}'; choose another prefix")
-        cfg = dict(create_model(name, num_classes=1000).pretrained_cfg)
+        with torch.device("meta"):  # the cfg needs the architecture, not allocated weights
+            cfg = dict(create_model(name).pretrained_cfg)
         default_cfgs[timm_name] = {**cfg, "architecture": timm_name}
         register_model(_entrypoint(name, timm_name))
         _REGISTERED[timm_name] = name
