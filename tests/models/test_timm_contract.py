@@ -12,6 +12,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from metaformer import create_model
 from metaformer.errors import ConfigError
 from metaformer.models.features import FeatureInfo
+from metaformer.models.metaformer import MetaFormerBlock
 
 SIZE = 64
 TINY = {"depths": (1, 1, 1, 1), "dims": (32, 32, 64, 64)}
@@ -210,6 +211,8 @@ def test_timm_create_model_builds_ours_under_the_prefix():
     ours = create_model("poolformer_s12", **TINY, num_classes=3)
     assert model.state_dict().keys() == ours.state_dict().keys()
     assert timm.models.get_pretrained_cfg_value("mf_poolformer_s12", "crop_pct") == 0.9
+    # timm's FX tracing keeps blocks whole, so their kernel routing runs as in the eager model
+    assert MetaFormerBlock in timm.models.get_notrace_modules()
 
 
 def test_fx_features_are_a_scriptable_graph_with_the_backbones_outputs_and_parameter_names():
