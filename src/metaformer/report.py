@@ -50,7 +50,7 @@ def model_info(name: str, img_size: tuple[int, int] = (224, 224)) -> dict[str, A
     variant = get_variant(name)
     model = create_model(name, img_size=img_size).eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.zeros(1, model.in_chans, *img_size))
+        maps = model.forward_intermediates(torch.zeros(1, model.in_chans, *img_size), intermediates_only=True)
     stages = []
     for i, (fmap, info) in enumerate(zip(maps, model.feature_info, strict=True)):
         stages.append(

@@ -24,7 +24,7 @@ def test_logits_and_stage_maps_match_feature_info(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (1, 7)
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
     assert len(maps) == len(model.feature_info) == 4
     for fmap, info in zip(maps, model.feature_info, strict=True):
         assert fmap.shape[1] == info["num_chs"]
@@ -36,7 +36,7 @@ def test_logits_and_stage_maps_match_feature_info(name):
 def test_odd_non_square_inputs_run(name, size):
     model = create_model(name, **TINY, num_classes=3).eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.randn(2, 3, *size))
+        maps = model.forward_intermediates(torch.randn(2, 3, *size), intermediates_only=True)
         logits = model(torch.randn(2, 3, *size))
     assert logits.shape == (2, 3)
     assert [tuple(m.shape[-2:]) for m in maps] == stage_grid_sizes(size)
@@ -204,7 +204,8 @@ def test_features_without_out_norm_equal_the_classifier_stage_maps():
     classifier.load_state_dict(features.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        for a, b in zip(features(x), classifier.forward_intermediates(x), strict=True):
+        maps = classifier.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(features(x), maps, strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -256,7 +257,7 @@ def test_reset_classifier_replaces_only_the_classifier():
 def test_equal_adjacent_widths_still_downsample_so_grids_match_the_formula():
     model = create_model("poolformer_s12", depths=(1, 1, 1, 1), dims=(8, 16, 32, 32)).eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64))
+        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
     assert (
         [tuple(m.shape[-2:]) for m in maps]
         == stage_grid_sizes((64, 64))
@@ -335,7 +336,7 @@ def _closed_form_check(model: nn.Module, size: int = 64) -> None:
     model = closed_form.randomize(model).double().eval()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
-        got_maps, got = model.forward_intermediates(x), model(x)
+        got_maps, got = model.forward_intermediates(x, intermediates_only=True), model(x)
         want_maps, want = closed_form.features(model, x), closed_form.forward(model, x)
     for i, (a, b) in enumerate(zip(got_maps, want_maps, strict=True)):
         assert closed_form.rel_err(a, b) < 1e-10, f"stage {i}"

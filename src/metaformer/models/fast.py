@@ -87,10 +87,10 @@ def onednn_usable(x: torch.Tensor) -> bool:
     portable ops), and not for a dtype whose primitive already failed here."""
     return (
         _MKLDNN
+        and not _portable()  # before any look at x: under FX tracing it is a proxy
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dtype not in _ONEDNN_FAILED
-        and not _portable()
     )
 
 
@@ -599,9 +599,11 @@ class ChunkedBlocks(nn.Module):
         return self.blocks[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _portable():  # first: under FX tracing x is a proxy, which the checks below would branch on
+            return self.blocks(x)
         positions = x.shape[1] if self.tokens else x.shape[2] * x.shape[3]
         step = max(1, self.rows // positions)
-        if step >= x.shape[0] or x.device.type != "cpu" or _portable():
+        if step >= x.shape[0] or x.device.type != "cpu":
             return self.blocks(x)
         shape_class = f"{x.dtype}-b{bucket(x.shape[0])}-pos{positions}-c{x.shape[-1 if self.tokens else 1]}"
         candidates = {"whole": lambda: self.blocks(x), "chunked": lambda: self._chunked(x, step)}

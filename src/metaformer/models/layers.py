@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError, close_matches_hint
+from metaformer.models.kernels import portable
 from metaformer.models.routes import bucket, choose, step_probe
 
 
@@ -198,6 +199,12 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_conv(x)
+        return self._forward_routed(x)
+
+    def _forward_routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The measured route for channels-last CPU maps in eager mode, else the plain convolutions."""
         if self._rows_layout(x):
             route = self._route(x)
             if route == "gemm":
@@ -268,15 +275,13 @@ class Mlp(nn.Module):
 
     def _rows_layout(self, x: torch.Tensor) -> bool:
         return (
-            isinstance(self.fc1, nn.Conv2d)
+            not portable()  # first: under FX tracing x is a proxy, and the checks below would branch on it
+            and isinstance(self.fc1, nn.Conv2d)
+            and isinstance(self.act, _ELEMENTWISE_ACTS)  # a user's act may expect channels in dim 1
             and x.device.type == "cpu"
             and x.ndim == 4
-            and isinstance(self.act, _ELEMENTWISE_ACTS)  # a user's act may expect channels in dim 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous()
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling()
         )
 
 

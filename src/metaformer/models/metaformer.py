@@ -6,8 +6,6 @@ CAFormer, IdentityFormer and RandFormer are rows of ``variants.VARIANTS``, not c
 Parameter names follow timm's ``metaformer.py``, so timm checkpoints load as they are.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +15,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from metaformer.errors import ConfigError, InputSizeError
-from metaformer.models.kernels import native_available, pool_mix_train, pool_mix_train_supported
+from metaformer.models.features import FeatureInfo, check_out_indices, take_indices
+from metaformer.models.heads import FINAL_NORMS, HEADS, ClassifierHead, check_global_pool
+from metaformer.models.kernels import (
+    fx_tracing,
+    native_available,
+    pool_mix_train,
+    pool_mix_train_supported,
+    portable,
+)
 from metaformer.models.kernels.triton_pool import pool_mix_triton, triton_supported
 from metaformer.models.layers import (
     ACTIVATIONS,
@@ -33,8 +39,6 @@ from metaformer.models.mixers import Pooling, resolve_mixer
 from metaformer.models.routes import bucket, choose, step_probe
 
 MIN_INPUT_SIZE = 32
-FINAL_NORMS = ("map", "pooled")
-HEADS = ("linear", "mlp")
 
 
 def _per_stage(value: Any, num_stages: int, name: str) -> tuple:
@@ -176,17 +180,37 @@ class MetaFormerBlock(nn.Module):
         return choose("train_pool_mix", shape_class, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_triton = triton_supported(x)
-        radius = self._native_pool_radius() if use_triton or _native_ok(x) else None
-        if radius is not None and use_triton:
-            x = self._pool_half_triton(x, radius)
-        elif radius is not None and self._pool_half_route(x, radius) == "native":
-            x = self._pool_half_native(x, radius)
-        else:
+        if torch.jit.is_scripting():
             x = self._pool_half_torch(x)
+        else:
+            x = self._pool_half(x)
         if not self.channel_mlp:
             return x
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+    def _pool_half(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer half through a kernel where one takes this input; torch ops while FX tracing, where
+        the input is a proxy that no routing check may inspect."""
+        if fx_tracing():
+            return self._pool_half_torch(x)
+        use_triton = triton_supported(x)
+        radius = self._native_pool_radius() if use_triton or _native_ok(x) else None
+        if radius is not None and use_triton:
+            return self._pool_half_triton(x, radius)
+        if radius is not None and self._pool_half_route(x, radius) == "native":
+            return self._pool_half_native(x, radius)
+        return self._pool_half_torch(x)
+
+
+def add_pos_embed(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x + pos``, the embedding resized (bicubic) when the map's size differs from the one it was made
+    for. A leaf for torch.fx (``torch.fx.wrap``): the size check runs on real tensors, not proxies."""
+    if pos.shape[-2:] != x.shape[-2:]:
+        pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    return x + pos
+
+
+torch.fx.wrap("add_pos_embed")
 
 
 def _native_ok(x: torch.Tensor) -> bool:
@@ -239,76 +263,21 @@ class MetaFormerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.pos_embed is not None:
-            pos = self.pos_embed
-            if pos.shape[-2:] != x.shape[-2:]:
-                pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-            x = x + pos
+            x = add_pos_embed(x, self.pos_embed)
         b, c, h, w = x.shape
         if self.tokens:
             x = x.flatten(2).transpose(1, 2)
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-        else:
+        checkpointed = False
+        if not torch.jit.is_scripting():  # TorchScript cannot compile checkpoint()
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                checkpointed = True
+        if not checkpointed:
             x = self.blocks(x)
         if self.tokens:
             x = x.transpose(1, 2).reshape(b, c, h, w)
         return x
-
-
-class MlpHead(nn.Module):
-    """ConvFormer/CAFormer classifier: fc1 -> SquaredReLU -> LayerNorm -> dropout -> fc2."""
-
-    def __init__(self, dim: int, num_classes: int, mlp_ratio: float = 4, drop_rate: float = 0.0):
-        super().__init__()
-        hidden = int(mlp_ratio * dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = make_activation("squaredrelu")
-        self.norm = nn.LayerNorm(hidden, eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
-
-
-class ClassifierHead(nn.Module):
-    """Final norm, global average pool and classifier.
-
-    ``final_norm="map"`` is the official PoolFormer head: GroupNorm(1 group, eps 1e-5) over the whole
-    (B, C, H, W) map, then the spatial mean. ``final_norm="pooled"`` is timm's (and the baselines')
-    head: mean first, then LayerNorm over C (eps 1e-6). Both hold a [C] weight and bias, so the same
-    checkpoint loads into either.
-    """
-
-    def __init__(
-        self, dim: int, num_classes: int, final_norm: str, head: str, head_dropout: float, drop_rate: float
-    ):
-        super().__init__()
-        self.final_norm = final_norm
-        self.num_features = dim
-        self.head_type = head
-        self.head_dropout = head_dropout
-        self.norm = nn.GroupNorm(1, dim, eps=1e-5) if final_norm == "map" else nn.LayerNorm(dim, eps=1e-6)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = self._make_fc(num_classes)
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        if self.head_type == "mlp":
-            return MlpHead(self.num_features, num_classes, drop_rate=self.head_dropout)
-        return nn.Linear(self.num_features, num_classes)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) stage-4 map -> (B, C) normalised, pooled features."""
-        if self.final_norm == "map":
-            return self.norm(x).mean((-2, -1))
-        return self.norm(x.mean((-2, -1)))
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.pool(x))
-        return x if pre_logits else self.fc(x)
 
 
 class MetaFormer(nn.Module):
@@ -342,6 +311,7 @@ class MetaFormer(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int | Sequence[int] = 224,
+        global_pool: str = "avg",
     ):
         super().__init__()
         num_stages = len(depths)
@@ -366,7 +336,7 @@ class MetaFormer(nn.Module):
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = dims[-1]
+        self.num_features = self.head_hidden_size = dims[-1]  # pre-logits width, as timm names it
         self.depths = tuple(depths)
         self.dims = tuple(dims)
 
@@ -408,11 +378,28 @@ class MetaFormer(nn.Module):
             )
             prev_dim, start = dims[i], start + depths[i]
         self.stages = nn.Sequential(*stages)
-        self.head = ClassifierHead(dims[-1], num_classes, final_norm, head, head_dropout, drop_rate)
+        self.head = ClassifierHead(
+            dims[-1], num_classes, final_norm, head, head_dropout, drop_rate, global_pool
+        )
         self.feature_info = [
             {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"stages.{i}"} for i in range(num_stages)
         ]
+        self.pretrained_cfg = self.default_cfg = self.architecture_cfg()  # create_model adds preprocessing
         self.apply(_init_weights)
+
+    def architecture_cfg(self) -> dict[str, Any]:
+        """The keys of timm's ``pretrained_cfg`` that the architecture decides: input and pooled map
+        sizes, the first conv's and the classifier's parameter names."""
+        h, w = self.img_size
+        return {
+            "num_classes": self.num_classes,
+            "input_size": (self.in_chans, h, w),
+            "pool_size": stage_grid_sizes(self.img_size, len(self.stages))[-1],
+            "fixed_input_size": any(stage.fixed_grid for stage in self.stages),
+            "min_input_size": (self.in_chans, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+            "first_conv": "stem.conv",
+            "classifier": "head.fc.fc2" if self.head.head_type == "mlp" else "head.fc",
+        }
 
     # --- classification API (timm-compatible) ---
     def check_input(self, x: torch.Tensor) -> None:
@@ -441,8 +428,9 @@ class MetaFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> last stage map (B, C4, H/32, W/32), before the final norm."""
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            self.check_input(x)
+        if not torch.jit.is_scripting():
+            if not portable():  # a traced or compiled graph takes no Python checks on its input
+                self.check_input(x)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -452,26 +440,59 @@ class MetaFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)
-    ) -> list[torch.Tensor]:
-        """Stage maps for the given stage indices, in order; stops after the last one asked for."""
-        indices = check_out_indices(indices, len(self.stages))
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            self.check_input(x)
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's contract: the stage maps at ``indices`` (None: all; an int n: the last n; negative
+        indices count from the end) and, unless ``intermediates_only``, the final map as
+        ``forward_features`` gives it: ``(final, [maps])``. ``norm`` puts the head's final norm on the
+        last stage's map; ``stop_early`` skips the stages after the last index asked for."""
+        if output_fmt != "NCHW":
+            raise ConfigError(f"output_fmt must be 'NCHW' (maps are channel-first), got {output_fmt!r}")
+        taken, last = take_indices(len(self.stages), indices)
+        if not torch.jit.is_scripting():
+            if not portable():
+                self.check_input(x)
         x = self.stem(x)
-        outputs = []
-        for i, stage in enumerate(self.stages[: max(indices) + 1]):
+        stages = self.stages[: last + 1] if stop_early or intermediates_only else self.stages
+        final_stage = len(self.stages) - 1
+        intermediates = []
+        for i, stage in enumerate(stages):
             x = stage(x)
-            if i in indices:
-                outputs.append(x)
-        return outputs
+            if i in taken:
+                intermediates.append(self.head.norm_map(x) if norm and i == final_stage else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` and (``prune_head``) the pooling and classifier,
+        as timm does before wrapping ``forward_intermediates``; ``prune_norm`` drops the final norm too.
+        Returns the stage indices taken."""
+        taken, last = take_indices(len(self.stages), indices)
+        self.stages = self.stages[: last + 1]
+        if prune_norm:
+            self.head.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return taken
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh classifier for ``num_classes`` (the final norm is kept)."""
-        self.num_classes = num_classes
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (the final norm is kept); ``global_pool`` "avg" or ""
+        (no pooling: the head returns the normalised map), None keeps the current one."""
+        if global_pool is not None:
+            self.head.global_pool = check_global_pool(global_pool)
+        self.num_classes = self.head.num_classes = num_classes
         self.head.fc = self.head._make_fc(num_classes)
         self.head.fc.apply(_init_weights)
 
@@ -503,14 +524,15 @@ class MetaFormerFeatures(nn.Module):
         self, model: MetaFormer, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: str | None = None
     ):
         super().__init__()
-        self.out_indices = check_out_indices(out_indices, len(model.stages))
+        self.out_indices = check_out_indices(out_indices, len(model.stages))  # non-negative, as saved
         self.out_norm = out_norm  # recorded so saved weights can rebuild the wrapper
         self.stem = model.stem
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.in_chans = model.in_chans
         self.img_size = model.img_size
         self.check_input = model.check_input
-        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        self.feature_info = FeatureInfo([model.feature_info[i] for i in self.out_indices])
+        self.pretrained_cfg = self.default_cfg = model.pretrained_cfg
         self.out_norms = nn.ModuleList(
             [
                 make_norm(out_norm, info["num_chs"]) if out_norm else nn.Identity()
@@ -520,15 +542,16 @@ class MetaFormerFeatures(nn.Module):
 
     @property
     def out_channels(self) -> list[int]:
-        return [info["num_chs"] for info in self.feature_info]
+        return self.feature_info.channels()
 
     @property
     def strides(self) -> list[int]:
-        return [info["reduction"] for info in self.feature_info]
+        return self.feature_info.reduction()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            self.check_input(x)
+        if not torch.jit.is_scripting():
+            if not portable():
+                self.check_input(x)
         x = self.stem(x)
         outputs = []
         for i, stage in enumerate(self.stages):
@@ -550,15 +573,6 @@ class MetaFormerFeatures(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters timm's optimizer factory leaves without weight decay."""
         return _no_weight_decay(self)
-
-
-def check_out_indices(indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-    indices = tuple(int(i) for i in indices)
-    if not indices or any(i < 0 or i >= num_stages for i in indices) or list(indices) != sorted(set(indices)):
-        raise ConfigError(
-            f"out_indices must be distinct increasing stage indices in 0..{num_stages - 1}, got {indices}"
-        )
-    return indices
 
 
 def _group_matcher(coarse: bool) -> dict[str, Any]:

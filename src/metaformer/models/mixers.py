@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer.errors import ConfigError, InputSizeError, close_matches_hint
+from metaformer.models.kernels import portable
 from metaformer.models.layers import StarReLU
 
 
@@ -74,7 +75,9 @@ class _GridMixer(nn.Module):
             )
 
     def _mix(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        if not torch.jit.is_scripting():
+            if not portable():  # a traced graph has no Python checks (and FX inputs are proxies)
+                self._check(x)
         b, c, h, w = x.shape
         return (x.reshape(b, c, h * w) @ matrix.t()).reshape(b, c, h, w)
 

@@ -14,6 +14,14 @@ from metaformer.errors import UnknownModelError, close_matches_hint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Eval preprocessing of a model without released weights (timm's keys): our recipe's centre crop 0.9.
+DEFAULT_PREPROCESSING = {
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+    "interpolation": "bicubic",
+}
 
 
 @dataclass(frozen=True)

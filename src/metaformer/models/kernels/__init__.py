@@ -122,9 +122,16 @@ def native_kernels(enabled: bool) -> Iterator[None]:
         _ENABLED[0] = previous
 
 
+def fx_tracing() -> bool:
+    """Inside ``torch.fx.symbolic_trace`` (or torchvision's ``create_feature_extractor``): tensors are
+    proxies there, so code that branches on a tensor's shape, dtype or layout must not run."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def portable() -> bool:
-    """Tracing, scripting or compiling: the graph must hold ops every exporter and compiler knows."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    """Tracing (TorchScript or FX), scripting or compiling: the graph must hold ops every exporter and
+    compiler knows, and no Python branch may inspect a tensor."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or fx_tracing()
 
 
 def native_available() -> bool:
@@ -134,11 +141,11 @@ def native_available() -> bool:
 
 def _native_map(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        native_available()  # first: it is False while tracing, where x may be an FX proxy
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and native_available()
     )
 
 
@@ -233,11 +240,11 @@ def pool_mix_train(
 def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear_gelu`` takes these rows: CPU fp32, outside autocast, kernels available."""
     return (
-        x.device.type == "cpu"
+        native_available()  # first: it is False while tracing, where x may be an FX proxy
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and native_available()
     )
 
 
