@@ -142,7 +142,9 @@ def build(
         start = time.perf_counter()
         one_batch = images is not None and images <= batch_size
         example = torch.zeros(batch_size, in_chans, h, w)
-        runner = module.build(model, precision, example, threads=threads, one_batch=one_batch)
+        runner = module.build(
+            model, precision, example, threads=threads, one_batch=one_batch, calibration=calibration
+        )
         if not one_batch:  # the fold's cost, what a longer run pays before its first batch
             cache.record_cost(backend, precision, _shape(model, key_size), load_s=time.perf_counter() - start)
         return runner
@@ -204,6 +206,7 @@ def prepare_for_inference(
     images: int | None = None,
     use_cache: bool = True,
     dynamic_size: bool = False,
+    min_agreement: float | None = None,
 ) -> tuple[nn.Module, str]:
     """(a module to call on image batches, the backend it runs on) for an eval-mode ``model``.
 
@@ -214,6 +217,10 @@ def prepare_for_inference(
     the caller will run (None: many), which decides whether a backend's one-off cost pays off.
     ``threads``: the runtimes' threads (default: PyTorch's). ``dynamic_size``: images of every size
     go through one runner (a segmenter's; ``img_size`` is a typical one, where auto measures).
+    ``min_agreement``: the top-1 agreement with fp32 an int8 model needs on the calibration source's
+    held-out images (None: 0.99 per image, 0.98 per pixel; ``agreement``): auto drops a candidate below
+    it, a named backend runs after one warning sentence. The runner's ``choice`` records the candidates
+    measured and those dropped, and why.
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("precision", precision, PRECISIONS)
@@ -239,11 +246,18 @@ def prepare_for_inference(
         return TorchRunner(fold(model, precision), precision, threads), "torch"
     size = (int(img_size[0]), int(img_size[1]))
     calibration_set = _calibration(calibration)
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise ConfigError(f"min_agreement is a fraction from 0 to 1, such as 0.99, not {min_agreement}")
     if backend != "auto":
         runner = build(
             model, backend, precision, img_size=size, batch_size=batch_size, threads=threads,
             calibration=calibration_set, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
         )  # fmt: skip
+        if precision == "int8":
+            from metaformer.deploy.agreement import warn_below
+
+            warn_below(backend, precision, runner.check, min_agreement)
+            runner.choice = {"candidates": {backend: dict(runner.check)}, "dropped": {}, "forced": True}
         return runner, backend
     names = candidates(precision) if foldable(model) else (["torch"] if precision != "int8" else [])
     if not names:
@@ -256,6 +270,11 @@ def prepare_for_inference(
             "int8 needs calibration images: pass calibration= (image batches) in Python or "
             "--calibration-data DIR on the command line"
         )
+    if precision == "int8":
+        return _auto_int8(
+            model, names, size, batch_size, threads, calibration_set, images, use_cache, dynamic_size,
+            min_agreement,
+        )  # fmt: skip
     if len(names) == 1:
         return _build_named(
             model, names[0], precision, size, batch_size, threads, calibration_set, use_cache, images,
@@ -330,6 +349,80 @@ def _auto(
         timed = {name: (lambda runner=runner: runner(example)) for name, runner in runners.items()}
         choice = routes.choose("backend", shape_class, timed, min_rounds=5)
     return runners[choice], choice
+
+
+def _auto_int8(
+    model: nn.Module, names: list[str], size: tuple[int, int], batch_size: int, threads: int | None,
+    calibration: Any, images: int | None, use_cache: bool, dynamic_size: bool, min_agreement: float | None,
+) -> tuple[nn.Module, str]:  # fmt: skip
+    """The fastest int8 candidate whose held-out agreement with fp32 meets the threshold. A cached
+    artefact's agreement is read from its cache entry (nothing is loaded); the others are built (and
+    cached with theirs). A short run stops at the first candidate that passes, cached ones first."""
+    from metaformer.deploy import cache
+    from metaformer.deploy.agreement import none_passes, passes, threshold, why_dropped
+    from metaformer.models import routes
+
+    key_size = None if dynamic_size else size
+    h, w = size
+    batches = None if images is None else max(1, math.ceil(images / batch_size))
+    cached = {
+        name: entry.meta["check"]
+        for name in names
+        if use_cache
+        and (entry := cached_entry(model, name, "int8", key_size, calibration)) is not None
+        and isinstance(entry.meta.get("check"), dict)
+        and "unit" in entry.meta["check"]
+    }
+    short = batches is not None and batches <= SMALL_WORK_BATCHES
+    order = sorted(names, key=lambda name: name not in cached) if short else names
+    checks: dict[str, dict[str, Any]] = {}
+    runners: dict[str, nn.Module] = {}
+
+    def runner_of(name: str) -> nn.Module:
+        if name not in runners:
+            runners[name] = build(
+                model, name, "int8", img_size=size, batch_size=batch_size, threads=threads,
+                calibration=calibration, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
+            )  # fmt: skip
+        return runners[name]
+
+    for name in order:
+        try:
+            checks[name] = dict(cached[name]) if name in cached else dict(runner_of(name).check)
+        except ExportError as error:  # it could not be built here: not a candidate
+            logger.warning("%s backend skipped: %s", name, error)
+            continue
+        if short and passes(checks[name], min_agreement):
+            break
+    passing = [name for name in order if name in checks and passes(checks[name], min_agreement)]
+    dropped = {
+        name: why_dropped(check, min_agreement) for name, check in checks.items() if name not in passing
+    }
+    for name, why in dropped.items():
+        logger.debug("int8 %s dropped: %s", name, why)
+    shape = _shape(model, key_size)
+    unit = next((str(check.get("unit")) for check in checks.values()), "image")
+    record = {
+        "min_agreement": threshold(min_agreement, unit),
+        "candidates": checks,
+        "dropped": dropped,
+    }
+    if not passing:
+        cache.record_choice("int8", shape, {**record, "chosen": None})
+        raise none_passes("int8", checks, min_agreement)
+    if len(passing) == 1:
+        choice = passing[0]
+    else:
+        name = getattr(model, "model_name", type(model).__name__)
+        shape_class = f"{name}-{h}x{w}-b{routes.bucket(batch_size)}-int8"
+        example = torch.randn(batch_size, getattr(model, "in_chans", 3), h, w)
+        with torch.no_grad():
+            timed = {name: (lambda name=name: runner_of(name)(example)) for name in passing}
+            choice = routes.choose("backend", shape_class, timed, min_rounds=5)
+    runner = runner_of(choice)
+    runner.choice = {**record, "chosen": choice}
+    cache.record_choice("int8", shape, runner.choice)
+    return runner, choice
 
 
 def _weigh(

@@ -2,7 +2,7 @@
 
 fp32 is checked against PyTorch (max abs diff <= 1e-4 on batches of 2, 1 and 3) when it is exported.
 int8 is onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, calibrated on the user's
-images), checked by top-1 agreement with fp32 on those images. onnxruntime has no bf16 CPU kernels.
+images), checked by top-1 agreement with fp32 on held-out images. onnxruntime has no bf16 CPU kernels.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner, check_agreement
+from metaformer.deploy.base import Runner, check_int8
 from metaformer.deploy.onnx_export import export_model
 from metaformer.deploy.quantize import Calibration, quantize_qdq, require_calibration
 from metaformer.deploy.runtimes import onnxruntime_session, require, threads_or_default
@@ -71,7 +71,7 @@ def build(
     quantize_qdq(fp32_path, folder / ARTEFACT["int8"], calibration)
     fp32_path.unlink()
     runner = OnnxRuntimeModel(folder / ARTEFACT["int8"], threads=threads, precision="int8")
-    runner.check = check_agreement(runner, model, calibration.stacked())
+    runner.check = check_int8(runner, model, calibration)
     return runner
 
 

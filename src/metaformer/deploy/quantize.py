@@ -16,7 +16,10 @@ statistics (one fused MVN per norm in OpenVINO), the pooling mix, GELU and the h
 
 A calibration set is a ``Calibration``: image batches preprocessed as for eval, read lazily (a cached
 int8 model never reads them) and a ``key`` naming them for the cache (a folder's listing, or the
-images' own hash when no key is given).
+images' own hash when no key is given). A seeded quarter of its images (at least ``HELD_OUT_MIN``
+where the source has twice that, never more than half) is held out: the quantizers calibrate on the
+rest, and the int8 model's agreement with fp32 is measured on the held-out ones (``deploy.agreement``),
+which its ranges were not fitted to.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from metaformer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 300  # NNCF's default subset size; a few hundred images settle the ranges
+CALIBRATION_IMAGES = 400  # 300 to calibrate (NNCF's default subset size) and 100 held out
+HELD_OUT_MIN = 100  # held-out images where the source has at least twice as many
 COMPUTE_OPS = {
     # ONNX and OpenVINO names of the ops that carry the FLOPs, and of those that stay in float
     "Conv", "Convolution", "MatMul", "Gemm", "Add", "Multiply", "Mul", "Sub", "Subtract", "Div", "Divide",
@@ -92,8 +96,26 @@ class Calibration:
             digest.update(image.tobytes())
         return digest.hexdigest()[:16]
 
-    def stacked(self, batch_size: int = 32) -> Iterator[torch.Tensor]:
+    def held_out_indices(self) -> list[int]:
+        """Which of ``images()`` are held out: a seeded quarter, at least ``HELD_OUT_MIN`` where the source
+        holds twice that, at most half (a set of one image is only calibrated on)."""
+        n = len(self.images())
+        count = max(n // 4, min(HELD_OUT_MIN, n // 2))
+        return sorted(int(i) for i in np.random.default_rng(0).permutation(n)[:count])
+
+    def calibration_images(self) -> list[np.ndarray]:
+        """The images the quantizers fit their ranges to: every one not held out."""
+        held = set(self.held_out_indices())
+        return [image for i, image in enumerate(self.images()) if i not in held]
+
+    def held_out_images(self) -> list[np.ndarray]:
+        """The images int8's agreement with fp32 is measured on (never calibrated on)."""
         images = self.images()
+        return [images[i] for i in self.held_out_indices()]
+
+    def stacked(self, batch_size: int = 32, *, held_out: bool = False) -> Iterator[torch.Tensor]:
+        """All images in batches, or only the held-out ones."""
+        images = self.held_out_images() if held_out else self.images()
         for start in range(0, len(images), batch_size):
             yield torch.from_numpy(np.concatenate(images[start : start + batch_size]))
 
@@ -129,7 +151,7 @@ def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
     import openvino as ov
 
     model = ov.convert_model(str(onnx_path))
-    images = calibration.images()
+    images = calibration.calibration_images()
     dataset = nncf.Dataset(images)
     _quiet_nncf()
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout
@@ -146,7 +168,7 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
     """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    images = calibration.images()
+    images = calibration.calibration_images()
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -222,6 +244,7 @@ def _quiet_nncf() -> None:
 
 __all__ = [
     "CALIBRATION_IMAGES",
+    "HELD_OUT_MIN",
     "Calibration",
     "as_calibration",
     "float_ops",

@@ -18,7 +18,7 @@ from metaformer.data.sources import classification_splits
 from metaformer.data.transforms import eval_transform_from_preprocessing
 from metaformer.deploy import prepare_for_inference
 from metaformer.deploy.calibration import calibration_set, transform_key
-from metaformer.deploy.options import DeployOptions, compare_with_fp32, max_drop_option
+from metaformer.deploy.options import DeployOptions, compare_with_fp32, held_out_report, max_drop_option
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
@@ -128,7 +128,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     runner, backend = prepare_for_inference(
         model, backend=config.backend, precision=config.precision, device=device, img_size=(size, size),
         batch_size=batch_size, amp=dtype, threads=config.threads, calibration=calibration,
-        images=len(dataset),  # type: ignore[arg-type]
+        images=len(dataset), min_agreement=config.min_agreement,  # type: ignore[arg-type]
     )  # fmt: skip
     recorded = Predictions(runner)
 
@@ -175,6 +175,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "precision": config.precision,
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         **compared,
+        **held_out_report(runner),
         "data": config.data or "embedded:digits (val split)",
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,
