@@ -254,10 +254,15 @@ def prepare_for_inference(
             calibration=calibration_set, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
         )  # fmt: skip
         if precision == "int8":
-            from metaformer.deploy.agreement import warn_below
+            from metaformer.deploy.agreement import threshold, warn_below
 
             warn_below(backend, precision, runner.check, min_agreement)
-            runner.choice = {"candidates": {backend: dict(runner.check)}, "dropped": {}, "forced": True}
+            runner.choice = {
+                "min_agreement": threshold(min_agreement, str(runner.check.get("unit", "image"))),
+                "candidates": {backend: dict(runner.check)},
+                "dropped": {},
+                "chosen": backend,
+            }
         return runner, backend
     names = candidates(precision) if foldable(model) else (["torch"] if precision != "int8" else [])
     if not names:
