@@ -119,8 +119,8 @@ def test_a_quantization_with_absurd_scales_is_dropped_by_auto_and_warned_when_na
 
     real = backend_onnxruntime.quantize_qdq
 
-    def absurd(onnx_path, out_path, calibration):
-        real(onnx_path, out_path, calibration)
+    def absurd(onnx_path, out_path, calibration, setting="u8s8"):
+        real(onnx_path, out_path, calibration, setting)
         graph = onnx.load(str(out_path))
         for init in graph.graph.initializer:
             if init.name.endswith("_scale"):
@@ -131,7 +131,9 @@ def test_a_quantization_with_absurd_scales_is_dropped_by_auto_and_warned_when_na
     monkeypatch.setattr(deploy, "candidates", lambda precision: ["onnxruntime"])
     model, x_train, _, _ = digits
     calibration = Calibration([x_train[:200]])
-    with pytest.raises(ExportError, match=r"no int8 backend agrees .* \(onnxruntime \d+\.\d% of 100 held-out"):
+    with pytest.raises(
+        ExportError, match=r"no int8 backend agrees .* \(onnxruntime \d+\.\d% of 100 held-out"
+    ):
         prepare_for_inference(model, precision="int8", img_size=(32, 32), calibration=calibration)
     with caplog.at_level("WARNING"):
         runner, name = prepare_for_inference(
@@ -140,6 +142,39 @@ def test_a_quantization_with_absurd_scales_is_dropped_by_auto_and_warned_when_na
     assert name == "onnxruntime" and runner.check["agreement"] < 0.5
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len(warnings) == 1 and "onnxruntime int8 agrees with fp32 on" in warnings[0]
+
+
+def test_onnxruntime_keeps_the_most_faithful_qdq_setting_measured_here(digits, monkeypatch):
+    """Every setting onnxruntime's guide offers is quantized and measured (held-out agreement, time); with
+    the default U8S8 file broken by absurd scales, another one is kept, and the check says which."""
+    import onnx
+    from onnx import numpy_helper
+
+    from metaformer.deploy import backend_onnxruntime
+    from metaformer.deploy.quantize import QDQ_SETTINGS
+
+    real = backend_onnxruntime.quantize_qdq
+
+    def default_broken(onnx_path, out_path, calibration, setting="u8s8"):
+        real(onnx_path, out_path, calibration, setting)
+        if setting == "u8s8":
+            graph = onnx.load(str(out_path))
+            for init in graph.graph.initializer:
+                if init.name.endswith("_scale"):
+                    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1000, init.name))
+            onnx.save(graph, str(out_path))
+
+    monkeypatch.setattr(backend_onnxruntime, "quantize_qdq", default_broken)
+    model, x_train, _, _ = digits
+    runner = build(model, "onnxruntime", "int8", img_size=(32, 32), calibration=Calibration([x_train[:200]]))
+    tried = runner.check["settings"]
+    assert set(tried) == set(QDQ_SETTINGS) and all(check["ms_per_batch"] > 0 for check in tried.values())
+    kept = runner.check["quantization"]
+    assert kept != "u8s8" and runner.check["agreement"] == max(check["agreement"] for check in tried.values())
+    assert tried["u8s8"]["agreement"] < 0.5
+    from metaformer.deploy.cache import cache_root
+
+    assert [p.name for p in cache_root().rglob("*.onnx")] == ["model.int8.onnx"]  # the others removed
 
 
 def test_int8_quantizes_the_matmuls_and_keeps_the_norm_statistics_in_float(digits, tmp_path):

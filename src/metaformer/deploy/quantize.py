@@ -5,8 +5,9 @@ Two of the field's quantizers, both starting from the folded ONNX graph (``onnx_
 - ``quantize_openvino``: NNCF's ``quantize`` on the OpenVINO model read from that graph (per-channel
   int8 weights, int8 activations, fast bias correction). OpenVINO runs it with VNNI/AMX int8 kernels.
   This is what the ``openvino`` backend ships.
-- ``quantize_qdq``: onnxruntime's ``quantize_static`` writing a QDQ ONNX file (per-channel int8
-  weights, uint8 activations, MinMax calibration), the portable int8 file. onnxruntime itself runs
+- ``quantize_qdq``: onnxruntime's ``quantize_static`` writing a QDQ ONNX file (uint8 activations,
+  MinMax calibration; int8 weights per channel by default, or one of the other ``QDQ_SETTINGS``), the
+  portable int8 file. onnxruntime itself runs
   it slower than its fp32 graph on the CPUs we measured (see docs/performance.md); OpenVINO reads the
   same file and runs it fast.
 
@@ -164,9 +165,24 @@ def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
         )
 
 
-def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> None:
-    """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``."""
+# onnxruntime's int8 settings (its quantization guide): U8S8 per channel is the default; on x86-64 CPUs
+# without VNNI its U8S8 kernels (VPMADDUBSW) sum pairs into 16 bits, which can saturate, and the guide
+# recommends 7-bit weights (reduce_range) or U8U8 there. Which one keeps a model's answers, and which
+# is fastest, is measured on the machine (``backend_onnxruntime``).
+QDQ_SETTINGS: dict[str, dict[str, Any]] = {
+    "u8s8": {"per_channel": True, "weight_type": "QInt8", "reduce_range": False},
+    "u8s8-reduce-range": {"per_channel": True, "weight_type": "QInt8", "reduce_range": True},
+    "u8u8": {"per_channel": True, "weight_type": "QUInt8", "reduce_range": False},
+    "u8s8-per-tensor": {"per_channel": False, "weight_type": "QInt8", "reduce_range": False},
+}
+
+
+def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration, setting: str = "u8s8") -> None:
+    """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``, with one of
+    ``QDQ_SETTINGS``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    chosen = QDQ_SETTINGS[setting]
 
     images = calibration.calibration_images()
 
@@ -188,9 +204,10 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
             Reader(),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            per_channel=True,
+            per_channel=chosen["per_channel"],
+            reduce_range=chosen["reduce_range"],
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, chosen["weight_type"]),
         )
     finally:
         root.setLevel(level)
@@ -245,6 +262,7 @@ def _quiet_nncf() -> None:
 __all__ = [
     "CALIBRATION_IMAGES",
     "HELD_OUT_MIN",
+    "QDQ_SETTINGS",
     "Calibration",
     "as_calibration",
     "float_ops",
