@@ -83,6 +83,8 @@ def test_help_texts_are_those_of_before() -> None:
     # OpenVINO and the precisions joined the backend choice (issue 23)
     changed |= {"classify eval --backend", "classify predict --backend"}
     changed |= {"export :help", "export --format", "export --dynamic-batch"}
+    # export writes a folder, at the checkpoint's recorded size by default (issue 31)
+    changed |= {"export -o/--output", "export --output/-o", "export --img-size"}
     now: dict[str, Any] = {}
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:

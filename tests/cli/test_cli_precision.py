@@ -100,15 +100,15 @@ def test_predict_and_export_at_every_precision(run, tmp_path, capsys):
         assert main(argv) == 0
         assert capsys.readouterr().out.startswith(f"{image}: ")
     assert main(["export", "poolformer_s12", "--checkpoint", ckpt, "--img-size", "32", "--precision", "int8",
-                 "--format", "openvino", "-o", str(tmp_path / "m.xml")]) == 0  # fmt: skip
+                 "--format", "openvino", "-o", str(tmp_path / "m-ov")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "openvino int8" in out and "OpenVINO runs it" in out
-    assert (tmp_path / "m.bin").is_file()
+    assert (tmp_path / "m-ov" / "model.bin").is_file()
     assert main(["export", "poolformer_s12", "--checkpoint", ckpt, "--img-size", "32", "--precision", "int8",
-                 "-o", str(tmp_path / "m.onnx")]) == 0  # fmt: skip
+                 "-o", str(tmp_path / "m-qdq")]) == 0  # fmt: skip
     import onnx
 
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m-qdq" / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert "OpenVINO runs this QDQ file fast" in capsys.readouterr().out
 

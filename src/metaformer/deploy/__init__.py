@@ -224,6 +224,13 @@ def prepare_for_inference(
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("precision", precision, PRECISIONS)
+    if getattr(model, "exported", False):  # an exported folder's model (deploy.package) runs as it is
+        if backend != "auto" or precision != "fp32" or amp is not None or torch.device(device).type != "cpu":
+            raise ConfigError(
+                f"'{model.folder}' holds an exported {model.backend} {model.precision} model, which runs as "
+                "it is on the CPU; drop --backend, --precision, --amp and --device"
+            )
+        return model, model.backend
     device = torch.device(device)
     from metaformer.deploy.base import foldable
 

@@ -172,7 +172,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "model": getattr(model, "model_name", config.model),
         "checkpoint": config.checkpoint or f"pretrained:{config.model}",
         "backend": backend,
-        "precision": config.precision,
+        "precision": getattr(runner, "precision", config.precision),
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         **compared,
         **held_out_report(runner),
