@@ -121,6 +121,10 @@ def write_folder(
         preproc.setdefault("resize", int(size[0] / crop))
         check: dict[str, Any] = {"max_abs_diff": report.max_abs_diff, "batches": list(report.checked_batches)}
         if precision == "int8":
+            from metaformer.deploy.agreement import warn_below
+
+            measured = {"agreement": report.agreement, "images": report.calibration_images, "unit": "image"}
+            warn_below(RUNTIMES[format], precision, measured, None)
             check = {
                 "agreement_with_fp32": report.agreement,
                 "measured_on": f"{report.calibration_images} held-out calibration images (not calibrated on)",
