@@ -162,7 +162,7 @@ def test_a_file_name_as_output_is_refused_and_nothing_is_half_written(run, tmp_p
         Path(args[1]).write_bytes(b"half a model")
         raise OSError("disk full")
 
-    monkeypatch.setattr("metaformer.deploy.export_deployable", broken)
+    monkeypatch.setattr("metaformer.deploy.export.export_deployable", broken)
     assert export(run, folder, "--img-size", "64") == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the earlier export, untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folder left

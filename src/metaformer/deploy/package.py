@@ -96,7 +96,7 @@ def write_folder(
     returns the ``ExportReport`` (its ``path`` is the folder)."""
     import dataclasses
 
-    from metaformer.deploy import export_deployable
+    from metaformer.deploy.export import export_deployable
     from metaformer.deploy.quantize import as_calibration
     from metaformer.models.hardware import cpu_profile
 
