@@ -41,12 +41,22 @@ def _own_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def warned(caplog, monkeypatch):
-    """The warning sentences metaformer logs (its logger may have been left not propagating, at another
-    level, by a test of an ablation worker that ran in this process)."""
-    monkeypatch.setattr(logging.getLogger("metaformer"), "propagate", True)
-    with caplog.at_level("WARNING", logger="metaformer"):
-        yield lambda: [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+def warned():
+    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
+    process may have left the root logger's handlers and the logger's propagation changed)."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
+    yield lambda: list(seen)
+    log.removeHandler(handler)
+    log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
