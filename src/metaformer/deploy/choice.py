@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,71 @@ from metaformer.errors import ConfigError, ExportError, check_choice
 logger = logging.getLogger(__name__)
 
 SMALL_WORK_BATCHES = 4  # work this small is not worth probing every backend (that builds each artefact)
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What a caller asks of the deployment layer, normalised and checked once: the backend (or auto) and
+    precision, the image size, batch size and thread count, the calibration set (a ``Calibration``),
+    int8's agreement threshold, how many images will run (None: many), whether artefacts are cached, and
+    whether one runner takes every image size."""
+
+    backend: str = "auto"
+    precision: str = "fp32"
+    img_size: tuple[int, int] = (224, 224)
+    batch_size: int = 32
+    threads: int | None = None
+    calibration: Any = None
+    min_agreement: float | None = None
+    images: int | None = None
+    use_cache: bool = True
+    dynamic_size: bool = False
+
+    def __post_init__(self) -> None:
+        from metaformer.deploy.quantize import as_calibration
+
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
+        object.__setattr__(self, "img_size", (int(self.img_size[0]), int(self.img_size[1])))
+        object.__setattr__(self, "calibration", as_calibration(self.calibration))
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise ConfigError(
+                f"min_agreement is a fraction from 0 to 1, such as 0.99, not {self.min_agreement}"
+            )
+
+    def check_calibration(self) -> None:
+        """The one place "int8 needs calibration" is said (``quantize.require_calibration``)."""
+        if self.precision == "int8":
+            from metaformer.deploy.quantize import require_calibration
+
+            require_calibration(self.calibration)
+
+    def build(self, model: nn.Module, backend: str, *, for_images: bool = True) -> nn.Module:
+        """``backend``'s runner (``building.build``); ``for_images=False``: built to be measured, not
+        for the announced images."""
+        return building.build(
+            model, backend, self.precision, img_size=self.img_size, batch_size=self.batch_size,
+            threads=self.threads, calibration=self.calibration, use_cache=self.use_cache,
+            images=self.images if for_images else None, dynamic_size=self.dynamic_size,
+        )  # fmt: skip
+
+    def shape_class(self, model: nn.Module) -> str:
+        """The route key auto's decision is cached under: model, size, batch bucket, precision."""
+        from metaformer.models import routes
+
+        h, w = self.img_size
+        name = getattr(model, "model_name", type(model).__name__)
+        shape = f"{name}-{h}x{w}-b{routes.bucket(self.batch_size)}"
+        return shape if self.precision == "fp32" else f"{shape}-{self.precision}"
+
+    @property
+    def batches(self) -> int | None:
+        return None if self.images is None else max(1, math.ceil(self.images / self.batch_size))
+
+    @property
+    def key_size(self) -> tuple[int, int] | None:
+        """The size an artefact is cached under (None: a graph for every size)."""
+        return None if self.dynamic_size else self.img_size
 
 
 def prepare_for_inference(
@@ -50,8 +116,10 @@ def prepare_for_inference(
     it, a named backend runs after one warning sentence. The runner's ``choice`` records the candidates
     measured and those dropped, and why.
     """
-    check_choice("backend", backend, BACKENDS)
-    check_choice("precision", precision, PRECISIONS)
+    request = DeployRequest(
+        backend, precision, img_size, batch_size, threads, calibration, min_agreement, images, use_cache,
+        dynamic_size,
+    )  # fmt: skip
     if getattr(model, "exported", False):  # an exported folder's model (deploy.package) runs as it is
         if backend != "auto" or precision != "fp32" or amp is not None or torch.device(device).type != "cpu":
             raise ConfigError(
@@ -79,15 +147,8 @@ def prepare_for_inference(
         from metaformer.deploy.backend_torch import TorchRunner, fold
 
         return TorchRunner(fold(model, precision), precision, threads), "torch"
-    size = (int(img_size[0]), int(img_size[1]))
-    calibration_set = _calibration(calibration)
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise ConfigError(f"min_agreement is a fraction from 0 to 1, such as 0.99, not {min_agreement}")
     if backend != "auto":
-        runner = building.build(
-            model, backend, precision, img_size=size, batch_size=batch_size, threads=threads,
-            calibration=calibration_set, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
-        )  # fmt: skip
+        runner = request.build(model, backend)
         if precision == "int8":
             from metaformer.deploy.agreement import threshold, warn_below
 
@@ -105,84 +166,44 @@ def prepare_for_inference(
             f"no installed backend runs {precision} here; pip install 'metaformer[openvino]' "
             "or use --precision fp32"
         )
-    if precision == "int8" and calibration_set is None:
-        raise ConfigError(
-            "int8 needs calibration images: pass calibration= (image batches) in Python or "
-            "--calibration-data DIR on the command line"
-        )
+    request.check_calibration()
     if precision == "int8":
-        return _auto_int8(
-            model, names, size, batch_size, threads, calibration_set, images, use_cache, dynamic_size,
-            min_agreement,
-        )  # fmt: skip
+        return _auto_int8(model, names, request)
     if len(names) == 1:
-        return _build_named(
-            model, names[0], precision, size, batch_size, threads, calibration_set, use_cache, images,
-            dynamic_size,
-        )  # fmt: skip
-    return _auto(
-        model, names, precision, size, batch_size, threads, calibration_set, images, use_cache, dynamic_size
-    )
+        return request.build(model, names[0]), names[0]
+    return _auto(model, names, request)
 
 
-def _calibration(calibration: Any) -> Any:
-    from metaformer.deploy.quantize import as_calibration
-
-    return as_calibration(calibration)
-
-
-def _build_named(
-    model: nn.Module, name: str, precision: str, size: tuple[int, int], batch_size: int, threads: int | None,
-    calibration: Any, use_cache: bool, images: int | None = None, dynamic_size: bool = False,
-) -> tuple[nn.Module, str]:  # fmt: skip
-    runner = building.build(
-        model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
-        calibration=calibration, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
-    )  # fmt: skip
-    return runner, name
-
-
-def _auto(
-    model: nn.Module, names: list[str], precision: str, size: tuple[int, int], batch_size: int,
-    threads: int | None, calibration: Any, images: int | None, use_cache: bool, dynamic_size: bool = False,
-) -> tuple[nn.Module, str]:  # fmt: skip
+def _auto(model: nn.Module, names: list[str], request: DeployRequest) -> tuple[nn.Module, str]:
+    """The backend measured fastest on the real batch (cached per machine), weighed against each one's
+    one-off cost for the images announced."""
     from metaformer.models import routes
 
-    h, w = size
-    key_size = None if dynamic_size else size
-    shape_class = f"{getattr(model, 'model_name', type(model).__name__)}-{h}x{w}-b{routes.bucket(batch_size)}"
-    if precision != "fp32":
-        shape_class += f"-{precision}"
-    batches = None if images is None else max(1, math.ceil(images / batch_size))
+    precision, key_size, batches = request.precision, request.key_size, request.batches
+    shape_class = request.shape_class(model)
     decision = routes.known_decision("backend", shape_class, names)
     if decision is not None and decision.choice in names:
-        choice = _weigh(model, decision, names, precision, key_size, calibration, batches)
-        return _build_named(
-            model, choice, precision, size, batch_size, threads, calibration, use_cache, images, dynamic_size
-        )
+        choice = _weigh(model, decision, names, precision, key_size, request.calibration, batches)
+        return request.build(model, choice), choice
     if batches is not None and batches <= SMALL_WORK_BATCHES:
         # measuring builds every backend's artefact: a short run takes one that needs none or is built
         ready = [
             name for name in names
             if not backends.backend_module(name).ARTEFACT
-            or building.cached_entry(model, name, precision, key_size, calibration)
+            or building.cached_entry(model, name, precision, key_size, request.calibration)
         ]  # fmt: skip
-        return _build_named(
-            model, (ready or names)[0], precision, size, batch_size, threads, calibration, use_cache, images,
-            dynamic_size,
-        )  # fmt: skip
+        choice = (ready or names)[0]
+        return request.build(model, choice), choice
     runners: dict[str, nn.Module] = {}
     for name in names:
         try:
-            runners[name] = building.build(
-                model, name, precision, img_size=size, batch_size=batch_size, threads=threads,
-                calibration=calibration, use_cache=use_cache, dynamic_size=dynamic_size,
-            )  # fmt: skip
+            runners[name] = request.build(model, name, for_images=False)
         except ExportError as error:  # its outputs were wrong: it is not a candidate
             logger.warning("%s backend skipped: %s", name, error)
     if not runners:
         raise ExportError(f"no backend could run {precision} with outputs matching PyTorch")
-    example = torch.randn(batch_size, getattr(model, "in_chans", 3), h, w)
+    h, w = request.img_size
+    example = torch.randn(request.batch_size, getattr(model, "in_chans", 3), h, w)
     with torch.no_grad():
         for runner in runners.values():
             runner(example)  # first calls (the fast path's own route probes) are not part of its time
@@ -191,10 +212,7 @@ def _auto(
     return runners[choice], choice
 
 
-def _auto_int8(
-    model: nn.Module, names: list[str], size: tuple[int, int], batch_size: int, threads: int | None,
-    calibration: Any, images: int | None, use_cache: bool, dynamic_size: bool, min_agreement: float | None,
-) -> tuple[nn.Module, str]:  # fmt: skip
+def _auto_int8(model: nn.Module, names: list[str], request: DeployRequest) -> tuple[nn.Module, str]:
     """The fastest int8 candidate whose held-out agreement with fp32 meets the threshold. A cached
     artefact's agreement is read from its cache entry (nothing is loaded); the others are built (and
     cached with theirs). A short run stops at the first candidate that passes, cached ones first."""
@@ -202,14 +220,13 @@ def _auto_int8(
     from metaformer.deploy.agreement import none_passes, passes, threshold, why_dropped
     from metaformer.models import routes
 
-    key_size = None if dynamic_size else size
-    h, w = size
-    batches = None if images is None else max(1, math.ceil(images / batch_size))
+    key_size, batches, min_agreement = request.key_size, request.batches, request.min_agreement
+    h, w = request.img_size
     cached = {
         name: entry.meta["check"]
         for name in names
-        if use_cache
-        and (entry := building.cached_entry(model, name, "int8", key_size, calibration)) is not None
+        if request.use_cache
+        and (entry := building.cached_entry(model, name, "int8", key_size, request.calibration)) is not None
         and isinstance(entry.meta.get("check"), dict)
         and "unit" in entry.meta["check"]
     }
@@ -220,10 +237,7 @@ def _auto_int8(
 
     def runner_of(name: str) -> nn.Module:
         if name not in runners:
-            runners[name] = building.build(
-                model, name, "int8", img_size=size, batch_size=batch_size, threads=threads,
-                calibration=calibration, use_cache=use_cache, images=images, dynamic_size=dynamic_size,
-            )  # fmt: skip
+            runners[name] = request.build(model, name)
         return runners[name]
 
     for name in order:
@@ -253,12 +267,10 @@ def _auto_int8(
     if len(passing) == 1:
         choice = passing[0]
     else:
-        name = getattr(model, "model_name", type(model).__name__)
-        shape_class = f"{name}-{h}x{w}-b{routes.bucket(batch_size)}-int8"
-        example = torch.randn(batch_size, getattr(model, "in_chans", 3), h, w)
+        example = torch.randn(request.batch_size, getattr(model, "in_chans", 3), h, w)
         with torch.no_grad():
             timed = {name: (lambda name=name: runner_of(name)(example)) for name in passing}
-            choice = routes.choose("backend", shape_class, timed, min_rounds=5)
+            choice = routes.choose("backend", request.shape_class(model), timed, min_rounds=5)
     runner = runner_of(choice)
     runner.choice = {**record, "chosen": choice}
     cache.record_choice("int8", shape, runner.choice)
@@ -289,4 +301,4 @@ def _weigh(
     return best
 
 
-__all__ = ["SMALL_WORK_BATCHES", "prepare_for_inference"]
+__all__ = ["SMALL_WORK_BATCHES", "DeployRequest", "prepare_for_inference"]
