@@ -21,6 +21,13 @@ rows still run AVX-512/VNNI code, so do not read them as an AVX2 machine's.
 
     python benchmarks/precisions.py --threads 2                  # S12, 224x224, batch 32 and batch 1
     python benchmarks/precisions.py --quick                      # smoke test (tiny, 64x64)
+    python benchmarks/precisions.py --checkpoint runs/digits/best.safetensors   # the threshold at work
+
+``--checkpoint`` (repeatable) runs a trained classifier instead, on its own data: calibrated on its
+training images as ``classify eval --precision int8`` is, with a quarter of them held out, and each
+int8 candidate (OpenVINO's NNCF model, onnxruntime's QDQ file in every setting) gets its held-out
+agreement with fp32, its top-1 on the run's validation images against fp32's, and its img/s; then the
+candidate ``auto`` keeps at the default threshold (99% per image), or its one-sentence refusal.
     python benchmarks/inference.py --precisions --threads 2      # the same rows, after inference.py's
 """
 
@@ -58,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "columns then catch a broken graph, which timm's 1e-5 layer-scale init hides",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 8, 1 round")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="a trained classifier's weights (its run's config.json beside it): int8 candidates on its data",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.img_size, args.repeats, args.latency_runs, args.calibration = 8, 64, 1, 1, 32
@@ -138,7 +151,13 @@ def build_rows(
     add(f"bf16 default (auto: {name})", runner)
     int8 = {"img_size": size, "threads": threads, "calibration": calibration}
     add("int8 OpenVINO (NNCF), our export", build(ours, "openvino", "int8", **int8))
-    add("int8 onnxruntime (QDQ), our export", build(ours, "onnxruntime", "int8", **int8))
+    ort_int8 = build(ours, "onnxruntime", "int8", **int8)
+    add("int8 onnxruntime (QDQ), our export", ort_int8)
+    notes["int8 onnxruntime (QDQ), our export"] += ", " + ", ".join(
+        f"{name}{'*' if name == ort_int8.check['quantization'] else ''} {100 * (c['agreement'] or 0):.0f}% "
+        f"{c['ms_per_batch']:.0f} ms"
+        for name, c in ort_int8.check["settings"].items()
+    )  # every QDQ setting measured on the held-out images (* kept)
     from metaformer.deploy.quantize import quantize_qdq
 
     qdq = tmp / "ours.int8.onnx"
@@ -157,11 +176,89 @@ def build_rows(
             preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calibration.images()),
         )  # fmt: skip
     add("int8 OpenVINO (NNCF), timm export", OpenVinoModel(timm_int8, "int8", threads=threads))
+    # random weights on random images: no agreement figure means anything here, so no threshold
     runner, name = prepare_for_inference(
-        ours, precision="int8", img_size=size, batch_size=args.batch, threads=threads, calibration=calibration
-    )
+        ours, precision="int8", img_size=size, batch_size=args.batch, threads=threads,
+        calibration=calibration, min_agreement=0.0,
+    )  # fmt: skip
     add(f"int8 default (auto: {name})", runner)
     return rows, notes, ours
+
+
+def trained_table(checkpoint: str, threads: int | None, batch: int) -> None:
+    """The int8 candidates on a trained checkpoint, calibrated and held out on its own training data."""
+    from metaformer.data.sources import classification_splits
+    from metaformer.data.transforms import eval_transform_from_preprocessing
+    from metaformer.deploy import build, prepare_for_inference
+    from metaformer.deploy.backend_onnxruntime import OnnxRuntimeModel
+    from metaformer.deploy.base import check_int8
+    from metaformer.deploy.calibration import calibration_set, transform_key
+    from metaformer.deploy.onnx_export import export_model
+    from metaformer.deploy.quantize import QDQ_SETTINGS, quantize_qdq
+    from metaformer.engine.state import read_run_config
+    from metaformer.errors import ExportError
+    from metaformer.tasks.classify.loading import load_classifier
+
+    model, _, preproc = load_classifier(checkpoint)
+    size = int(preproc["input_size"][-1])
+    transform = eval_transform_from_preprocessing(preproc)
+    calibration = calibration_set(checkpoint, None, transform, transform_key(preproc, size))
+    config = read_run_config(checkpoint) or {}
+    split = float(config.get("val_split") or 0.1)
+    val = classification_splits(
+        config.get("data"), img_size=size, val_transform=transform, val_split=split, only="val"
+    )[1]
+    xs = torch.stack([val[i][0] for i in range(len(val))])
+    ys = torch.tensor([int(val[i][1]) for i in range(len(val))])
+    x = xs[:batch]
+
+    def top1(fn: Callable) -> float:
+        chunks = [fn(xs[i : i + 64]).argmax(1) for i in range(0, len(xs), 64)]
+        return 100 * torch.cat(chunks).eq(ys).float().mean().item()
+
+    def speed(fn: Callable) -> float:
+        fn(x)
+        return len(x) / min(timed(lambda: fn(x)) for _ in range(5))
+
+    fast = build(model, "torch", "fp32", img_size=(size, size), batch_size=batch, threads=threads)
+    with torch.inference_mode():
+        base = top1(fast)
+        print(
+            f"\n{checkpoint}: {len(xs)} validation images, fp32 top-1 {base:.2f}%, "
+            f"fast path {speed(fast):.0f} img/s"
+        )
+        rows: dict[str, tuple[dict, Callable]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_model(model, onnx_path, img_size=(size, size), dynamic_batch=True)
+            for setting in QDQ_SETTINGS:
+                qdq = Path(tmp) / f"{setting}.onnx"
+                quantize_qdq(onnx_path, qdq, calibration, setting)
+                runner = OnnxRuntimeModel(qdq, threads=threads, precision="int8")
+                rows[f"onnxruntime QDQ {setting}"] = (check_int8(runner, model, calibration), runner)
+            nncf = build(model, "openvino", "int8", img_size=(size, size), batch_size=batch, threads=threads,
+                         calibration=calibration)  # fmt: skip
+            rows["OpenVINO NNCF"] = (nncf.check, nncf)
+            print(f"{'int8 candidate':<36}{'held-out agreement':>22}{'top-1':>8}{'drop':>7}{'img/s':>8}")
+            for name, (check, runner) in rows.items():
+                accuracy = top1(runner)
+                agreement = f"{100 * check['agreement']:.1f}% of {check['images']}"
+                print(
+                    f"{name:<36}{agreement:>22}{accuracy:>8.2f}{base - accuracy:>7.2f}{speed(runner):>8.0f}"
+                )
+        try:
+            runner, name = prepare_for_inference(
+                model, precision="int8", img_size=(size, size), batch_size=batch, threads=threads,
+                calibration=calibration,
+            )  # fmt: skip
+            setting = runner.check.get("quantization")
+            print(
+                f"auto at the default threshold ({100 * runner.choice['min_agreement']:g}%): {name}"
+                f"{f' ({setting})' if setting else ''}, {speed(runner):.0f} img/s; "
+                f"dropped: {runner.choice['dropped'] or 'none'}"
+            )
+        except ExportError as error:
+            print(f"auto at the default threshold: refused: {error}")
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -178,12 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     print(machine_line(calibrate=True))
+    if args.checkpoint:
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
+        for checkpoint in args.checkpoint:
+            trained_table(checkpoint, args.threads, args.batch)
+        return 0
     weights = "random (layer scales near 1)" if args.random_weights else "timm init"
     print(
         f"torch {torch.__version__}, {args.model}, threads {torch.get_num_threads()}, batch {args.batch} "
         f"(throughput) and 1 (latency), {args.img_size}x{args.img_size}, {args.repeats} interleaved rounds; "
         "img/s and ms: medians; ratios: medians of the per-round ratios; rel diff and agreement: against "
         f"PyTorch fp32 on the batch; weights: {weights}"
+    )
+    print(
+        "note: int8 rows hold random weights and random calibration images, so the int8 default (auto) "
+        "runs with min_agreement=0 (no threshold on agreement with fp32); onnxruntime's note lists each QDQ "
+        "setting's held-out agreement and batch time (* kept)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""``metaformer export``: write the file a user ships (ONNX, OpenVINO IR or TorchScript; fp32, bf16 or
-int8), checked against PyTorch.
+"""``metaformer export``: write the folder a user ships (ONNX, OpenVINO IR or TorchScript; fp32, bf16 or
+int8, checked against PyTorch, with the ``metaformer.json`` that runs it: ``deploy.package``).
 
 The command layer over ``metaformer.deploy`` (the checked export itself lives in ``deploy.onnx_export``).
 """
@@ -10,8 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from metaformer.deploy import PRECISIONS
 from metaformer.deploy.onnx_export import ExportReport
@@ -34,7 +32,10 @@ class ExportConfig:
     """The ``metaformer export`` command: which model and weights, and what to write."""
 
     model: str = option(help="model name, e.g. poolformer_s12", metavar="name", positional=True)
-    output: Path = option(help="output file (written atomically)", flag=("--output", "-o"))
+    output: Path = option(
+        help="output folder: the model files and metaformer.json (written whole, or not at all)",
+        flag=("--output", "-o"),
+    )
     checkpoint: Path | None = option(
         None, "weights file (metaformer safetensors, timm or official checkpoint)"
     )
@@ -53,8 +54,11 @@ class ExportConfig:
         "the checkpoint)",
         metavar="DIR",
     )
-    img_size: tuple[int, ...] = option(
-        (224, 224), "input size (default 224 224)", metavar=("H", "W"), nargs="+"
+    img_size: tuple[int, ...] | None = option(
+        None,
+        "input size (default: the checkpoint's recorded size, else 224 224)",
+        metavar=("H", "W"),
+        nargs="+",
     )
     dynamic_batch: bool = option(
         False, "let the batch size vary at run time (always so for int8 and openvino)"
@@ -66,14 +70,15 @@ class ExportConfig:
     def __post_init__(self) -> None:
         from metaformer.models.metaformer import MIN_INPUT_SIZE
 
-        size = tuple(self.img_size)
-        if not 1 <= len(size) <= 2:
-            raise ConfigError(f"--img-size takes H or H W, got {len(size)} values")
-        object.__setattr__(self, "img_size", size * 2 if len(size) == 1 else size)
         object.__setattr__(self, "output", Path(self.output))
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
-        check_number("img_size", self.img_size, low=MIN_INPUT_SIZE)
+        if self.img_size is not None:
+            size = tuple(self.img_size)
+            if not 1 <= len(size) <= 2:
+                raise ConfigError(f"--img-size takes H or H W, got {len(size)} values")
+            object.__setattr__(self, "img_size", size * 2 if len(size) == 1 else size)
+            check_number("img_size", self.img_size, low=MIN_INPUT_SIZE)
         check_choice("format", self.format, EXPORT_FORMATS)
         check_choice("precision", self.precision, PRECISIONS)
 
@@ -92,6 +97,10 @@ def run_export(config: ExportConfig) -> ExportReport:
         )
     if config.checkpoint is not None and config.random_init:
         raise ConfigError("pass either --checkpoint or --random-init, not both")
+    from metaformer.deploy.package import check_output, write_folder
+
+    check_output(config.output)
+    saved: dict[str, Any] = {}
     if config.checkpoint is not None:
         from metaformer.weights import read_metadata
 
@@ -99,6 +108,10 @@ def run_export(config: ExportConfig) -> ExportReport:
             saved = read_metadata(config.checkpoint)
         except (CheckpointError, KeyError, ValueError):
             saved = {}
+    preproc = saved.get("preprocessing") or {}
+    recorded = preproc.get("input_size")
+    size = tuple(config.img_size or (tuple(recorded[-2:]) if recorded else (224, 224)))
+    if config.checkpoint is not None:
         if saved.get("task") in DENSE_DEPLOY:  # a dense task's weights: not a classifier to export
             raise ConfigError(
                 f"checkpoint '{config.checkpoint}' holds a {saved['task']} model and `metaformer export` "
@@ -114,27 +127,31 @@ def run_export(config: ExportConfig) -> ExportReport:
                 )
             model = model_from_weights(config.checkpoint)
         else:
-            model = create_model(config.model, checkpoint_path=config.checkpoint, img_size=config.img_size)
+            model = create_model(config.model, checkpoint_path=config.checkpoint, img_size=size)
     else:
-        model = create_model(config.model, img_size=config.img_size)
-    from metaformer.deploy import export_deployable
-
+        model = create_model(config.model, img_size=size)
     calibration = None
     if config.precision == "int8":
-        calibration = _calibration(config, model)
-    return export_deployable(
+        calibration = _calibration(config, size)
+    from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    preprocessing = {"crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    preprocessing.update({k: v for k, v in preproc.items() if k != "input_size"})
+    return write_folder(
         model,
         config.output,
         format=config.format,
         precision=config.precision,
-        img_size=config.img_size,
+        img_size=size,  # type: ignore[arg-type]
+        class_names=saved.get("class_names"),
+        preprocessing=preprocessing,
+        calibration=calibration,
         dynamic_batch=config.dynamic_batch,
         fold=config.fold,
-        calibration=calibration,
     )
 
 
-def _calibration(config: ExportConfig, model: nn.Module) -> Any:
+def _calibration(config: ExportConfig, img_size: tuple[int, ...]) -> Any:
     """int8's calibration images, preprocessed as the checkpoint's eval transform says."""
     from metaformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform_from_preprocessing
     from metaformer.deploy.calibration import calibration_set, transform_key
@@ -147,7 +164,7 @@ def _calibration(config: ExportConfig, model: nn.Module) -> Any:
             preproc.update(read_metadata(config.checkpoint).get("preprocessing") or {})
         except (CheckpointError, KeyError, ValueError):
             pass
-    size = int(config.img_size[-1])
+    size = int(img_size[-1])
     transform = eval_transform_from_preprocessing(preproc, size)
     return calibration_set(
         config.checkpoint, config.calibration_data, transform, transform_key(preproc, size)
@@ -165,17 +182,19 @@ def export_report(report: ExportReport) -> str:
     kind = report.format if report.precision == "fp32" else f"{report.format} {report.precision}"
     if report.precision == "int8":
         check = (
-            f"top-1 agreement with fp32 on {report.calibration_images} calibration images "
-            f"{100 * (report.agreement or 0.0):.1f}%"
+            f"top-1 agreement with fp32 on {report.calibration_images} held-out calibration images "
+            f"{100 * (report.agreement or 0.0):.1f}% (measured on this CPU: see docs/deployment.md)"
         )
     else:
         runtime = {"onnx": "onnxruntime", "openvino": "OpenVINO"}.get(report.format, "reloaded TorchScript")
         check = f"{runtime} matches PyTorch to {report.max_abs_diff:.1e} (max abs diff)"
         if report.checked_batches:
             check += f" on batches {', '.join(map(str, report.checked_batches))}"
-    extra = f" (+ {report.path.with_suffix('.bin').name})" if report.format == "openvino" else ""
+    from metaformer.deploy.package import MANIFEST, MODEL_FILES
+
+    files = " + ".join([*MODEL_FILES[report.format], MANIFEST])
     note = FAST_RUNTIME.get((report.format, report.precision), "")
-    return f"wrote {report.path}{extra} ({kind}, {h}x{w}, {batch} batch); {check}" + (
+    return f"wrote {report.path}/ ({files}; {kind}, {h}x{w}, {batch} batch); {check}" + (
         f"; {note}" if note else ""
     )
 

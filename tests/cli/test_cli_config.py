@@ -91,6 +91,8 @@ def test_help_texts_are_those_of_before() -> None:
     changed |= {"classify train --hflip", "classify train --min-lr", "classify train --warmup-lr"}
     changed |= {"classify train :description", "detect train --backbone-checkpoint"}
     changed |= {"segment train --backbone-checkpoint"}  # now also spelled --init-checkpoint
+    # export writes a folder, at the checkpoint's recorded size by default (issue 31)
+    changed |= {"export -o/--output", "export --output/-o", "export --img-size"}
     now: dict[str, Any] = {}
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:

@@ -107,16 +107,16 @@ def test_export_from_saved_weights_uses_those_weights(tmp_path):
     save_weights(model, tmp_path / "w.safetensors")
     report = run_export(
         ExportConfig(
-            "poolformer_s12", tmp_path / "m.onnx", checkpoint=tmp_path / "w.safetensors", img_size=(64, 64)
+            "poolformer_s12", tmp_path / "m", checkpoint=tmp_path / "w.safetensors", img_size=(64, 64)
         )
     )
     x = torch.randn(1, 3, 64, 64)  # a fixed-batch file takes single images
     with torch.no_grad():
-        assert (onnx_run(report.path, x) - model(x)).abs().max().item() <= 1e-4
+        assert (onnx_run(report.path / "model.onnx", x) - model(x)).abs().max().item() <= 1e-4
 
 
 def test_cli_export_random_init(tmp_path, capsys):
-    out = tmp_path / "s.onnx"
+    out = tmp_path / "s"
     args = [
         "export",
         "poolformer_s12",
@@ -128,21 +128,21 @@ def test_cli_export_random_init(tmp_path, capsys):
         str(out),
     ]
     assert main(args) == 0
-    assert out.is_file()
+    assert (out / "model.onnx").is_file() and (out / "metaformer.json").is_file()
     assert "onnxruntime matches PyTorch" in capsys.readouterr().out
 
 
 def test_cli_export_needs_weights_or_random_init(tmp_path, capsys):
-    assert main(["export", "poolformer_s12", "-o", str(tmp_path / "s.onnx")]) == 1
+    assert main(["export", "poolformer_s12", "-o", str(tmp_path / "s")]) == 1
     assert "--checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "s.onnx").exists()
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_export_missing_checkpoint_is_a_short_error(tmp_path):
     missing = tmp_path / "nope.safetensors"
     done = subprocess.run(
         [sys.executable, "-m", "metaformer", "export", "poolformer_s12", "--checkpoint", str(missing),
-         "-o", str(tmp_path / "s.onnx")],
+         "-o", str(tmp_path / "s")],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert done.returncode == 1
@@ -162,7 +162,7 @@ def test_a_segment_checkpoint_is_refused_with_the_command_that_deploys_it(tmp_pa
     )
     checkpoint = tmp_path / "seg.safetensors"
     save_segmenter(model, checkpoint, class_names=["a", "b"], augment=SegAugment())
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "m"
     assert main(["export", "poolformer_s12", "--checkpoint", str(checkpoint), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert "holds a segment model" in err and "segment predict" in err and len(err.strip().splitlines()) == 1

@@ -54,9 +54,9 @@ class _Builds(list):
 @pytest.fixture
 def builds(monkeypatch):
     """Every backend ``auto`` builds, in order; ``builds.runtime(name)`` sets what a runtime build does."""
-    import metaformer.deploy as deploy
+    from metaformer.deploy import building
 
-    real = deploy.build
+    real = building.build
     made = _Builds()
     behaviour = made.behaviour
 
@@ -67,7 +67,7 @@ def builds(monkeypatch):
             return action(model)
         return real(model, backend, *args, **kwargs)
 
-    monkeypatch.setattr(deploy, "build", build)
+    monkeypatch.setattr(building, "build", build)
     return made
 
 

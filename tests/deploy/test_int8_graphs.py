@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from metaformer import create_model
-from metaformer.deploy import backend_onnxruntime, backend_openvino, base, build, export_deployable
+from metaformer.deploy import backend_onnxruntime, backend_openvino, build, export_deployable
 from metaformer.deploy.quantize import Calibration, float_ops
 from metaformer.deploy.runtimes import openvino_core
 from metaformer.tasks.segment.model import SegmenterConfig, create_segmenter
@@ -31,10 +31,8 @@ RUNTIME_MATMULS = {"Convolution", "FullyConnected", "MatMul", "Deconvolution"}  
 
 
 @pytest.fixture(autouse=True)
-def _own_cache_and_no_agreement_floor(tmp_path, monkeypatch):
+def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
-    # tiny random models on random images: the agreement floor is another test's concern (test_backends)
-    monkeypatch.setattr(base, "INT8_MIN_AGREEMENT", 0.0)
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ fp16). fp32 runs with ``INFERENCE_PRECISION_HINT=f32`` set explicitly (OpenVINO'
 with native bf16 is bf16) and is checked against PyTorch to 1e-4 like onnxruntime's; bf16 runs with
 the ``bf16`` hint, only on a CPU where OpenVINO has native bf16 (it would run f32 under a bf16 label
 elsewhere), checked to bf16's precision; int8 is NNCF's post-training quantization calibrated on the
-user's images, checked by top-1 agreement with fp32 on them. Threads and the ``LATENCY`` hint come from
-``runtimes.openvino_config``.
+user's images, checked by top-1 agreement with fp32 on held-out images. Threads and the ``LATENCY``
+hint come from ``runtimes.openvino_config``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner, check_agreement, check_outputs
+from metaformer.deploy.base import Runner, check_int8, check_outputs
 from metaformer.deploy.onnx_export import export_model
 from metaformer.deploy.quantize import Calibration, quantize_openvino, require_calibration
 from metaformer.deploy.runtimes import (
@@ -90,7 +90,7 @@ def build(
     onnx_path.unlink()
     runner = load(folder, precision, threads=threads)
     if precision == "int8":
-        runner.check = check_agreement(runner, model, calibration.stacked())  # type: ignore[union-attr]
+        runner.check = check_int8(runner, model, calibration)  # type: ignore[union-attr]
     else:
         runner.check = check_outputs(runner, model, example, precision, dynamic_size=dynamic_size)
     return runner

@@ -17,9 +17,8 @@ it matched PyTorch when it was built.
 
 The checks: fp32 outputs within 1e-4 (max absolute difference) of the PyTorch model on seeded random
 batches; bf16 within bf16's precision (the largest difference at most ``BF16_RTOL`` of the largest
-logit); int8 by top-1 agreement with fp32 on the calibration images (per image, or per pixel for a
-segmenter; at least ``INT8_MIN_AGREEMENT``: random inputs say nothing about a quantized model, whose
-ranges fit real images only).
+logit); int8 by top-1 agreement with fp32 on the calibration source's held-out images (``agreement``:
+random inputs say nothing about a quantized model, whose ranges fit real images only).
 
 A model is ``foldable`` when a MetaFormer (or its feature backbone) is in it: a classifier, or a
 Semantic FPN whose backbone is one. ``fold_inference`` swaps each for ``optimize_for_inference``'s
@@ -42,7 +41,6 @@ from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
 FP32_ATOL = 1e-4
 BF16_RTOL = 0.05  # bf16 keeps 8 significant bits (relative step 2^-8); a dozen blocks compound it
-INT8_MIN_AGREEMENT = 0.5  # a floor against a broken quantization (near chance); eval reports the real one
 
 
 class Runner(nn.Module):
@@ -137,32 +135,21 @@ def check_outputs(
     return {"max_abs_diff": worst, "allowed": allowed, "batches": [2, 1, 3]}
 
 
-def check_agreement(runner: nn.Module, model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
-    """Top-1 agreement of the int8 ``runner`` with the fp32 ``model`` on ``batches`` (calibration
-    images): per image for a classifier, per pixel of the label maps for a segmenter."""
-    same = total = images = 0
-    with torch.no_grad():
-        for x in batches:
-            agree = runner(x).argmax(1) == model(x).argmax(1)
-            same += int(agree.sum())
-            total += agree.numel()
-            images += x.shape[0]
-    agreement = same / max(total, 1)
-    if agreement < INT8_MIN_AGREEMENT:
-        unit = "calibration images" if total == images else f"pixels of {images} calibration images"
-        raise ExportError(
-            f"the int8 model picks the fp32 model's class on only {100 * agreement:.1f}% of the "
-            f"{total} {unit}; calibrate on more typical images or use --precision fp32"
-        )
-    return {"agreement": agreement, "images": images}
+def check_int8(runner: nn.Module, model: nn.Module, calibration: Any) -> dict[str, Any]:
+    """What an int8 ``runner`` records when it is built: its agreement with the fp32 ``model`` on the
+    calibration set's held-out images, and how many images it was calibrated on."""
+    from metaformer.deploy.agreement import measure_agreement
+
+    check = measure_agreement(runner, model, calibration.stacked(held_out=True))
+    check["calibrated_on"] = len(calibration.calibration_images())
+    return check
 
 
 __all__ = [
     "BF16_RTOL",
     "FP32_ATOL",
-    "INT8_MIN_AGREEMENT",
     "Runner",
-    "check_agreement",
+    "check_int8",
     "check_outputs",
     "fold_inference",
     "foldable",

@@ -150,6 +150,22 @@ def record_cost(backend: str, precision: str, shape: str = "", **seconds: float)
         logger.debug("deploy costs not written (%s)", error)
 
 
+def record_choice(precision: str, shape: str, record: Mapping[str, Any]) -> None:
+    """Best effort: keep the last choice among ``precision``'s candidates for a model and input size
+    (``shape``) in ``choices.json``: each candidate's check, those dropped and why, the one chosen."""
+    path = cache_root() / "choices.json"
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[f"{precision}|{shape}"] = dict(record)
+    try:
+        write_json_atomic(path, data)
+    except OSError as error:
+        logger.debug("deploy choices not written (%s)", error)
+
+
 def clear() -> int:
     """Remove every cached artefact; returns how many entries went."""
     root = cache_root()
@@ -167,6 +183,7 @@ __all__ = [
     "costs",
     "lookup",
     "make_key",
+    "record_choice",
     "record_cost",
     "weights_digest",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from metaformer.deploy import BACKENDS, PRECISIONS
 from metaformer.errors import check_choice
-from metaformer.options import NON_NEGATIVE, POSITIVE, option
+from metaformer.options import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 
 BACKEND_HELP = (
     "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), or auto: the "
@@ -22,6 +22,12 @@ CALIBRATION_HELP = (
     "config.json beside the checkpoint)"
 )
 
+MIN_AGREEMENT_HELP = (
+    "with --precision int8: the top-1 agreement with fp32, on held-out calibration images, that a backend "
+    "needs (a fraction; default 0.99 per image, 0.98 per pixel): auto drops those below it, a named "
+    "--backend warns"
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeployOptions:
@@ -31,6 +37,7 @@ class DeployOptions:
     precision: str = option("fp32", PRECISION_HELP, choices=PRECISIONS)
     threads: int | None = option(None, THREADS_HELP, metavar="N", check=POSITIVE)
     calibration_data: str | None = option(None, CALIBRATION_HELP, metavar="DIR")
+    min_agreement: float | None = option(None, MIN_AGREEMENT_HELP, metavar="FRACTION", check=PROBABILITY)
 
     def check_deploy(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -70,12 +77,44 @@ def compare_with_fp32(
     return result
 
 
+def held_out_report(runner: Any) -> dict[str, Any]:
+    """An int8 run's trust record for the eval report: its agreement with fp32 on the held-out
+    calibration images, the threshold, and the candidates dropped below it (empty for fp32 and bf16)."""
+    choice = getattr(runner, "choice", None)
+    check = getattr(runner, "check", None) or {}
+    if not choice or "agreement" not in check:
+        return {}
+    report = {
+        "held_out_agreement": None if check["agreement"] is None else 100.0 * check["agreement"],
+        "held_out_images": check.get("images"),
+        "dropped": dict(choice.get("dropped", {})),
+    }
+    if "min_agreement" in choice:
+        report["min_agreement"] = 100.0 * choice["min_agreement"]
+    return report
+
+
+def held_out_lines(result: Any) -> list[str]:
+    """The terminal lines of ``held_out_report``'s fields, when there are any."""
+    if result.get("held_out_agreement") is None:
+        return []
+    lines = [
+        f"  held-out calibration images: agreement with fp32 {result['held_out_agreement']:.2f}% on "
+        f"{result['held_out_images']} images (needed {result.get('min_agreement', 0):g}%)"
+    ]
+    lines += [f"  dropped {name}: {why}" for name, why in result.get("dropped", {}).items()]
+    return lines
+
+
 __all__ = [
     "BACKEND_HELP",
     "CALIBRATION_HELP",
+    "MIN_AGREEMENT_HELP",
     "PRECISION_HELP",
     "THREADS_HELP",
     "DeployOptions",
     "compare_with_fp32",
+    "held_out_lines",
+    "held_out_report",
     "max_drop_option",
 ]

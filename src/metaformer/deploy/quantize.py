@@ -5,8 +5,9 @@ Two of the field's quantizers, both starting from the folded ONNX graph (``onnx_
 - ``quantize_openvino``: NNCF's ``quantize`` on the OpenVINO model read from that graph (per-channel
   int8 weights, int8 activations, fast bias correction). OpenVINO runs it with VNNI/AMX int8 kernels.
   This is what the ``openvino`` backend ships.
-- ``quantize_qdq``: onnxruntime's ``quantize_static`` writing a QDQ ONNX file (per-channel int8
-  weights, uint8 activations, MinMax calibration), the portable int8 file. onnxruntime itself runs
+- ``quantize_qdq``: onnxruntime's ``quantize_static`` writing a QDQ ONNX file (uint8 activations,
+  MinMax calibration; int8 weights per channel by default, or one of the other ``QDQ_SETTINGS``), the
+  portable int8 file. onnxruntime itself runs
   it slower than its fp32 graph on the CPUs we measured (see docs/performance.md); OpenVINO reads the
   same file and runs it fast.
 
@@ -16,7 +17,10 @@ statistics (one fused MVN per norm in OpenVINO), the pooling mix, GELU and the h
 
 A calibration set is a ``Calibration``: image batches preprocessed as for eval, read lazily (a cached
 int8 model never reads them) and a ``key`` naming them for the cache (a folder's listing, or the
-images' own hash when no key is given).
+images' own hash when no key is given). A seeded quarter of its images (at least ``HELD_OUT_MIN``
+where the source has twice that, never more than half) is held out: the quantizers calibrate on the
+rest, and the int8 model's agreement with fp32 is measured on the held-out ones (``deploy.agreement``),
+which its ranges were not fitted to.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from metaformer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 300  # NNCF's default subset size; a few hundred images settle the ranges
+CALIBRATION_IMAGES = 400  # 300 to calibrate (NNCF's default subset size) and 100 held out
+HELD_OUT_MIN = 100  # held-out images where the source has at least twice as many
 COMPUTE_OPS = {
     # ONNX and OpenVINO names of the ops that carry the FLOPs, and of those that stay in float
     "Conv", "Convolution", "MatMul", "Gemm", "Add", "Multiply", "Mul", "Sub", "Subtract", "Div", "Divide",
@@ -92,8 +97,26 @@ class Calibration:
             digest.update(image.tobytes())
         return digest.hexdigest()[:16]
 
-    def stacked(self, batch_size: int = 32) -> Iterator[torch.Tensor]:
+    def held_out_indices(self) -> list[int]:
+        """Which of ``images()`` are held out: a seeded quarter, at least ``HELD_OUT_MIN`` where the source
+        holds twice that, at most half (a set of one image is only calibrated on)."""
+        n = len(self.images())
+        count = max(n // 4, min(HELD_OUT_MIN, n // 2))
+        return sorted(int(i) for i in np.random.default_rng(0).permutation(n)[:count])
+
+    def calibration_images(self) -> list[np.ndarray]:
+        """The images the quantizers fit their ranges to: every one not held out."""
+        held = set(self.held_out_indices())
+        return [image for i, image in enumerate(self.images()) if i not in held]
+
+    def held_out_images(self) -> list[np.ndarray]:
+        """The images int8's agreement with fp32 is measured on (never calibrated on)."""
         images = self.images()
+        return [images[i] for i in self.held_out_indices()]
+
+    def stacked(self, batch_size: int = 32, *, held_out: bool = False) -> Iterator[torch.Tensor]:
+        """All images in batches, or only the held-out ones."""
+        images = self.held_out_images() if held_out else self.images()
         for start in range(0, len(images), batch_size):
             yield torch.from_numpy(np.concatenate(images[start : start + batch_size]))
 
@@ -129,7 +152,7 @@ def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
     import openvino as ov
 
     model = ov.convert_model(str(onnx_path))
-    images = calibration.images()
+    images = calibration.calibration_images()
     dataset = nncf.Dataset(images)
     _quiet_nncf()
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout
@@ -142,11 +165,26 @@ def quantize_openvino(onnx_path: Path, calibration: Calibration) -> Any:
         )
 
 
-def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> None:
-    """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``."""
+# onnxruntime's int8 settings (its quantization guide): U8S8 per channel is the default; on x86-64 CPUs
+# without VNNI its U8S8 kernels (VPMADDUBSW) sum pairs into 16 bits, which can saturate, and the guide
+# recommends 7-bit weights (reduce_range) or U8U8 there. Which one keeps a model's answers, and which
+# is fastest, is measured on the machine (``backend_onnxruntime``).
+QDQ_SETTINGS: dict[str, dict[str, Any]] = {
+    "u8s8": {"per_channel": True, "weight_type": "QInt8", "reduce_range": False},
+    "u8s8-reduce-range": {"per_channel": True, "weight_type": "QInt8", "reduce_range": True},
+    "u8u8": {"per_channel": True, "weight_type": "QUInt8", "reduce_range": False},
+    "u8s8-per-tensor": {"per_channel": False, "weight_type": "QInt8", "reduce_range": False},
+}
+
+
+def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration, setting: str = "u8s8") -> None:
+    """onnxruntime's static quantization of ``onnx_path`` into a QDQ file at ``out_path``, with one of
+    ``QDQ_SETTINGS``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    images = calibration.images()
+    chosen = QDQ_SETTINGS[setting]
+
+    images = calibration.calibration_images()
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -166,9 +204,10 @@ def quantize_qdq(onnx_path: Path, out_path: Path, calibration: Calibration) -> N
             Reader(),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            per_channel=True,
+            per_channel=chosen["per_channel"],
+            reduce_range=chosen["reduce_range"],
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, chosen["weight_type"]),
         )
     finally:
         root.setLevel(level)
@@ -222,6 +261,8 @@ def _quiet_nncf() -> None:
 
 __all__ = [
     "CALIBRATION_IMAGES",
+    "HELD_OUT_MIN",
+    "QDQ_SETTINGS",
     "Calibration",
     "as_calibration",
     "float_ops",

@@ -3,6 +3,7 @@ the same label maps, bf16 to bf16's precision, int8 by pixel agreement on a mode
 cached artefact for every image size, and `segment eval` / `segment predict` with the deployment flags."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from metaformer.data.segmentation import SegAugment, open_segmentation
 from metaformer.data.shapes import ShapesConfig, make_shapes
 from metaformer.deploy import cache, prepare_for_inference
 from metaformer.deploy.base import BF16_RTOL
+from metaformer.deploy.quantize import Calibration
 from metaformer.deploy.runtimes import openvino_native_bf16
 from metaformer.tasks.segment import deploy as segment_deploy
 from metaformer.tasks.segment.checkpoint import save_segmenter
@@ -27,15 +29,34 @@ SIZE = 32
 AUGMENT = SegAugment(
     scale=(4 * SIZE, SIZE), ratio_range=(1.0, 1.0), crop_size=(SIZE, SIZE), photometric=False
 )
-# int8 pixel agreement with fp32 on the held-out images, measured on the model below at lr 4e-3: onnxruntime
-# QDQ 99.2%, OpenVINO (NNCF) 92.9%; calibrated on images x 8 (wrong ranges) 94.4% and 91.4%. The floors
-# fail a quantization with wrong ranges (onnxruntime) and a broken one (near chance, both).
-INT8_FLOOR = {"onnxruntime": 0.97, "openvino": 0.85}
+# int8 pixel agreement with fp32 depends on the CPU's int8 kernels (on one AVX-512 + AMX machine OpenVINO's
+# NNCF model agreed on 58-83% of this model's pixels, onnxruntime's QDQ on 99%; on an AVX2 one onnxruntime
+# on 96%): the tests assert what the code guarantees on every CPU, the threshold's behaviour.
+MIN_PIXEL_AGREEMENT = 0.98
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def warned():
+    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
+    process may have left the root logger's handlers and the logger's propagation changed)."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
+    yield lambda: list(seen)
+    log.removeHandler(handler)
+    log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -117,26 +138,27 @@ def test_bf16_within_bf16_precision(trained, backend):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_int8_agrees_with_fp32_on_held_out_pixels(trained, backend):
-    model, _, x, xv = trained
+def test_a_named_int8_backend_records_held_out_pixel_agreement_and_warns_below_the_threshold(
+    trained, backend, warned
+):
+    model, _, x, _ = trained
+    calibration = Calibration([x])
     runner, _ = prepare_for_inference(
-        model, backend=backend, precision="int8", img_size=(SIZE, SIZE), calibration=[x], dynamic_size=True
-    )
-    assert runner.check["images"] == len(x) and runner.check["agreement"] >= INT8_FLOOR[backend]
-    with torch.no_grad():
-        agreement = (runner(xv).argmax(1) == model(xv).argmax(1)).float().mean().item()
-    assert agreement >= INT8_FLOOR[backend]
-
-
-def test_int8_floor_fails_a_quantization_with_wrong_ranges(trained):
-    model, _, x, xv = trained
-    runner, _ = prepare_for_inference(
-        model, backend="onnxruntime", precision="int8", img_size=(SIZE, SIZE), calibration=[8 * x],
-        dynamic_size=True, use_cache=False,
+        model, backend=backend, precision="int8", img_size=(SIZE, SIZE), calibration=calibration,
+        dynamic_size=True,
     )  # fmt: skip
+    same = []
     with torch.no_grad():
-        agreement = (runner(xv).argmax(1) == model(xv).argmax(1)).float().mean().item()
-    assert agreement < INT8_FLOOR["onnxruntime"]
+        for batch in calibration.stacked(held_out=True):  # OpenVINO's int8 answers vary with the batch size
+            same.append((runner(batch).argmax(1) == model(batch).argmax(1)).flatten())
+    agreement = torch.cat(same).float().mean().item()
+    assert runner.check["images"] == len(x) // 2 and runner.check["unit"] == "pixel"
+    assert runner.check["agreement"] == pytest.approx(agreement)
+    warnings = warned()
+    if agreement < MIN_PIXEL_AGREEMENT:
+        assert len(warnings) == 1 and f"{100 * agreement:.1f}% of pixels of" in warnings[0], warnings
+    else:
+        assert not warnings
 
 
 def test_one_cached_artefact_serves_every_size(trained):
@@ -171,10 +193,20 @@ def test_segment_eval_at_each_precision(trained, shapes, capsys):
     assert code == 0 and fp32["backend"] == "openvino" and "fp32_mIoU" not in fp32
     code, torch_fp32, _ = _eval(capsys, *base, "--backend", "torch")
     assert code == 0 and torch_fp32["mIoU"] == pytest.approx(fp32["mIoU"], abs=1e-9)
-    code, int8, _ = _eval(capsys, *base, "--precision", "int8")  # calibrated on the run's training data
-    assert code == 0 and int8["precision"] == "int8" and int8["backend"] in ("openvino", "onnxruntime")
-    assert int8["fp32_mIoU"] == pytest.approx(fp32["mIoU"], abs=1e-9)
-    assert int8["agreement"] >= 100 * INT8_FLOOR[int8["backend"]] and abs(int8["drop"]) <= 5.0
+    # calibrated on the run's training data; the drop in mIoU is another test's concern
+    code, int8, err = _eval(capsys, *base, "--precision", "int8", "--max-drop", "100")
+    if code == 0:  # a backend met the default 98%: the one kept, and every other one dropped with its reason
+        assert int8["precision"] == "int8" and int8["backend"] in ("openvino", "onnxruntime")
+        assert int8["fp32_mIoU"] == pytest.approx(fp32["mIoU"], abs=1e-9)
+        assert int8["held_out_agreement"] >= 100 * MIN_PIXEL_AGREEMENT and int8["min_agreement"] == 98
+        assert all("below 98%" in why for why in int8["dropped"].values())
+        assert int8["backend"] not in int8["dropped"]
+    else:  # none did: one sentence with each backend's agreement
+        assert code == 1 and "no int8 backend agrees with fp32 on at least 98%" in err
+        assert "openvino" in err and "onnxruntime" in err and len(err.strip().splitlines()) == 1
+    code, anyway, _ = _eval(capsys, *base, "--precision", "int8", "--max-drop", "100", "--min-agreement", "0")
+    assert code == 0 and anyway["min_agreement"] == 0 and anyway["dropped"] == {}
+    assert 0 <= anyway["held_out_agreement"] <= 100 and anyway["held_out_images"] == 48
 
 
 def test_segment_eval_exits_non_zero_beyond_max_drop(trained, shapes, capsys, monkeypatch):

@@ -18,7 +18,7 @@ from metaformer.data.sources import classification_splits
 from metaformer.data.transforms import eval_transform_from_preprocessing
 from metaformer.deploy import prepare_for_inference
 from metaformer.deploy.calibration import calibration_set, run_record, transform_key
-from metaformer.deploy.options import DeployOptions, compare_with_fp32, max_drop_option
+from metaformer.deploy.options import DeployOptions, compare_with_fp32, held_out_report, max_drop_option
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.loop import amp_dtype, use_channels_last
@@ -152,7 +152,7 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
     runner, backend = prepare_for_inference(
         model, backend=config.backend, precision=config.precision, device=device, img_size=(size, size),
         batch_size=batch_size, amp=dtype, threads=config.threads, calibration=calibration,
-        images=len(dataset),  # type: ignore[arg-type]
+        images=len(dataset), min_agreement=config.min_agreement,  # type: ignore[arg-type]
     )  # fmt: skip
     recorded = Predictions(runner)
 
@@ -196,9 +196,10 @@ def evaluate_classifier(config: EvalConfig) -> dict[str, Any]:
         "model": getattr(model, "model_name", config.model),
         "checkpoint": config.checkpoint or f"pretrained:{config.model}",
         "backend": backend,
-        "precision": config.precision,
+        "precision": getattr(runner, "precision", config.precision),
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
         **compared,
+        **held_out_report(runner),
         "data": described,
         "images": len(dataset),  # type: ignore[arg-type]
         "skipped_images": skipped,

@@ -45,7 +45,8 @@ def _readable_names(names: Sequence[str]) -> list[str]:
 def load_classifier(
     checkpoint: str | None = None, model: str | None = None, pretrained: bool = False
 ) -> tuple[nn.Module, list[str], dict[str, Any]]:
-    """(eval-mode model, class names, eval preprocessing) from our weights, another checkpoint or a release.
+    """(eval-mode model, class names, eval preprocessing) from our weights, another checkpoint or a release,
+    or an exported folder (its model run by its runtime: ``deploy.package.FolderModel``).
 
     Our safetensors carry model, config, class names and preprocessing. Official and timm checkpoints
     need ``model``; they use the released weights' eval transform (the paper's: 224, crop 0.9/0.95).
@@ -77,6 +78,11 @@ def load_classifier(
         net = create_model(model, pretrained=True)
         return net.eval(), _imagenet_names(net.num_classes), get_weights(model).preprocessing()
     path = Path(str(checkpoint))
+    from metaformer.deploy.package import is_export_folder, load_folder
+
+    if is_export_folder(path):  # a folder `metaformer export` wrote: its runtime runs it, no torch weights
+        exported = load_folder(path)
+        return exported, exported.class_names, dict(exported.manifest["preprocessing"])
     if path.is_dir():  # a hub-style folder (save_pretrained, ours or transformers'): config.json says all
         net = model_from_weights(path)
         if model is not None and getattr(net, "model_name", model) != model:

@@ -89,6 +89,7 @@ def predict(config: PredictConfig) -> list[dict[str, Any]]:
         threads=config.threads,
         calibration=calibration,
         images=len(paths),
+        min_agreement=config.min_agreement,
     )
     k = min(config.topk, len(classes))
     results: list[dict[str, Any]] = []

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from metaformer.deploy.options import held_out_lines
+
 
 def train_report(summary: Mapping[str, Any]) -> str:
     best = summary["best_top1"]
@@ -29,6 +31,7 @@ def eval_report(result: Mapping[str, Any]) -> str:
             f"{result['fp32_top1']:.2f}% (drop {result['drop']:.2f} points, allowed {result['max_drop']:g}); "
             f"top-1 agreement {result['agreement']:.2f}%"
         )
+    lines.extend(held_out_lines(result))
     per_class = {k: v for k, v in (result.get("per_class_top1") or {}).items() if v is not None}
     if per_class:
         shown = list(per_class.items())

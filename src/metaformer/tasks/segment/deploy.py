@@ -30,7 +30,7 @@ from metaformer.data.segmentation import SegAugment, eval_resize, open_segmentat
 from metaformer.data.shapes import SEGMENTATION_CLASSES, ShapesConfig, make_shapes
 from metaformer.deploy import prepare_for_inference
 from metaformer.deploy.calibration import calibration_set
-from metaformer.deploy.options import DeployOptions
+from metaformer.deploy.options import DeployOptions, held_out_lines
 from metaformer.deploy.quantize import CALIBRATION_IMAGES, Calibration
 from metaformer.engine.state import read_run_config
 from metaformer.errors import ConfigError
@@ -75,6 +75,7 @@ def prepare_segmenter(
         calibration=calibration,
         images=images,
         dynamic_size=True,
+        min_agreement=options.min_agreement,
     )
 
 
@@ -89,7 +90,8 @@ def compare_report(result: dict[str, Any]) -> list[str]:
     return [
         f"  {result['precision']} against fp32 on the same images: mIoU {100 * result['mIoU']:.2f} vs "
         f"{100 * result['fp32_mIoU']:.2f} (drop {result['drop']:.2f} points, allowed "
-        f"{result['max_drop']:g}); pixel agreement {result['agreement']:.2f}%"
+        f"{result['max_drop']:g}); pixel agreement {result['agreement']:.2f}%",
+        *held_out_lines(result),
     ]
 
 

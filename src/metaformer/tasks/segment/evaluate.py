@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from metaformer.data.segmentation import LAYOUTS, open_segmentation
-from metaformer.deploy.options import DeployOptions, compare_with_fp32, max_drop_option
+from metaformer.deploy.options import DeployOptions, compare_with_fp32, held_out_report, max_drop_option
 from metaformer.engine import skeleton
 from metaformer.engine.distributed import pick_device
 from metaformer.engine.skeleton import seeded_subset
@@ -74,6 +74,7 @@ def evaluate_segmenter(config: SegmentEvalConfig) -> dict[str, Any]:
         "backend": backend,
         "precision": config.precision,
         "runs_with": runner.describe() if hasattr(runner, "describe") else backend,
+        **held_out_report(runner),
         "seconds": seconds,
         **metrics,
         "per_class_IoU": task.per_class_iou,
