@@ -1,3 +1,4 @@
+import logging
 import os
 import random
 
@@ -25,3 +26,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def warned():
+    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
+    process may have left the root logger's handlers and the logger's propagation changed)."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
+    yield lambda: list(seen)
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory):
+    """One tiny digits run (1 epoch, 32 px) for the tests that only read it: its folder, with
+    last.safetensors and the config.json that names the embedded digits."""
+    from metaformer.tasks.classify.config import TrainConfig
+    from metaformer.tasks.classify.train import train_classifier
+
+    out = tmp_path_factory.mktemp("tiny_digits_run")
+    tiny = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
+    train_classifier(
+        TrainConfig(
+            output=str(out), model_kwargs=tiny, epochs=1, batch_size=32, limit_train=96, limit_val=40,
+            progress=False,
+        )
+    )  # fmt: skip
+    return out

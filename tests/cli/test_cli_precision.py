@@ -8,24 +8,14 @@ import torch
 from PIL import Image
 
 from metaformer.cli import main
-from metaformer.tasks.classify import TrainConfig, train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture
+def run(tiny_digits_run):
     """A tiny digits run: its checkpoint, with config.json beside it naming the embedded digits."""
-    out = tmp_path_factory.mktemp("run")
-    train_classifier(
-        TrainConfig(
-            output=str(out), model_kwargs=TINY, epochs=1, batch_size=32, limit_train=96, limit_val=40,
-            progress=False,
-        )
-    )  # fmt: skip
-    return out
+    return tiny_digits_run
 
 
 @pytest.fixture(autouse=True)

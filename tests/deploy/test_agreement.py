@@ -6,7 +6,6 @@ The candidates are stand-in backends with one interface (a good one that is slow
 fast), so what is tested is the rule, the same on every CPU."""
 
 import json
-import logging
 import time
 from types import SimpleNamespace
 
@@ -24,25 +23,6 @@ TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "num_classes": 4}
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def warned():
-    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
-    process may have left the root logger's handlers and the logger's propagation changed)."""
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
-    yield lambda: list(seen)
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 class Stand(Runner):

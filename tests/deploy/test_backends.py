@@ -2,8 +2,6 @@
 int8 by top-1 agreement with fp32 (on held-out calibration images) on a model trained here to >= 90%
 held-out top-1 on the digits."""
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -23,25 +21,6 @@ TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64], "num_classes": 10}
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def warned():
-    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
-    process may have left the root logger's handlers and the logger's propagation changed)."""
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
-    yield lambda: list(seen)
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 def randomized() -> torch.nn.Module:

@@ -3,7 +3,6 @@ the same label maps, bf16 to bf16's precision, int8 by pixel agreement on a mode
 cached artefact for every image size, and `segment eval` / `segment predict` with the deployment flags."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -38,25 +37,6 @@ MIN_PIXEL_AGREEMENT = 0.98
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFORMER_HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
-def warned():
-    """The warning sentences metaformer logs, read by a handler on its own logger (earlier tests in the
-    process may have left the root logger's handlers and the logger's propagation changed)."""
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    log, handler = logging.getLogger("metaformer"), Keep(logging.WARNING)
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if level == logging.NOTSET or level > logging.WARNING else level)
-    yield lambda: list(seen)
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
