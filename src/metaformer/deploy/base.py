@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metaformer.deploy.agreement import measure_agreement
 from metaformer.errors import ExportError
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
@@ -138,8 +139,6 @@ def check_outputs(
 def check_int8(runner: nn.Module, model: nn.Module, calibration: Any) -> dict[str, Any]:
     """What an int8 ``runner`` records when it is built: its agreement with the fp32 ``model`` on the
     calibration set's held-out images, and how many images it was calibrated on."""
-    from metaformer.deploy.agreement import measure_agreement
-
     check = measure_agreement(runner, model, calibration.stacked(held_out=True))
     check["calibrated_on"] = len(calibration.calibration_images())
     return check
