@@ -92,20 +92,29 @@ def test_an_int8_folder_records_its_held_out_agreement_and_the_cpu(run, images, 
     assert len(predicted(capsys, folder, images)) == 6
 
 
-def test_the_docs_snippet_gives_the_classes_predict_gives(run, images, tmp_path, capsys):
-    block = next(b for b in DOCS.read_text().split("```python")[1:] if "ov.Core().compile_model" in b)
-    snippet = block.split("```")[0]
-    folder = tmp_path / "s12-folder"
-    assert export(run, folder, "--format", "openvino") == 0
+def _docs_block(needle: str) -> str:
+    return next(b for b in DOCS.read_text().split("```python")[1:] if needle in b).split("```")[0]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "needle"), [("openvino", "ov.Core().compile_model"), ("onnx", "InferenceSession")]
+)
+def test_the_docs_snippets_give_the_classes_predict_gives(run, images, tmp_path, capsys, fmt, needle):
+    """The preparation block, then the plain-runtime block, on a folder `metaformer export` wrote."""
+    prepare, runtime = _docs_block('meta = json.load(open(f"{folder}/metaformer.json"))'), _docs_block(needle)
+    named = re.search(r'folder = "([^"]+)"', runtime) or re.search(r'folder = "([^"]+)"', prepare)
+    folder = tmp_path / named.group(1)  # the ONNX block names its own folder
+    assert export(run, folder, "--format", fmt) == 0
     want = predicted(capsys, folder, images)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         for name, cls in want.items():
             Image.open(images / name).save(tmp_path / "digit.png")
-            out = io.StringIO()
+            out, namespace = io.StringIO(), {}
             with contextlib.redirect_stdout(out):
-                exec(snippet, {})
+                exec(prepare.replace('"s12-folder"', repr(folder.name)), namespace)
+                exec(runtime, namespace)
             assert out.getvalue().strip() == cls, name
     finally:
         os.chdir(cwd)
