@@ -1,32 +1,39 @@
-"""The deployment backends by name: which module runs each, and which of them can run a precision here.
+"""The deployment backends by name: the ``Backend`` object that runs each, and which of them can run a
+precision here.
 
-Each backend module (``backend_torch``, ``backend_onnxruntime``, ``backend_openvino``) has the one
-interface ``base`` describes; ``backend_module`` returns it by name.
+Each backend is one ``base.Backend`` instance in its own module (``backend_torch.TORCH``,
+``backend_onnxruntime.ONNXRUNTIME``, ``backend_openvino.OPENVINO``); ``backend`` imports a module only
+when its backend is first asked for, so naming the backends (the CLI's choices) imports none of them.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from metaformer.errors import ConfigError
 
+if TYPE_CHECKING:
+    from metaformer.deploy.base import Backend
+
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
-_MODULES = {
-    "torch": "metaformer.deploy.backend_torch",
-    "onnxruntime": "metaformer.deploy.backend_onnxruntime",
-    "openvino": "metaformer.deploy.backend_openvino",
+_REGISTRY = {  # name -> (module, the Backend object in it)
+    "torch": ("metaformer.deploy.backend_torch", "TORCH"),
+    "onnxruntime": ("metaformer.deploy.backend_onnxruntime", "ONNXRUNTIME"),
+    "openvino": ("metaformer.deploy.backend_openvino", "OPENVINO"),
 }
 
 
-def backend_module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+def backend(name: str) -> Backend:
+    """The backend called ``name`` (one of ``BACKENDS`` but auto)."""
+    module, attribute = _REGISTRY[name]
+    return getattr(importlib.import_module(module), attribute)
 
 
 def _runnable(name: str, precision: str) -> bool:
     try:
-        backend_module(name).check(precision)
+        backend(name).check(precision)
     except (ConfigError, ImportError):
         return False
     return True
@@ -38,4 +45,4 @@ def candidates(precision: str) -> list[str]:
     return [name for name in order if _runnable(name, precision)]
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "backend_module", "candidates"]
+__all__ = ["BACKENDS", "PRECISIONS", "backend", "candidates"]

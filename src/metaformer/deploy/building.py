@@ -53,7 +53,7 @@ def cached_entry(
     """The cache entry holding ``backend``'s artefact for this model and precision, or None."""
     from metaformer.deploy import cache
 
-    if not backends.backend_module(backend).ARTEFACT:
+    if not backends.backend(backend).caches_files:
         return None
     return cache.lookup(cache.make_key(_cache_parts(model, backend, precision, size, calibration)))
 
@@ -79,8 +79,8 @@ def build(
     from metaformer.deploy import cache
     from metaformer.deploy.quantize import as_calibration, require_calibration
 
-    module = backends.backend_module(backend)
-    module.check(precision)
+    chosen = backends.backend(backend)
+    chosen.check(precision)
     calibration = as_calibration(calibration)
     if precision == "int8":
         require_calibration(calibration)
@@ -88,11 +88,11 @@ def build(
     h, w = int(img_size[0]), int(img_size[1])
     key_size = None if dynamic_size else (h, w)
     in_chans = getattr(model, "in_chans", 3)
-    if not module.ARTEFACT:
+    if not chosen.caches_files:
         start = time.perf_counter()
         one_batch = images is not None and images <= batch_size
         example = torch.zeros(batch_size, in_chans, h, w)
-        runner = module.build(
+        runner = chosen.build(
             model, precision, example, threads=threads, one_batch=one_batch, calibration=calibration
         )
         if not one_batch:  # the fold's cost, what a longer run pays before its first batch
@@ -105,14 +105,14 @@ def build(
     entry = cache.lookup(key) if key else None
     if entry is not None:
         start = time.perf_counter()
-        runner = module.load(entry.folder, precision, threads=threads)
+        runner = chosen.load(entry.folder, precision, threads=threads)
         runner.check = entry.meta.get("check", {})
         cache.record_cost(backend, precision, shape_name(model, key_size), load_s=time.perf_counter() - start)
         return runner
     example = torch.zeros(batch_size, in_chans, h, w)
     start = time.perf_counter()
     with cache.building(key) as (folder, meta):
-        runner = module.build(
+        runner = chosen.build(
             model.cpu().float(), precision, example, threads=threads, calibration=calibration, folder=folder,
             dynamic_size=dynamic_size,
         )  # fmt: skip
@@ -134,7 +134,7 @@ def one_off_s(
     from metaformer.deploy import cache
 
     costs = cache.costs(backend, precision, shape_name(model, size))
-    if not backends.backend_module(backend).ARTEFACT:
+    if not backends.backend(backend).caches_files:
         return costs.get("load_s", 0.2)
     if precision == "int8" and calibration is None:
         return math.inf

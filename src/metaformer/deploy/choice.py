@@ -189,7 +189,7 @@ def _auto(model: nn.Module, names: list[str], request: DeployRequest) -> tuple[n
         # measuring builds every backend's artefact: a short run takes one that needs none or is built
         ready = [
             name for name in names
-            if not backends.backend_module(name).ARTEFACT
+            if not backends.backend(name).caches_files
             or building.cached_entry(model, name, precision, key_size, request.calibration)
         ]  # fmt: skip
         choice = (ready or names)[0]
