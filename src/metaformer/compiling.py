@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaformer.options import COMPILE_CHOICES
 from metaformer.weights.download import cache_dir as metaformer_home
 from metaformer.weights.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-COMPILE_CHOICES = ("auto", "on", "off")
 _CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
@@ -69,7 +69,8 @@ def enable_compile_caches(home: Path | None = None) -> Path:
     return inductor
 
 
-def _artifacts_path(key: str, home: Path | None = None) -> Path:
+def artifacts_path(key: str, home: Path | None = None) -> Path:
+    """Where the portable cache artefacts of ``key`` are saved."""
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
     return enable_compile_caches(home) / "artifacts" / f"{safe}.bin"
 
@@ -77,7 +78,7 @@ def _artifacts_path(key: str, home: Path | None = None) -> Path:
 def load_artifacts(key: str, home: Path | None = None) -> bool:
     """Load the portable cache artefacts saved for ``key``; True when some were found and loaded."""
     loader = getattr(torch.compiler, "load_cache_artifacts", None)
-    path = _artifacts_path(key, home)
+    path = artifacts_path(key, home)
     if loader is None or not path.is_file():
         return False
     try:
@@ -99,7 +100,7 @@ def save_artifacts(key: str, home: Path | None = None) -> Path | None:
         return None
     if saved is None:
         return None
-    path = _artifacts_path(key, home)
+    path = artifacts_path(key, home)
     try:
         with atomic_write(path) as tmp:
             tmp.write_bytes(saved[0])
@@ -247,6 +248,7 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
 
 __all__ = [
     "COMPILE_CHOICES",
+    "artifacts_path",
     "CompiledModule",
     "compile_cache_summary",
     "compile_module",
