@@ -82,7 +82,7 @@ def test_help_texts_are_those_of_before() -> None:
     # Fashion-MNIST, the one-folder hold-out and the finetune recipe joined these (issue 24)
     changed |= {"ablate --data", "ablate --img-size", "classify train --data", "classify train --recipe"}
     changed |= {"classify eval --data", "classify train --workers"}
-    # OpenVINO and the precisions joined the backend choice (issue 23)
+    # OpenVINO and the precisions (issue 23), then compile (issue 34), joined the backend choice
     changed |= {"classify eval --backend", "classify predict --backend"}
     changed |= {"export :help", "export --format", "export --dynamic-batch"}
     # the "other" study, eval's recorded data, recipes by data size, and help that was missing (issue 33)

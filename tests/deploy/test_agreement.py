@@ -48,7 +48,12 @@ def stand_in(name, broken, delay_s, built):
         return runner
 
     return SimpleNamespace(
-        name=name, precisions=("int8",), caches_files=False, check=lambda precision: None, build=build
+        name=name,
+        precisions=("int8",),
+        caches_files=False,
+        compiles=False,
+        check=lambda precision: None,
+        build=build,
     )
 
 

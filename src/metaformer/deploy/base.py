@@ -8,7 +8,9 @@ A backend is a ``Backend`` object (``backend_torch.TORCH``, ``backend_onnxruntim
 - ``check(precision)``: ``ConfigError`` in one sentence when it cannot run ``precision`` here;
 - ``build(model, precision, example, *, threads, calibration, folder, ...) -> Runner``: the one-off
   work (export, quantize), written into ``folder``, checked against PyTorch, and the runner;
-- ``load(folder, precision, *, threads) -> Runner``: the runner from a cached artefact.
+- ``load(folder, precision, *, threads) -> Runner``: the runner from a cached artefact;
+- ``compiles``: its one-off cost is a ``torch.compile`` (``backend_compile.COMPILE``), whose caches
+  Inductor keeps, under the deployment cache key ``build`` gets as ``key``.
 
 A ``Runner`` is a module: (B, C, H, W) float images in, float logits out, whatever runs inside:
 (B, K) for a classifier, (B, K, H, W) for a segmenter (whose exported graph takes any H and W,
@@ -79,6 +81,7 @@ class Backend(ABC):
     name: str = ""
     precisions: tuple[str, ...] = ()
     artefacts: Mapping[str, str] = {}  # precision -> the file ``build`` writes and the cache keeps
+    compiles = False  # its one-off cost is a compile, cached by Inductor under a deployment cache key
 
     def artefact(self, precision: str) -> str | None:
         """The file ``build`` writes for ``precision`` (None: nothing is written, nothing cached)."""
