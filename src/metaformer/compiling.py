@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaformer.options import COMPILE_CHOICES
+from metaformer.options import COMPILE_MODES
 from metaformer.weights.download import cache_dir as metaformer_home
 from metaformer.weights.io import atomic_write
 
 logger = logging.getLogger(__name__)
+
+COMPILE_CHOICES: tuple[str, ...] = COMPILE_MODES  # --compile's values; options.py (torch-free) owns them
 
 _CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
@@ -36,12 +39,15 @@ _CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 def _user_values() -> dict[str, str | None]:
     """What the user set before this module was imported (never replaced); Inductor writes its default
     folder into the variable when it first opens its cache, and that one is not the user's."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     found = {name: os.environ.get(name) for name in _CACHE_VARS}
     inductor = found["TORCHINDUCTOR_CACHE_DIR"]
-    if inductor is not None and os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
-        found = {name: None for name in _CACHE_VARS}
+    # Inductor can only have written its default here if this process imported it (importing it just
+    # to ask costs sympy, which predict never needs); an inherited value was set on purpose
+    if inductor is not None and "torch._inductor" in sys.modules:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+            found = {name: None for name in _CACHE_VARS}
     return found
 
 
@@ -60,19 +66,24 @@ def enable_compile_caches(home: Path | None = None) -> Path:
     Inductor reads the variables each time it opens its cache, so this works any time before the first
     compile. Calling it again is harmless; a new ``home`` moves the caches there.
     """
-    folder = inductor_cache_dir(home)
+    inductor = _cache_root(home)
     if _USER_SET["TORCHINDUCTOR_CACHE_DIR"] is None:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    inductor = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
     if _USER_SET["TRITON_CACHE_DIR"] is None:
         os.environ["TRITON_CACHE_DIR"] = str(inductor / "triton")
     return inductor
 
 
+def _cache_root(home: Path | None) -> Path:
+    """Inductor's cache folder: the user's ``TORCHINDUCTOR_CACHE_DIR``, else under the metaformer home."""
+    user_set = _USER_SET["TORCHINDUCTOR_CACHE_DIR"]
+    return Path(user_set) if user_set else inductor_cache_dir(home)
+
+
 def artifacts_path(key: str, home: Path | None = None) -> Path:
-    """Where the portable cache artefacts of ``key`` are saved."""
+    """Where the portable cache artefacts of ``key`` are saved (nothing is created or set)."""
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
-    return enable_compile_caches(home) / "artifacts" / f"{safe}.bin"
+    return _cache_root(home) / "artifacts" / f"{safe}.bin"
 
 
 def load_artifacts(key: str, home: Path | None = None) -> bool:
@@ -226,8 +237,7 @@ def compile_module(
 
 def compile_cache_summary(home: Path | None = None) -> dict[str, Any]:
     """Where the compile cache is, how many files it holds and their total bytes."""
-    user_set = _USER_SET["TORCHINDUCTOR_CACHE_DIR"]
-    folder = Path(user_set) if home is None and user_set else inductor_cache_dir(home)
+    folder = _cache_root(home)
     files = 0
     size = 0
     if folder.is_dir():

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Union
 from metaformer.errors import ConfigError, check_choice, check_number
 
 AMP_MODES = ("off", "auto", "bf16", "fp16")
-COMPILE_CHOICES = ("auto", "on", "off")  # --compile; metaformer.compiling runs it
+COMPILE_MODES = ("auto", "on", "off")  # --compile; metaformer.compiling runs it
 MODEL_KWARGS_EXAMPLE = "'{\"depths\": [1, 1, 1, 1]}'"
 
 
@@ -151,7 +151,7 @@ class RunOptions:
     compile: str = option(
         "auto",
         "torch.compile the training steps; auto: when the announced steps pay the compile time back",
-        choices=COMPILE_CHOICES,
+        choices=COMPILE_MODES,
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
     progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")

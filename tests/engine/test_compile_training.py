@@ -67,7 +67,7 @@ def test_a_compiled_step_is_the_eager_step(home, checkpointing):
         results.append((loss.detach(), grads, ema.module.state_dict()))
     assert compiled.compiled and compiled.failure is None
     torch.testing.assert_close(results[0][0], results[1][0], **tol)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, **tol)
     assert any(g.abs().sum() > 0 for g in results[1][1])
     for key, value in results[0][2].items():

@@ -56,7 +56,7 @@ from metaformer.ablate.study import (
 from metaformer.errors import ConfigError
 from metaformer.models import register_mixer
 from metaformer.models.mixers import MIXERS
-from metaformer.options import COMPILE_CHOICES, option
+from metaformer.options import COMPILE_MODES, option
 from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class AblateOptions:
     compile: str = option(
         "auto",
         "torch.compile each run's training steps; auto: when its steps pay the compile time back",
-        choices=COMPILE_CHOICES,
+        choices=COMPILE_MODES,
     )
 
     def to_config(self) -> AblationConfig:

@@ -20,7 +20,7 @@ from torch import nn
 from metaformer.errors import ConfigError, DataError, check_choice, check_number
 from metaformer.models import VARIANTS, register_mixer
 from metaformer.models.mixers import MIXERS
-from metaformer.options import COMPILE_CHOICES
+from metaformer.options import COMPILE_MODES
 
 BASE_MODEL = "poolformer_s12"
 CELL_FILE = "cell.json"
@@ -225,7 +225,7 @@ class AblationConfig:
             )
         check_number("depths", self.depths, low=1)
         check_number("dims", self.dims, low=1)
-        check_choice("compile", self.compile, COMPILE_CHOICES)
+        check_choice("compile", self.compile, COMPILE_MODES)
         reserved = sorted(_CELL_OPTIONS & set(self.train_options))
         if reserved:
             raise ConfigError(
