@@ -113,7 +113,8 @@ def test_auto_takes_compile_only_when_the_announced_work_pays_for_it(fake_costs)
     assert not joins(model, images=None)  # unknown work: a cold compile never joins
     fake_costs.update(compile_s=2.0, warm=True)
     assert joins(model, images=None)  # ... a warm one does
-    assert not joins(model, images=32 * 4)  # a few batches: not worth any compile
+    fake_costs["torch_batch_s"] = 10.0
+    assert not joins(model, images=32 * 4)  # a few batches: not worth any compile, even one this cheap
     assert "compile" not in with_compile(model, ["onnxruntime"], DeployRequest(images=10**6))  # no fast path
 
 
