@@ -116,6 +116,8 @@ def test_auto_takes_compile_only_when_the_announced_work_pays_for_it(fake_costs)
     fake_costs["torch_batch_s"] = 10.0
     assert not joins(model, images=32 * 4)  # a few batches: not worth any compile, even one this cheap
     assert "compile" not in with_compile(model, ["onnxruntime"], DeployRequest(images=10**6))  # no fast path
+    every_size = DeployRequest(img_size=SIZE, batch_size=32, images=10**6, dynamic_size=True)
+    assert "compile" not in with_compile(model, ["torch"], every_size)  # a new size would compile again
 
 
 def test_auto_measures_compile_beside_the_others_when_it_pays(fake_costs, monkeypatch):

@@ -7,7 +7,8 @@ casts the folded weights, as the torch backend does (``backend_torch.fold``).
 
 The graph is compiled for one batch size (the caller's), so a smaller batch (a dataset's last one) is
 padded to it and a larger one split: a new batch size would cost a second compile. With
-``dynamic_size`` (a segmenter taking every image size) it is compiled with dynamic shapes instead.
+``dynamic_size`` (a segmenter taking every image size) the height and width are dynamic in the graph;
+the batch is still padded or split, so one graph serves every image.
 
 Its one-off cost is the compile: minutes on a 2-core CPU when cold, seconds when Inductor's caches
 (kept under the metaformer home by ``metaformer.compiling``, keyed like the deployment cache) are
@@ -40,9 +41,10 @@ class CompiledRunner(Runner):
     def __init__(
         self, compiled: nn.Module, precision: str, batch_size: int, *, dynamic: bool, threads: int | None
     ):
-        super().__init__("compile", precision, {"threads": threads or torch.get_num_threads()})
+        settings = {"threads": threads or torch.get_num_threads(), "dynamic_size": dynamic}
+        super().__init__("compile", precision, settings)
         self.model = compiled
-        self.batch_size, self.dynamic = int(batch_size), dynamic
+        self.batch_size = int(batch_size)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,7 @@ class CompiledRunner(Runner):
             return self.model(x.to(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic or x.shape[0] == self.batch_size:
+        if x.shape[0] == self.batch_size:
             out = self._run(x)
         else:  # the compiled batch size: a smaller batch padded with zeros, a larger one split
             parts = []

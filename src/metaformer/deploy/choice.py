@@ -288,8 +288,10 @@ def with_compile(model: nn.Module, names: list[str], request: DeployRequest) -> 
     """``names`` and, when its compile pays for itself, the compile backend: its estimated compile
     (``building.compile_cost_s``, no compiling to find out) costs at most ``COMPILE_SAVING`` of the
     announced batches' time on the torch fast path (measured or recorded). With no work announced,
-    only a compile Inductor's caches already hold joins."""
-    if "torch" not in names or not backends.runnable("compile", request.precision):
+    only a compile Inductor's caches already hold joins. Never for ``dynamic_size`` (a segmenter's
+    images of every size): an image size that changes the graph's shape arithmetic compiles again
+    (about a minute for a tiny segmenter here), which no estimate made before the images can know."""
+    if request.dynamic_size or "torch" not in names or not backends.runnable("compile", request.precision):
         return names
     cost, warm = building.compile_cost_s(model, request.precision, request.key_size, request.batch_size)
     batches = request.batches
