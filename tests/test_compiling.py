@@ -80,3 +80,23 @@ def test_torch_compile_raising_at_build_falls_back_too(home, warned, monkeypatch
     x = torch.randn(3, 4)
     torch.testing.assert_close(wrapped(x), model(x))
     assert not wrapped.compiled and len(warned()) == 1 and "Dynamo is not supported" in warned()[0]
+
+
+def test_a_recompile_that_fails_later_falls_back_too(home, warned):
+    """A new input shape recompiles after the first calls; that compile failing is the compiler's error."""
+    graphs = []
+
+    def once(gm, example_inputs):
+        graphs.append(gm)
+        if len(graphs) > 1:
+            raise RuntimeError("the second graph does not build")
+        return gm.forward
+
+    model = nn.Linear(4, 2)
+    wrapped = compiling.compile_module(model, key="recompile", backend=once)  # dynamic=False: a new shape
+    for _ in range(3):
+        wrapped(torch.randn(3, 4))
+    assert wrapped.compiled and not warned()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(wrapped(x), model(x))
+    assert not wrapped.compiled and len(warned()) == 1 and "second graph" in warned()[0]

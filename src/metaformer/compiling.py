@@ -131,6 +131,16 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:160]}" if first else type(err).__name__
 
 
+def _is_compile_error(err: BaseException) -> bool:
+    """An error of Dynamo or Inductor (not of the model's own code)."""
+    from torch._dynamo import exc
+
+    inductor_error = getattr(sys.modules.get("torch._inductor.exc"), "InductorError", None)
+    return isinstance(err, exc.TorchDynamoException) or (
+        inductor_error is not None and isinstance(err, inductor_error)
+    )
+
+
 class CompiledModule(nn.Module):
     """``module`` run through ``torch.compile``, or eager once compiling has failed.
 
@@ -191,19 +201,22 @@ class CompiledModule(nn.Module):
         if self._compiled is None:
             return self.module(*args, **kwargs)
         self._calls += 1
-        if self._calls > 2:
-            return self._compiled(*args, **kwargs)
         start = time.perf_counter()
         try:
             out = self._compiled(*args, **kwargs)
         except Exception as err:
+            # the first calls compile (any error there is the compiler's); later, a recompile for a new
+            # shape can fail too, but other errors are the model's own and are raised as they are
+            if self._calls > 2 and not _is_compile_error(err):
+                raise
             self.fall_back(err)
             return self.module(*args, **kwargs)
         if self._calls == 1:
             self.compile_seconds = time.perf_counter() - start
-        # saved after the first call, and again after the second, when a training step's lazily compiled
-        # backward has joined the cache
-        save_artifacts(self.key, self.home)
+        if self._calls <= 2:
+            # saved after the first call, and again after the second, when a training step's lazily
+            # compiled backward has joined the cache
+            save_artifacts(self.key, self.home)
         return out
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
