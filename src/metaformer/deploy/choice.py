@@ -112,8 +112,10 @@ def prepare_for_inference(
     ``precision``: fp32 (exact outputs, the default), bf16, or int8 (post-training quantization
     calibrated on ``calibration``, an iterable of preprocessed image batches or a ``Calibration``).
     ``torch`` is our fast path (or, with ``amp``, the plain model under autocast); ``onnxruntime`` and
-    ``openvino`` run the exported graph on the CPU; ``auto`` measures them. ``images``: how many images
-    the caller will run (None: many), which decides whether a backend's one-off cost pays off.
+    ``openvino`` run the exported graph on the CPU; ``compile`` the fast path compiled by Inductor
+    (``backend_compile``); ``auto`` measures them, compile only when the work pays for compiling.
+    ``images``: how many images the caller will run (None: many), which decides whether a backend's
+    one-off cost pays off.
     ``threads``: the runtimes' threads (default: PyTorch's). ``dynamic_size``: images of every size
     go through one runner (a segmenter's; ``img_size`` is a typical one, where auto measures).
     ``min_agreement``: the top-1 agreement with fp32 an int8 model needs on the calibration source's
