@@ -1,13 +1,20 @@
 """Inference speed: timm vs metaformer (plain and fast path) and onnxruntime, in one interleaved run.
 
 For each model: timm in its default NCHW layout, timm channels_last, ours as created (NCHW), ours
-through ``optimize_for_inference``, and onnxruntime on our exported (folded) graph. Every candidate
+through ``optimize_for_inference``, onnxruntime on our exported (folded) graph, and ``auto`` (what
+eval and predict run, decided at batch 32 and batch 1 apart). With ``--compile`` (Inductor with
+freezing, as PyTorch's CPU guides recommend, one static graph per batch size): timm compiled in NCHW
+and in channels_last, and ours compiled (the ``compile`` backend, ``--backend compile``); the
+"1st s" column is the seconds of each row's first batch-32 and batch-1 calls (for a compiled row its
+compiles, cold or from Inductor's caches under the metaformer home), and "x timm CL comp." the speed
+against timm channels_last compiled. Every candidate
 gets the same timm weights (ours with ``final_norm="pooled"``, timm's head), outputs are compared
 with timm's before timing, and the rounds are interleaved (A B C D, A B C D, ...) so that machine
 noise hits all rows alike; the medians are reported. The matmul peak (2048 x 2048, fp32) is timed in
 the same rounds, so "% peak" compares like with like.
 
     python benchmarks/inference.py                       # the five PoolFormers, batch 32 and batch 1
+    python benchmarks/inference.py --compile --models poolformer_s12 --threads 2  # + the compiled rows
     python benchmarks/inference.py --all --compile       # + convformer_s18, caformer_s18, torch.compile rows
     python benchmarks/inference.py --device cuda         # fp32 and bf16, eager and compiled
     python benchmarks/inference.py --device cuda --compile   # + torch.compile rows (Triton path too)
@@ -174,9 +181,12 @@ def build_candidates(
     if device == "cuda":
         rows["ours fast path, Triton"] = with_triton(fast)
     if args.compile:
-        rows["timm channels_last + compile"] = channels_last(torch.compile(timm_cl))
-        rows["ours fast path + compile"] = optimize_for_inference(ours, compile=True)
-        if device == "cuda":
+        rows["timm compiled (NCHW)"] = torch.compile(ref, dynamic=False)
+        rows[COMPILED_PEER] = channels_last(torch.compile(timm_cl, dynamic=False))
+        if device == "cpu":
+            rows["ours fast path compiled (compile backend)"] = compile_backend(ours, args, dtype)
+        else:
+            rows["ours fast path compiled"] = optimize_for_inference(ours, compile=True)
             rows["ours fast path, Triton + compile"] = with_triton(optimize_for_inference(ours, compile=True))
     if device == "cpu" and dtype == torch.float32 and not args.no_onnx:
         try:
@@ -205,11 +215,52 @@ def build_candidates(
     if device == "cpu" and dtype == torch.float32:
         from metaformer.inference import prepare_for_inference
 
-        runner, backend = prepare_for_inference(
-            ours, backend="auto", img_size=(args.img_size, args.img_size), batch_size=args.batch
-        )
-        rows[f"ours, eval/predict default (auto: {backend})"] = runner
+        size = (args.img_size, args.img_size)
+        auto, chosen = {}, {}
+        start = time.perf_counter()
+        for batch in dict.fromkeys((args.batch, 1)):
+            auto[batch], chosen[batch] = prepare_for_inference(
+                ours, backend="auto", img_size=size, batch_size=batch
+            )
+        label = "/".join(dict.fromkeys(chosen.values()))
+        rows[f"ours, eval/predict default (auto: {label})"] = by_batch(auto)
+        rows[f"ours, eval/predict default (auto: {label})"].setup_s = time.perf_counter() - start  # type: ignore[attr-defined]
     return rows, notes
+
+
+COMPILED_PEER = "timm channels_last compiled"
+
+
+def by_batch(
+    runners: dict[int, Callable[[torch.Tensor], torch.Tensor]],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One row of runners built per batch size (a compiled graph is for one): each batch to its own."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return runners[x.shape[0]](x)
+
+    return run
+
+
+def compile_backend(
+    ours: torch.nn.Module, args: argparse.Namespace, dtype: torch.dtype
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Ours on the compile backend, one runner per batch size, built (compiled) now, before auto, which
+    then finds the compiles recorded and weighs the compile backend too; ``setup_s``: the builds'
+    seconds, which the row's "1st s" adds."""
+    from metaformer.deploy import build
+
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    size = (args.img_size, args.img_size)
+    runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    start = time.perf_counter()
+    for batch in dict.fromkeys((args.batch, 1)):
+        runners[batch] = build(
+            ours, "compile", precision, img_size=size, batch_size=batch, threads=args.threads
+        )
+    run = by_batch(runners)
+    run.setup_s = time.perf_counter() - start  # type: ignore[attr-defined]
+    return run
 
 
 def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Path) -> list[dict]:
@@ -225,11 +276,19 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
     times32: dict[str, list[float]] = {k: [] for k in rows}
     times1: dict[str, list[float]] = {k: [] for k in rows}
     peaks: list[float] = []
+    first_s = {k: getattr(fn, "setup_s", 0.0) for k, fn in rows.items()}
     with torch.inference_mode():
         ref = rows["timm (NCHW)"](x32)
-        diffs = {k: rel_diff(fn(x32), ref) for k, fn in rows.items()}  # also the warm-up
-        for fn in rows.values():
+        diffs = {}
+        for k, fn in rows.items():  # also the warm-up: the first calls, which compile a compiled row
+            start = time.perf_counter()
+            out = fn(x32)
+            first_s[k] += time.perf_counter() - start
+            diffs[k] = rel_diff(out, ref)
+        for k, fn in rows.items():
+            start = time.perf_counter()
             fn(x1)
+            first_s[k] += time.perf_counter() - start
         for _ in range(args.repeats):
             peaks.append(matmul_peak_once(device, dtype))
             for k, fn in rows.items():
@@ -249,6 +308,13 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
                 "img_s": args.batch / t32,
                 "speedup": paired_ratio(base32, times32[k]),
                 "vs_channels_last": paired_ratio(times32["timm channels_last"], times32[k]),
+                "vs_compiled_peer": paired_ratio(times32[COMPILED_PEER], times32[k])
+                if COMPILED_PEER in times32
+                else None,
+                "b1_vs_compiled_peer": paired_ratio(times1[COMPILED_PEER], times1[k])
+                if COMPILED_PEER in times1
+                else None,
+                "first_s": first_s[k],
                 "latency_ms": t1 * 1e3,
                 "latency_ratio": paired_ratio(times1[k], base1),
                 "gflops": gflops,
@@ -273,17 +339,23 @@ def print_table(results: list[dict], title: str) -> None:
         f"\n{first['model']} - {title}: {first['gmacs']:.2f} GMACs/img, "
         f"matmul peak {first['peak']:.0f} GFLOP/s (median of the same rounds)"
     )
+    peer = first["vs_compiled_peer"] is not None
     header = (
-        f"{'implementation':<48}{'img/s':>9}{'x timm':>8}{'x timm CL':>10}{'b1 ms':>9}{'b1 x timm':>10}"
-        f"{'GFLOP/s':>9}{'% peak':>8}{'max rel diff vs timm':>22}"
+        f"{'implementation':<48}{'img/s':>9}{'x timm':>8}{'x timm CL':>10}"
+        + (f"{'x timm CL comp.':>16}" if peer else "")
+        + f"{'b1 ms':>9}{'b1 x timm':>10}"
+        + (f"{'b1 x CL comp.':>14}" if peer else "")
+        + f"{'1st s':>8}{'GFLOP/s':>9}{'% peak':>8}{'max rel diff vs timm':>22}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r['impl']:<48}{r['img_s']:>9.1f}{r['speedup']:>8.2f}{r['vs_channels_last']:>10.2f}"
-            f"{r['latency_ms']:>9.1f}"
-            f"{r['latency_ratio']:>10.2f}{r['gflops']:>9.0f}{r['pct_peak']:>8.0f}{r['rel_diff']:>22.1e}"
+            + (f"{r['vs_compiled_peer']:>16.2f}" if peer else "")
+            + f"{r['latency_ms']:>9.1f}{r['latency_ratio']:>10.2f}"
+            + (f"{r['b1_vs_compiled_peer']:>14.2f}" if peer else "")
+            + f"{r['first_s']:>8.1f}{r['gflops']:>9.0f}{r['pct_peak']:>8.0f}{r['rel_diff']:>22.1e}"
         )
 
 
@@ -296,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(0)
+    if args.compile:  # timm's compiled rows frozen as ours are (the compile backend sets it per call)
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
     default = ["float32"] if args.device == "cpu" else ["float32", "bfloat16"]
     dtypes = [getattr(torch, name) for name in args.dtype or default]
     if args.device == "cuda":

@@ -49,7 +49,7 @@ def build_rows(
     args: argparse.Namespace,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, float], torch.nn.Module]:
     """label -> runner, label -> build seconds, and the PyTorch model they all hold."""
-    from metaformer.deploy import backend_module, build, candidates
+    from metaformer.deploy import backend, build, candidates
     from metaformer.deploy.quantize import Calibration
     from metaformer.tasks.segment.model import SegmenterConfig, create_segmenter
 
@@ -69,7 +69,7 @@ def build_rows(
     if args.sizes:
         plan += [(name, "fp32", False) for name in ("onnxruntime", "openvino") if name in candidates("fp32")]
     for name, precision, dynamic in plan:
-        if not dynamic and not backend_module(name).ARTEFACT:
+        if not dynamic and not backend(name).caches_files:
             continue
         start = time.perf_counter()
         runner = build(

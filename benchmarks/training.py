@@ -16,11 +16,17 @@ gradients, AdamW state and workspace on top of the built model and batch. On CUD
     python benchmarks/training.py                    # poolformer_s12, batch 32
     python benchmarks/training.py --models poolformer_s12 poolformer_m36 --steps 6
     python benchmarks/training.py --quick            # smoke test
+    python benchmarks/training.py --batch 16 --threads 2 --compile   # compiled peers too (minutes to start)
     python benchmarks/training.py --device cuda --batch 128 --dtype bfloat16 --compile
 
 On CUDA, rows "ours ..., Triton" run the opt-in Triton kernels of the pooling half
-(``models/kernels/triton_pool.py``, what METAFORMER_TRITON=1 switches on); ``--compile`` adds timm +
-torch.compile and ours Triton + torch.compile. ``--dtype bfloat16`` runs every row under bf16 autocast.
+(``models/kernels/triton_pool.py``, what METAFORMER_TRITON=1 switches on). ``--compile`` adds the
+compiled rows: timm through ``torch.compile`` (NCHW and channels-last) and ours through the library's
+route (``metaformer.compiling.compile_module``, what ``classify train --compile on`` runs; NCHW and
+channels-last), on CUDA also ours Triton + torch.compile. Their first step compiles: its seconds are
+printed beside the speed (Inductor's cache lives under the metaformer home, so a second run starts
+warm), and "x timm CL compiled" is each row's ratio to timm channels-last compiled.
+``--dtype bfloat16`` runs every row under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -50,14 +56,26 @@ ROWS = (
     "ours + grad checkpointing",
 )
 CUDA_ROWS = ("ours (NCHW), Triton", "ours channels_last, Triton")
-COMPILE_ROWS = ("timm + compile", "ours (NCHW), Triton + compile")
+COMPILE_ROWS = (
+    "timm compiled (NCHW)",
+    "timm channels_last compiled",
+    "ours compiled (NCHW)",
+    "ours channels_last compiled",
+)
+COMPILED_PEER = "timm channels_last compiled"  # the ratio column's reference
+CUDA_COMPILE_ROWS = ("ours (NCHW), Triton + compile",)
 
 
 def rows_for(args: argparse.Namespace) -> tuple[str, ...]:
-    """The rows this run times: the Triton and compiled rows only on CUDA."""
+    """The rows this run times: the Triton rows only on CUDA, the compiled ones with --compile."""
+    compiled = COMPILE_ROWS if args.compile else ()
     if args.device != "cuda":
-        return ROWS
-    return ROWS + CUDA_ROWS + (COMPILE_ROWS if args.compile else ())
+        return ROWS + compiled
+    return ROWS + CUDA_ROWS + compiled + (CUDA_COMPILE_ROWS if args.compile else ())
+
+
+def is_compiled(row: str) -> bool:
+    return row.endswith(("compiled", "compiled (NCHW)", "+ compile"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-rows", nargs="+", help="probe the peak memory of these rows only (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
-    p.add_argument("--compile", action="store_true", help="CUDA: add the torch.compile rows (slow to start)")
+    p.add_argument(
+        "--compile", action="store_true", help="add the torch.compile rows (minutes to start on a CPU)"
+    )
     p.add_argument(
         "--random-weights",
         action="store_true",
@@ -133,7 +153,14 @@ def build_row(
         optimizer = create_optimizer(list(model.parameters()), lr=1e-3, weight_decay=0.05)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    forward = torch.compile(model) if row.endswith("+ compile") else model
+    if row.startswith("ours") and is_compiled(row) and not row.endswith("+ compile"):
+        from metaformer.compiling import compile_module
+
+        forward = compile_module(
+            model, key=f"bench-train-{name}-b{args.batch}-{args.img_size}-{row}", dynamic=False
+        )
+    else:
+        forward = torch.compile(model) if is_compiled(row) else model
     autocast = args.dtype == "bfloat16"
 
     def step() -> float:
@@ -231,8 +258,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     steps = {row: build_row(row, name, args) for row in rows}
     losses: dict[str, list[float]] = {row: [] for row in rows}
     times: dict[str, list[float]] = {row: [] for row in rows}
-    for row, step in steps.items():  # first step: the loss comparison, and the warm-up
+    first_step: dict[str, float] = {}
+    for row, step in steps.items():  # first step: the loss comparison, and the warm-up (and compile)
+        start = time.perf_counter()
         losses[row].append(step())
+        first_step[row] = time.perf_counter() - start
     for _ in range(args.steps):
         for row, step in steps.items():
             if args.device == "cuda":
@@ -244,7 +274,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             times[row].append(time.perf_counter() - start)
     base, channels_last = times["timm (NCHW)"], times["timm channels_last"]
     # --quick probes only the two rows of the checkpointing comparison (each probe is a new process)
-    memory_rows = ("ours channels_last", "ours + grad checkpointing") if args.quick else rows
+    uncompiled = tuple(row for row in rows if not is_compiled(row))  # a probe would compile again
+    memory_rows = ("ours channels_last", "ours + grad checkpointing") if args.quick else uncompiled
     memory_rows = args.memory_rows or memory_rows
     results = []
     for row in rows:
@@ -259,6 +290,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 "speedup": paired_ratio(base, times[row]),
                 "speedup_range": (min(speedups), max(speedups)),
                 "vs_channels_last": paired_ratio(channels_last, times[row]),
+                "vs_compiled_peer": paired_ratio(times[COMPILED_PEER], times[row])
+                if COMPILED_PEER in times
+                else None,
+                "compile_s": first_step[row] - t if is_compiled(row) else None,
                 "first_loss": losses[row][0],
                 "first_loss_diff": abs(losses[row][0] - ref[0]),
                 "max_loss_diff": max(abs(a - b) for a, b in zip(losses[row], ref, strict=True)),
@@ -273,18 +308,24 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
     memory = "peak RSS growth" if args.device == "cpu" else "max_memory_allocated"
     print(f"\n{results[0]['model']}: train step (fwd + bwd + AdamW), batch {args.batch}, {args.img_size}px")
+    compiled = any(r["vs_compiled_peer"] is not None for r in results)
     header = (
-        f"{'implementation':<32}{'img/s':>8}{'x timm':>8}{'rounds':>12}{'x timm CL':>10}{'loss step 1':>13}"
-        f"{'|d| step 1':>12}{'max |d| all steps':>19}{memory + ' MiB':>23}"
+        f"{'implementation':<32}{'img/s':>8}{'x timm':>8}{'rounds':>12}{'x timm CL':>10}"
+        + (f"{'x timm CL compiled':>20}{'compile s':>11}" if compiled else "")
+        + f"{'loss step 1':>13}{'|d| step 1':>12}{'max |d| all steps':>19}{memory + ' MiB':>23}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         low, high = r["speedup_range"]
+        peer = ""
+        if compiled:
+            seconds = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+            peer = f"{r['vs_compiled_peer']:>20.2f}{seconds:>11}"
         print(
             f"{r['impl']:<32}{r['img_s']:>8.2f}{r['speedup']:>8.2f}{f'{low:.2f}-{high:.2f}':>12}"
-            f"{r['vs_channels_last']:>10.2f}{r['first_loss']:>13.6f}"
+            f"{r['vs_channels_last']:>10.2f}{peer}{r['first_loss']:>13.6f}"
             f"{r['first_loss_diff']:>12.1e}{r['max_loss_diff']:>19.1e}{mem:>23}"
         )
     by_row = {r["impl"]: r["peak_mib"] for r in results}
@@ -307,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         memory_probe(args)
         return 0
+    if args.compile:
+        from metaformer.compiling import enable_compile_caches
+
+        print(f"compile cache: {enable_compile_caches()} (compile s: first step minus the median step)")
     print(machine_line(calibrate=args.device == "cpu"))
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "

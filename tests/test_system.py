@@ -26,16 +26,18 @@ def test_a_probe_decides_the_fast_and_training_routes(measuring):
     assert {"train_pool_mix", "train_mlp", "fast_pool_mix", "fast_mlp"} <= made
 
 
-def test_info_system_prints_cpu_isa_bf16_factor_and_routes(measuring, monkeypatch, capsys):
+def test_info_system_prints_cpu_isa_bf16_factor_and_routes(measuring, monkeypatch, capsys, tmp_path):
     real = system.probe_routes
     monkeypatch.setattr(system, "probe_routes", lambda: real(img_size=64, batch=2))
     assert cli.main(["info", "--system"]) == 0
     out = capsys.readouterr().out
-    for label in ("cpu ", "isa ", "native bf16 ", "calibrate ", "factor 2.00", "train_mlp", "fast_mlp"):
+    labels = ("cpu ", "isa ", "native bf16 ", "calibrate ", "factor 2.00", "train_mlp", "fast_mlp", "compile")
+    for label in labels:
         assert label in out
     assert cli.main(["info", "--system", "--json"]) == 0  # routes now known: printed from the cache
     report = json.loads(capsys.readouterr().out)
     assert report["factor"] == 2.0 and isinstance(report["native_bf16"], bool)
+    assert report["compile_cache"]["path"] == str(tmp_path / "inductor")
     assert all(r["choice"] in routes.ROUTES[r["route"]] for r in report["routes"])
 
 

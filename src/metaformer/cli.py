@@ -102,6 +102,8 @@ def cmd_system(args: argparse.Namespace) -> int:
         f"torch        {report['torch']}, {report['threads']} threads; "
         f"routes cached per CPU {report['signature']}"
     )
+    cache = report["compile_cache"]
+    print(f"compile      cache {cache['path']}: {cache['files']} files, {cache['bytes'] / 1e6:.1f} MB")
     print(f"  {'route':<16}{'shape class':<52}{'choice':<18}measured (ms)")
     for decision in report["routes"]:
         times = ", ".join(

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Union
 from metaformer.errors import ConfigError, check_choice, check_number
 
 AMP_MODES = ("off", "auto", "bf16", "fp16")
+COMPILE_MODES = ("auto", "on", "off")  # --compile; metaformer.compiling runs it
 MODEL_KWARGS_EXAMPLE = "'{\"depths\": [1, 1, 1, 1]}'"
 
 
@@ -105,7 +106,13 @@ class RunOptions:
     RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     DEMO_RECIPE: ClassVar[str] = "shapes"  # the recipe without --data (the embedded or generated data)
     # keys a run's config.json records besides the fields; --config of that file ignores them
-    RECORD_KEYS: ClassVar[tuple[str, ...]] = ("world_size", "class_names", "epochs_run", "iters_run")
+    RECORD_KEYS: ClassVar[tuple[str, ...]] = (
+        "world_size",
+        "class_names",
+        "epochs_run",
+        "iters_run",
+        "compile_decision",
+    )
     FLAG_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}
 
     model: str = option("poolformer_s12", "backbone name (`metaformer models` lists them)")
@@ -140,6 +147,11 @@ class RunOptions:
     stop_after_epoch: int | None = option(None, "stop (resumably) after epoch N", metavar="N")
     channels_last: bool | None = option(
         None, "channels-last memory format (default: on for CPU, where it is faster; off for CUDA)"
+    )
+    compile: str = option(
+        "auto",
+        "torch.compile the training steps; auto: when the announced steps pay the compile time back",
+        choices=COMPILE_MODES,
     )
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)")
     progress: bool | None = option(None, "tqdm progress bars (default: only when stderr is a terminal)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from metaformer.compiling import compile_cache_summary
 from metaformer.models import routes
 from metaformer.models.hardware import cpu_profile
 
@@ -130,4 +131,5 @@ def system_report(*, probe: bool = False) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         **calibration(),
         "routes": routes.as_records(),
+        "compile_cache": compile_cache_summary(),
     }

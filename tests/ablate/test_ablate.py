@@ -253,3 +253,19 @@ def test_a_local_mixer_class_with_parallel_jobs_is_refused_before_training(tmp_p
     finally:
         MIXERS.pop("local_test")
     assert not (tmp_path / "runs").exists()
+
+
+def test_compile_reaches_every_cell_but_not_the_recipe(tmp_path):
+    """--compile changes speed, not results: each cell's training gets it, and a study started with
+    another --compile still counts its finished cells (the recipe does not name it)."""
+    from metaformer.ablate import AblateOptions, _cell_payload
+    from metaformer.ablate.study import plan_cells
+
+    config = AblateOptions(compile="on", output=str(tmp_path)).to_config()
+    assert config.compile == "on"
+    cell = plan_cells(config)[0]
+    assert _cell_payload(cell, config)["compile"] == "on"
+    eager = AblateOptions(compile="off", output=str(tmp_path)).to_config()
+    assert eager.recipe() == config.recipe()
+    with pytest.raises(ConfigError, match="compile"):
+        AblateOptions(compile="sometimes").to_config()

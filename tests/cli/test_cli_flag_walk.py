@@ -184,6 +184,9 @@ def test_named_cases_are_refused(stubs, capsys, argv, name):
         ["ablate", "--depths", "1", "1", "1"],  # exactly four
         ["classify", "train", "--epochs", "2.5"],  # an int flag
         ["classify", "train", "--no-such-flag"],
+        ["classify", "train", "--compile", "bogus"],
+        ["detect", "train", "--compile", "sometimes"],
+        ["ablate", "--compile", "yes"],
         ["classify", "eval", "--checkpoint", "w.safetensors", "--precision", "fp8"],
         ["classify", "predict", "img.png", "--checkpoint", "w.safetensors", "--backend", "tensorrt"],
         ["export", "poolformer_s12", "--output", "m.onnx", "--random-init", "--format", "tflite"],

@@ -144,9 +144,37 @@ def test_bad_calibration_sources_are_one_sentence(run, tmp_path, capsys):
             base[:4] + ["--precision", "int8", "--backend", "torch"],
             "torch backend runs fp32 and bf16, not int8",
         ),
+        (
+            base[:4] + ["--precision", "int8", "--backend", "compile"],
+            "compile backend runs fp32 and bf16, not int8",
+        ),
     ]
     import re
 
     for argv, message in cases:
         assert main(argv) == 1, argv
         assert re.search(message, one_sentence(capsys.readouterr().err)), message
+
+
+def test_backend_compile_is_accepted_and_reaches_the_compile_backend(run, tmp_path, capsys, monkeypatch):
+    """The flag's wiring, with a stand-in for the compile itself (tests/deploy/test_compile.py compiles):
+    eval runs on the compile backend, which gets the deployment cache key."""
+    from metaformer.deploy.backend_compile import COMPILE
+    from metaformer.deploy.backend_torch import TORCH
+
+    keys = []
+
+    def stand_in(model, precision, example, *, key, threads=None, **kwargs):
+        keys.append(key)
+        runner = TORCH.build(model, precision, example, threads=threads)
+        runner.backend = "compile"
+        runner.settings.update(compile_s=0.1, compiled=True, cache_hit=False)
+        return runner
+
+    monkeypatch.setattr(COMPILE, "build", stand_in)
+    argv = ["classify", "eval", "--checkpoint", str(run / "last.safetensors"), "--backend", "compile",
+            "--limit", "8", "--json", "--confusion", str(tmp_path / "c.png")]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "compile" and result["runs_with"].startswith("compile fp32")
+    assert len(keys) == 1 and len(keys[0]) >= 16

@@ -48,7 +48,12 @@ def stand_in(name, broken, delay_s, built):
         return runner
 
     return SimpleNamespace(
-        NAME=name, PRECISIONS=("int8",), ARTEFACT={}, check=lambda precision: None, build=build
+        name=name,
+        precisions=("int8",),
+        caches_files=False,
+        compiles=False,
+        check=lambda precision: None,
+        build=build,
     )
 
 
@@ -60,7 +65,7 @@ def stands(monkeypatch):
         "good": stand_in("good", False, 0.02, built),
         "bad": stand_in("bad", True, 0.0, built),
     }
-    monkeypatch.setattr(backends, "backend_module", lambda name: modules[name])
+    monkeypatch.setattr(backends, "backend", lambda name: modules[name])
     monkeypatch.setattr(backends, "candidates", lambda precision: ["bad", "good"])
     monkeypatch.setattr(choice, "BACKENDS", ("auto", "bad", "good"))
     built["modules"] = modules  # a test may break "good" too

@@ -66,8 +66,10 @@ def _data() -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-def train_data_parallel(info: DistInfo) -> dict:
-    """One process's part of the run: the engine's samplers, DDP wrapping, loop and metric reduction."""
+def train_data_parallel(info: DistInfo, compile: str = "off") -> dict:
+    """One process's part of the run: the engine's samplers, DDP wrapping, loop and metric reduction
+    (``compile="on"``: the DDP-wrapped model compiled, with aot_eager: Dynamo's DDP graph split and
+    AOTAutograd without Inductor's C++ build)."""
     from metaformer.engine.loop import RunConfig, create_optimizer, fit
     from metaformer.engine.skeleton import data_loaders
     from metaformer.tasks.classify import ClassificationTask
@@ -80,12 +82,21 @@ def train_data_parallel(info: DistInfo) -> dict:
                               limit_train=None, limit_val=None)  # fmt: skip
     train_loader, val_loader = data_loaders(options, *_data(), info)
     task = ClassificationTask(["a", "b", "c"])
-    config = RunConfig(epochs=EPOCHS, channels_last=False)
+    if compile != "off":
+        from metaformer.engine import compile_plan
+
+        compile_plan.BACKEND = "aot_eager"
+    config = RunConfig(epochs=EPOCHS, channels_last=False, compile=compile)
     summary = fit(task, model, optimizer, None, train_loader, val_loader, config, dist_info=info)
-    return {"state": model.state_dict(), "last": summary["last"], "evaluated": int(task.confusion.sum())}
+    return {
+        "state": model.state_dict(),
+        "last": summary["last"],
+        "evaluated": int(task.confusion.sum()),
+        "compiled": bool(summary["compile_decision"]["used"]),
+    }
 
 
-def _worker_main(rank: int, port: int, out: str) -> None:
+def _worker_main(rank: int, port: int, out: str, compile: str = "off") -> None:
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
@@ -93,13 +104,15 @@ def _worker_main(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     try:
-        torch.save(train_data_parallel(info), out)
+        torch.save(train_data_parallel(info, compile), out)
     finally:
         cleanup_distributed()
 
 
 @pytest.mark.timeout(240)
-def test_two_processes_train_and_evaluate_like_one_with_the_whole_batch(tmp_path, one_thread):
+@pytest.mark.parametrize("compile", ["off", "on"], ids=["eager", "compiled-after-ddp"])
+def test_two_processes_train_and_evaluate_like_one_with_the_whole_batch(tmp_path, one_thread, compile):
+    import os
     import socket
     import subprocess
     import sys
@@ -114,11 +127,12 @@ def test_two_processes_train_and_evaluate_like_one_with_the_whole_batch(tmp_path
                 sys.executable,
                 "-c",
                 f"import sys; sys.path.insert(0, {here!r}); import test_distributed as t; "
-                f"t._worker_main({rank}, {port}, {str(tmp_path / f'rank{rank}.pt')!r})",
+                f"t._worker_main({rank}, {port}, {str(tmp_path / f'rank{rank}.pt')!r}, {compile!r})",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=dict(os.environ, METAFORMER_HOME=str(tmp_path / "home")),  # the compile record
         )  # fmt: skip
         for rank in range(2)
     ]
@@ -129,6 +143,7 @@ def test_two_processes_train_and_evaluate_like_one_with_the_whole_batch(tmp_path
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert reference["evaluated"] == VAL_IMAGES
     for result in ranks:
+        assert result["compiled"] == (compile == "on")
         assert result["evaluated"] == VAL_IMAGES  # every image once, summed over the ranks
         for name, value in reference["state"].items():
             if name.endswith("norm1.bias"):  # cancels in pool(y) - y: a gradient of pure rounding noise,

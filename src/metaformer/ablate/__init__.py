@@ -56,7 +56,7 @@ from metaformer.ablate.study import (
 from metaformer.errors import ConfigError
 from metaformer.models import register_mixer
 from metaformer.models.mixers import MIXERS
-from metaformer.options import option
+from metaformer.options import COMPILE_MODES, option
 from metaformer.tasks import TaskCommands, command
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def _cell_payload(cell: Cell, config: AblationConfig) -> dict[str, Any]:
         "depths": tuple(config.depths),
         "dims": tuple(config.dims),
         "train_options": dict(config.train_options),
+        "compile": config.compile,
     }
 
 
@@ -94,7 +95,7 @@ def run_cell(payload: Mapping[str, Any]) -> str:
     record = {"variant": variant, "seed": payload["seed"], "model": BASE_MODEL}
     _write_json(folder / CELL_FILE, record)
     resume = (folder / run_state.STATE_FILE).is_file()  # stopped after an epoch: continue bit-for-bit
-    options = {"progress": False, **payload["train_options"]}
+    options = {"progress": False, "compile": payload.get("compile", "auto"), **payload["train_options"]}
     config = TrainConfig(
         model=BASE_MODEL,
         data=payload["data"],
@@ -264,6 +265,11 @@ class AblateOptions:
     lr: float | None = option(None, "learning rate (default: the recipe's, scaled by batch size)")
     limit_train: int | None = option(None, "train each run on a seeded subset of N images", metavar="N")
     limit_val: int | None = option(None, "validate on a seeded subset of N images", metavar="N")
+    compile: str = option(
+        "auto",
+        "torch.compile each run's training steps; auto: when its steps pay the compile time back",
+        choices=COMPILE_MODES,
+    )
 
     def to_config(self) -> AblationConfig:
         names = ("recipe", "img_size", "batch_size", "lr", "limit_train", "limit_val")
@@ -272,7 +278,9 @@ class AblateOptions:
         same = {name: getattr(self, name) for name in copied}
         extra = tuple(import_mixer(spec) for spec in self.mixer)
         tuples = {"depths": tuple(self.depths), "dims": tuple(self.dims), "only": tuple(self.only)}
-        return AblationConfig(**same, **tuples, extra_mixers=extra, train_options=shared)
+        return AblationConfig(
+            **same, **tuples, extra_mixers=extra, train_options=shared, compile=self.compile
+        )
 
 
 @command(

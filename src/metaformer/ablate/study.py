@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from metaformer.errors import ConfigError, DataError, check_number
+from metaformer.errors import ConfigError, DataError, check_choice, check_number
 from metaformer.models import VARIANTS, register_mixer
 from metaformer.models.mixers import MIXERS
+from metaformer.options import COMPILE_MODES
 
 BASE_MODEL = "poolformer_s12"
 CELL_FILE = "cell.json"
@@ -206,6 +207,7 @@ class AblationConfig:
     extra_mixers: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
     train_options: Mapping[str, Any] = field(default_factory=dict)
+    compile: str = "auto"  # each cell's --compile; not in the recipe: it changes speed, not results
 
     def __post_init__(self) -> None:
         if self.study not in STUDY_NAMES:
@@ -223,6 +225,7 @@ class AblationConfig:
             )
         check_number("depths", self.depths, low=1)
         check_number("dims", self.dims, low=1)
+        check_choice("compile", self.compile, COMPILE_MODES)
         reserved = sorted(_CELL_OPTIONS & set(self.train_options))
         if reserved:
             raise ConfigError(

@@ -3,9 +3,9 @@
 The layer below the tasks (classify eval and predict call ``prepare_for_inference``, the export
 command ``package.write_folder``); it imports no task. Its modules, one concern each:
 
-- ``backends``: the backends by name (``backend_torch``: our fast path, fp32/bf16;
-  ``backend_onnxruntime``: fp32 and QDQ int8; ``backend_openvino``: fp32/bf16 and NNCF int8), each
-  behind the one interface ``base`` describes, and which of them can run a precision here;
+- ``backends``: the backends by name, ``Backend`` objects with the one interface ``base`` describes
+  (``backend_torch``: our fast path, fp32/bf16; ``backend_onnxruntime``: fp32 and QDQ int8;
+  ``backend_openvino``: fp32/bf16 and NNCF int8), and which of them can run a precision here;
 - ``building``: a backend's runner built (exported, quantized, checked) or loaded from ``cache``;
 - ``choice``: ``prepare_for_inference``, the backend named or ``auto``'s measured choice (weighing a
   backend's one-off cost against the work announced), with int8's trust rule (``agreement``);
@@ -17,7 +17,7 @@ Models: a classifier, or any model holding a MetaFormer backbone whose outputs a
 Semantic FPN segmenter (``dynamic_size=True``: its exported graph takes every image height and width).
 """
 
-from metaformer.deploy.backends import BACKENDS, PRECISIONS, backend_module, candidates
+from metaformer.deploy.backends import BACKENDS, PRECISIONS, backend, candidates
 from metaformer.deploy.building import build, cached_entry
 from metaformer.deploy.choice import prepare_for_inference
 from metaformer.deploy.export import EXPORT_PRECISIONS, FAST_RUNTIME, export_deployable
@@ -27,7 +27,7 @@ __all__ = [
     "EXPORT_PRECISIONS",
     "FAST_RUNTIME",
     "PRECISIONS",
-    "backend_module",
+    "backend",
     "build",
     "cached_entry",
     "candidates",

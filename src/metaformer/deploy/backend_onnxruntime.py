@@ -19,31 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner, check_int8
+from metaformer.deploy.base import Backend, Runner, check_int8
 from metaformer.deploy.onnx_export import export_model
 from metaformer.deploy.quantize import QDQ_SETTINGS, Calibration, quantize_qdq, require_calibration
 from metaformer.deploy.runtimes import onnxruntime_session, require, threads_or_default
 from metaformer.errors import ConfigError
 
-NAME = "onnxruntime"
-PRECISIONS = ("fp32", "int8")
-ARTEFACT = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 AGREEMENT_TIE = 0.005  # settings this close in held-out agreement to the best are equally faithful
-
-
-def check(precision: str) -> None:
-    require(NAME)
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"the onnxruntime backend runs fp32 and int8, not {precision}; use --backend torch or openvino"
-        )
 
 
 class OnnxRuntimeModel(Runner):
     """An onnxruntime session: (B, C, H, W) float tensor in, logits out."""
 
     def __init__(self, path: Path, *, threads: int | None = None, precision: str = "fp32"):
-        super().__init__(NAME, precision, {"threads": threads_or_default(threads)})
+        super().__init__("onnxruntime", precision, {"threads": threads_or_default(threads)})
         self.session = onnxruntime_session(path, threads)
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -56,28 +45,49 @@ def export_fp32(model: nn.Module, example: torch.Tensor, path: Path, dynamic_siz
     return {"max_abs_diff": report.max_abs_diff, "batches": list(report.checked_batches)}
 
 
-def build(
-    model: nn.Module,
-    precision: str,
-    example: torch.Tensor,
-    *,
-    threads: int | None = None,
-    calibration: Calibration | None = None,
-    folder: Path,
-    dynamic_size: bool = False,
-) -> OnnxRuntimeModel:
-    """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
-    check(precision)
-    fp32_path = folder / ARTEFACT["fp32"]
-    check_fp32 = export_fp32(model, example, fp32_path, dynamic_size)
-    if precision == "fp32":
-        runner = OnnxRuntimeModel(fp32_path, threads=threads)
-        runner.check = check_fp32
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = ("fp32", "int8")
+    artefacts = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+    def check(self, precision: str) -> None:
+        require(self.name)
+        if precision not in self.precisions:
+            raise ConfigError(
+                f"the onnxruntime backend runs fp32 and int8, not {precision}; "
+                "use --backend torch or openvino"
+            )
+
+    def build(
+        self,
+        model: nn.Module,
+        precision: str,
+        example: torch.Tensor,
+        *,
+        threads: int | None = None,
+        calibration: Calibration | None = None,
+        folder: Path,
+        dynamic_size: bool = False,
+        **_: object,
+    ) -> OnnxRuntimeModel:
+        """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
+        self.check(precision)
+        fp32_path = folder / self.artefacts["fp32"]
+        check_fp32 = export_fp32(model, example, fp32_path, dynamic_size)
+        if precision == "fp32":
+            runner = OnnxRuntimeModel(fp32_path, threads=threads)
+            runner.check = check_fp32
+            return runner
+        calibration = require_calibration(calibration)
+        runner = quantize_measured(model, fp32_path, folder, calibration, threads)
+        fp32_path.unlink()
         return runner
-    calibration = require_calibration(calibration)
-    runner = quantize_measured(model, fp32_path, folder, calibration, threads)
-    fp32_path.unlink()
-    return runner
+
+    def load(self, folder: Path, precision: str, *, threads: int | None = None) -> OnnxRuntimeModel:
+        return OnnxRuntimeModel(folder / self.artefacts[precision], threads=threads, precision=precision)
+
+
+ONNXRUNTIME = OnnxRuntimeBackend()
 
 
 def _ms_per_batch(runner: OnnxRuntimeModel, batch: torch.Tensor, rounds: int = 3) -> float:
@@ -112,16 +122,12 @@ def quantize_measured(
     for setting in QDQ_SETTINGS:
         path = folder / f"model.int8.{setting}.onnx"
         if setting == chosen:
-            path.replace(folder / ARTEFACT["int8"])
+            path.replace(folder / ONNXRUNTIME.artefacts["int8"])
         else:
             path.unlink()
-    runner = load(folder, "int8", threads=threads)
+    runner = ONNXRUNTIME.load(folder, "int8", threads=threads)
     runner.check = {**tried[chosen], "quantization": chosen, "settings": tried}
     return runner
 
 
-def load(folder: Path, precision: str, *, threads: int | None = None) -> OnnxRuntimeModel:
-    return OnnxRuntimeModel(folder / ARTEFACT[precision], threads=threads, precision=precision)
-
-
-__all__ = ["NAME", "PRECISIONS", "OnnxRuntimeModel", "build", "check", "load", "quantize_measured"]
+__all__ = ["ONNXRUNTIME", "OnnxRuntimeBackend", "OnnxRuntimeModel", "quantize_measured"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner, check_int8, check_outputs
+from metaformer.deploy.base import Backend, Runner, check_int8, check_outputs
 from metaformer.deploy.onnx_export import export_model
 from metaformer.deploy.quantize import Calibration, quantize_openvino, require_calibration
 from metaformer.deploy.runtimes import (
@@ -30,28 +30,13 @@ from metaformer.deploy.runtimes import (
 )
 from metaformer.errors import ConfigError
 
-NAME = "openvino"
-PRECISIONS = ("fp32", "bf16", "int8")
-ARTEFACT = {"fp32": "model.xml", "bf16": "model.xml", "int8": "model.int8.xml"}
-
-
-def check(precision: str) -> None:
-    require(NAME)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"the openvino backend runs fp32, bf16 and int8, not {precision}")
-    if precision == "bf16" and not openvino_native_bf16():
-        raise ConfigError(
-            "OpenVINO runs bf16 only on a CPU with native bf16 (AVX512-BF16 or AMX), which this one lacks; "
-            "use --backend torch for emulated bf16 or --precision fp32"
-        )
-
 
 class OpenVinoModel(Runner):
     """An OpenVINO model compiled for the CPU: (B, C, H, W) float tensor in, logits out."""
 
     def __init__(self, model: Any, precision: str, *, threads: int | None = None):
         compiled = openvino_compile(model, precision, threads)
-        super().__init__(NAME, precision, openvino_settings(compiled))
+        super().__init__("openvino", precision, openvino_settings(compiled))
         self.compiled = compiled
         self.request = compiled.create_infer_request()
 
@@ -66,40 +51,59 @@ def _save(model: Any, path: Path) -> None:
     ov.save_model(model, str(path), compress_to_fp16=False)
 
 
-def build(
-    model: nn.Module,
-    precision: str,
-    example: torch.Tensor,
-    *,
-    threads: int | None = None,
-    calibration: Calibration | None = None,
-    folder: Path,
-    dynamic_size: bool = False,
-) -> OpenVinoModel:
-    """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
-    check(precision)
-    onnx_path = folder / "model.onnx"
-    size = tuple(example.shape[-2:])
-    export_model(model, onnx_path, img_size=size, dynamic_batch=True, dynamic_size=dynamic_size)
-    if precision == "int8":
-        calibration = require_calibration(calibration)
-        ov_model = quantize_openvino(onnx_path, calibration)
-    else:
-        ov_model = openvino_core().read_model(str(onnx_path))
-    _save(ov_model, folder / ARTEFACT[precision])
-    onnx_path.unlink()
-    runner = load(folder, precision, threads=threads)
-    if precision == "int8":
-        runner.check = check_int8(runner, model, calibration)  # type: ignore[union-attr]
-    else:
-        runner.check = check_outputs(runner, model, example, precision, dynamic_size=dynamic_size)
-    return runner
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    precisions = ("fp32", "bf16", "int8")
+    artefacts = {"fp32": "model.xml", "bf16": "model.xml", "int8": "model.int8.xml"}
+
+    def check(self, precision: str) -> None:
+        require(self.name)
+        if precision not in self.precisions:
+            raise ConfigError(f"the openvino backend runs fp32, bf16 and int8, not {precision}")
+        if precision == "bf16" and not openvino_native_bf16():
+            raise ConfigError(
+                "OpenVINO runs bf16 only on a CPU with native bf16 (AVX512-BF16 or AMX), which this one "
+                "lacks; use --backend torch for emulated bf16 or --precision fp32"
+            )
+
+    def build(
+        self,
+        model: nn.Module,
+        precision: str,
+        example: torch.Tensor,
+        *,
+        threads: int | None = None,
+        calibration: Calibration | None = None,
+        folder: Path,
+        dynamic_size: bool = False,
+        **_: object,
+    ) -> OpenVinoModel:
+        """``dynamic_size``: the graph takes any image height and width (checked at two sizes)."""
+        self.check(precision)
+        onnx_path = folder / "model.onnx"
+        size = tuple(example.shape[-2:])
+        export_model(model, onnx_path, img_size=size, dynamic_batch=True, dynamic_size=dynamic_size)
+        if precision == "int8":
+            calibration = require_calibration(calibration)
+            ov_model = quantize_openvino(onnx_path, calibration)
+        else:
+            ov_model = openvino_core().read_model(str(onnx_path))
+        _save(ov_model, folder / self.artefacts[precision])
+        onnx_path.unlink()
+        runner = self.load(folder, precision, threads=threads)
+        if precision == "int8":
+            runner.check = check_int8(runner, model, calibration)  # type: ignore[union-attr]
+        else:
+            runner.check = check_outputs(runner, model, example, precision, dynamic_size=dynamic_size)
+        return runner
+
+    def load(self, folder: Path, precision: str, *, threads: int | None = None) -> OpenVinoModel:
+        return OpenVinoModel(
+            openvino_core().read_model(str(folder / self.artefacts[precision])), precision, threads=threads
+        )
 
 
-def load(folder: Path, precision: str, *, threads: int | None = None) -> OpenVinoModel:
-    return OpenVinoModel(
-        openvino_core().read_model(str(folder / ARTEFACT[precision])), precision, threads=threads
-    )
+OPENVINO = OpenVinoBackend()
 
 
-__all__ = ["NAME", "PRECISIONS", "OpenVinoModel", "build", "check", "load"]
+__all__ = ["OPENVINO", "OpenVinoBackend", "OpenVinoModel"]

@@ -14,28 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metaformer.deploy.base import Runner, fold_inference, foldable
+from metaformer.deploy.base import Backend, Runner, fold_inference, foldable
 from metaformer.errors import ConfigError
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
-
-NAME = "torch"
-PRECISIONS = ("fp32", "bf16")
-ARTEFACT: dict[str, str] = {}
-
-
-def check(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"the torch backend runs fp32 and bf16, not {precision}; "
-            "use --backend openvino (or auto) for int8"
-        )
 
 
 class TorchRunner(Runner):
     """The folded model, with bf16 inputs and fp32 outputs when it runs in bf16."""
 
     def __init__(self, model: nn.Module, precision: str, threads: int | None = None):
-        super().__init__(NAME, precision, {"threads": threads or torch.get_num_threads()})
+        super().__init__("torch", precision, {"threads": threads or torch.get_num_threads()})
         self.model = model
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -54,30 +42,42 @@ def fold(model: nn.Module, precision: str = "fp32") -> nn.Module:
     return fast
 
 
-def build(
-    model: nn.Module,
-    precision: str,
-    example: torch.Tensor,
-    *,
-    threads: int | None = None,
-    calibration: object = None,
-    folder: object = None,
-    one_batch: bool = False,
-    dynamic_size: bool = False,
-) -> TorchRunner:
-    """``one_batch``: the caller runs a single batch (one image to predict), where folding (a copy of
-    every weight) costs more than the faster forward saves: fp32 then runs the model as it is.
-    ``dynamic_size`` changes nothing: PyTorch takes any input size."""
-    check(precision)
-    if one_batch and precision == "fp32":
-        runner = TorchRunner(model.float().eval(), precision, threads)
-        runner.settings["folded"] = False
-        return runner
-    return TorchRunner(fold(model, precision), precision, threads)
+class TorchBackend(Backend):
+    name = "torch"
+    precisions = ("fp32", "bf16")
+
+    def check(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise ConfigError(
+                f"the torch backend runs fp32 and bf16, not {precision}; "
+                "use --backend openvino (or auto) for int8"
+            )
+
+    def build(
+        self,
+        model: nn.Module,
+        precision: str,
+        example: torch.Tensor,
+        *,
+        threads: int | None = None,
+        calibration: object = None,
+        folder: object = None,
+        one_batch: bool = False,
+        dynamic_size: bool = False,
+        **_: object,
+    ) -> TorchRunner:
+        """``one_batch``: the caller runs a single batch (one image to predict), where folding (a copy
+        of every weight) costs more than the faster forward saves: fp32 then runs the model as it is.
+        ``dynamic_size`` changes nothing: PyTorch takes any input size."""
+        self.check(precision)
+        if one_batch and precision == "fp32":
+            runner = TorchRunner(model.float().eval(), precision, threads)
+            runner.settings["folded"] = False
+            return runner
+        return TorchRunner(fold(model, precision), precision, threads)
 
 
-def load(folder: object, precision: str, *, threads: int | None = None) -> TorchRunner:  # pragma: no cover
-    raise ConfigError("the torch backend caches nothing; build it instead")
+TORCH = TorchBackend()
 
 
-__all__ = ["NAME", "PRECISIONS", "TorchRunner", "build", "check", "fold"]
+__all__ = ["TORCH", "TorchBackend", "TorchRunner", "fold"]

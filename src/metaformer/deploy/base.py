@@ -1,13 +1,16 @@
 """What every backend hands back, and the checks an artefact passes before it is used.
 
-A backend module (``backend_torch``, ``backend_onnxruntime``, ``backend_openvino``) has one interface:
+A backend is a ``Backend`` object (``backend_torch.TORCH``, ``backend_onnxruntime.ONNXRUNTIME``,
+``backend_openvino.OPENVINO``; ``backends.backend(name)`` finds one by name) with one interface:
 
-- ``NAME`` and ``PRECISIONS`` (the precisions it can run);
-- ``ARTEFACT``: precision -> the file it builds and caches (none for the PyTorch fast path);
+- ``name`` and ``precisions`` (the precisions it can run);
+- ``artefact(precision)``: the file it builds and caches (None for the PyTorch fast path);
 - ``check(precision)``: ``ConfigError`` in one sentence when it cannot run ``precision`` here;
-- ``build(model, precision, example, *, threads, calibration, folder) -> Runner``: the one-off work
-  (export, quantize), written into ``folder``, checked against PyTorch, and the runner;
-- ``load(folder, precision, *, threads) -> Runner``: the runner from a cached artefact.
+- ``build(model, precision, example, *, threads, calibration, folder, ...) -> Runner``: the one-off
+  work (export, quantize), written into ``folder``, checked against PyTorch, and the runner;
+- ``load(folder, precision, *, threads) -> Runner``: the runner from a cached artefact;
+- ``compiles``: its one-off cost is a ``torch.compile`` (``backend_compile.COMPILE``), whose caches
+  Inductor keeps, under the deployment cache key ``build`` gets as ``key``.
 
 A ``Runner`` is a module: (B, C, H, W) float images in, float logits out, whatever runs inside:
 (B, K) for a classifier, (B, K, H, W) for a segmenter (whose exported graph takes any H and W,
@@ -28,7 +31,8 @@ folded copy; the rest of the model (an FPN, a head) runs as it is.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 
 from metaformer.deploy.agreement import measure_agreement
-from metaformer.errors import ExportError
+from metaformer.errors import ConfigError, ExportError
 from metaformer.models.fast import optimize_for_inference
 from metaformer.models.metaformer import MetaFormer, MetaFormerFeatures
 
@@ -69,6 +73,39 @@ class Runner(nn.Module):
         if "performance_hint" in self.settings:
             parts.append(str(self.settings["performance_hint"]))
         return f"{self.backend} {self.precision}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+class Backend(ABC):
+    """One way to run a model (see the module docstring); one instance per backend."""
+
+    name: str = ""
+    precisions: tuple[str, ...] = ()
+    artefacts: Mapping[str, str] = {}  # precision -> the file ``build`` writes and the cache keeps
+    compiles = False  # its one-off cost is a compile, cached by Inductor under a deployment cache key
+
+    def artefact(self, precision: str) -> str | None:
+        """The file ``build`` writes for ``precision`` (None: nothing is written, nothing cached)."""
+        return self.artefacts.get(precision)
+
+    @property
+    def caches_files(self) -> bool:
+        """Whether ``build`` writes an artefact the deployment cache keeps (and ``load`` reads)."""
+        return bool(self.artefacts)
+
+    @abstractmethod
+    def check(self, precision: str) -> None:
+        """``ConfigError`` in one sentence when this backend cannot run ``precision`` here."""
+
+    @abstractmethod
+    def build(self, model: nn.Module, precision: str, example: torch.Tensor, **options: Any) -> Runner:
+        """The one-off work (export, quantize, fold), checked against PyTorch, and the runner."""
+
+    def load(self, folder: Any, precision: str, *, threads: int | None = None) -> Runner:
+        """The runner from the artefact a ``build`` left in ``folder``."""
+        raise ConfigError(f"the {self.name} backend caches nothing; build it instead")
+
+    def __repr__(self) -> str:
+        return f"<{self.name} backend>"
 
 
 _BACKBONES = (MetaFormer, MetaFormerFeatures)
@@ -146,6 +183,7 @@ def check_int8(runner: nn.Module, model: nn.Module, calibration: Any) -> dict[st
 
 __all__ = [
     "BF16_RTOL",
+    "Backend",
     "FP32_ATOL",
     "Runner",
     "check_int8",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,10 @@ from metaformer.errors import ConfigError, ExportError, check_choice
 logger = logging.getLogger(__name__)
 
 SMALL_WORK_BATCHES = 4  # work this small is not worth probing every backend (that builds each artefact)
+# the most of the torch fast path's time a compiled graph saves (assumed, generously: the issue's
+# PoolFormer-S12 figures put Inductor within 10% of the eager fast path); compile joins auto only when
+# its estimated compile costs less than this share of the announced work on the fast path
+COMPILE_SAVING = 0.3
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,10 @@ def prepare_for_inference(
     ``precision``: fp32 (exact outputs, the default), bf16, or int8 (post-training quantization
     calibrated on ``calibration``, an iterable of preprocessed image batches or a ``Calibration``).
     ``torch`` is our fast path (or, with ``amp``, the plain model under autocast); ``onnxruntime`` and
-    ``openvino`` run the exported graph on the CPU; ``auto`` measures them. ``images``: how many images
-    the caller will run (None: many), which decides whether a backend's one-off cost pays off.
+    ``openvino`` run the exported graph on the CPU; ``compile`` the fast path compiled by Inductor
+    (``backend_compile``); ``auto`` measures them, compile only when the work pays for compiling.
+    ``images``: how many images the caller will run (None: many), which decides whether a backend's
+    one-off cost pays off.
     ``threads``: the runtimes' threads (default: PyTorch's). ``dynamic_size``: images of every size
     go through one runner (a segmenter's; ``img_size`` is a typical one, where auto measures).
     ``min_agreement``: the top-1 agreement with fp32 an int8 model needs on the calibration source's
@@ -169,6 +176,8 @@ def prepare_for_inference(
     request.check_calibration()
     if precision == "int8":
         return _auto_int8(model, names, request)
+    if foldable(model):
+        names = with_compile(model, names, request)
     if len(names) == 1:
         return request.build(model, names[0]), names[0]
     return _auto(model, names, request)
@@ -182,14 +191,14 @@ def _auto(model: nn.Module, names: list[str], request: DeployRequest) -> tuple[n
     precision, key_size, batches = request.precision, request.key_size, request.batches
     shape_class = request.shape_class(model)
     decision = routes.known_decision("backend", shape_class, names)
-    if decision is not None and decision.choice in names:
-        choice = _weigh(model, decision, names, precision, key_size, request.calibration, batches)
+    if decision is not None and set(decision.times_ms) & set(names):
+        choice = _weigh(model, decision, names, request)
         return request.build(model, choice), choice
     if batches is not None and batches <= SMALL_WORK_BATCHES:
         # measuring builds every backend's artefact: a short run takes one that needs none or is built
         ready = [
             name for name in names
-            if not backends.backend_module(name).ARTEFACT
+            if not backends.backend(name).caches_files
             or building.cached_entry(model, name, precision, key_size, request.calibration)
         ]  # fmt: skip
         choice = (ready or names)[0]
@@ -277,22 +286,57 @@ def _auto_int8(model: nn.Module, names: list[str], request: DeployRequest) -> tu
     return runner, choice
 
 
-def _weigh(
-    model: nn.Module,
-    decision: Any,
-    names: list[str],
-    precision: str,
-    size: tuple[int, int] | None,
-    calibration: Any,
-    batches: int | None,
-) -> str:
+def with_compile(model: nn.Module, names: list[str], request: DeployRequest) -> list[str]:
+    """``names`` and, when its compile pays for itself, the compile backend: its estimated compile
+    (``building.compile_cost_s``, no compiling to find out) costs at most ``COMPILE_SAVING`` of the
+    announced batches' time on the torch fast path (measured or recorded). With no work announced,
+    only a compile Inductor's caches already hold joins. Never for ``dynamic_size`` (a segmenter's
+    images of every size): an image size that changes the graph's shape arithmetic compiles again
+    (about a minute for a tiny segmenter here), which no estimate made before the images can know."""
+    if request.dynamic_size or "torch" not in names or not backends.runnable("compile", request.precision):
+        return names
+    cost, warm = building.compile_cost_s(model, request.precision, request.key_size, request.batch_size)
+    batches = request.batches
+    if batches is None:
+        payable = warm
+    elif batches <= SMALL_WORK_BATCHES:
+        payable = False  # a compile, even from warm caches, costs more than a few batches save
+    else:
+        payable = cost <= COMPILE_SAVING * batches * _torch_batch_s(model, request)
+    logger.debug("compile %s auto: about %.1f s to compile (%s)", "joins" if payable else "stays out of",
+                 cost, "warm caches" if warm else "cold")  # fmt: skip
+    return [*names, "compile"] if payable else names
+
+
+def _torch_batch_s(model: nn.Module, request: DeployRequest) -> float:
+    """Seconds per batch on the torch fast path: auto's recorded measurement, else one timed batch."""
+    from metaformer.models import routes
+
+    decision = routes.known_decision("backend", request.shape_class(model), ["torch"])
+    if decision is not None and "torch" in decision.times_ms:
+        return decision.times_ms["torch"] / 1e3
+    runner = request.build(model, "torch", for_images=False)
+    h, w = request.img_size
+    example = torch.randn(request.batch_size, getattr(model, "in_chans", 3), h, w)
+    with torch.no_grad():
+        runner(example)
+        start = time.perf_counter()
+        runner(example)
+    return time.perf_counter() - start
+
+
+def _weigh(model: nn.Module, decision: Any, names: list[str], request: DeployRequest) -> str:
     """The measured choice, unless another candidate's total (one-off cost + the announced batches at
     its measured speed) is smaller: a cheap-to-start backend wins a short run."""
     times = {name: ms for name, ms in decision.times_ms.items() if name in names}
-    if batches is None or not times or decision.choice not in times:
-        return decision.choice
+    batches = request.batches
+    if batches is None:
+        return decision.choice if decision.choice in times else min(times, key=times.__getitem__)
     totals = {
-        name: building.one_off_s(model, name, precision, size, calibration) + batches * ms / 1e3
+        name: building.one_off_s(
+            model, name, request.precision, request.key_size, request.calibration, request.batch_size
+        )
+        + batches * ms / 1e3
         for name, ms in times.items()
     }
     best = min(totals, key=totals.__getitem__)
@@ -301,4 +345,4 @@ def _weigh(
     return best
 
 
-__all__ = ["SMALL_WORK_BATCHES", "DeployRequest", "prepare_for_inference"]
+__all__ = ["COMPILE_SAVING", "SMALL_WORK_BATCHES", "DeployRequest", "prepare_for_inference", "with_compile"]

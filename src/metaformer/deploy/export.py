@@ -59,8 +59,8 @@ def export_deployable(
     if format == "torchscript" or (format == "onnx" and precision == "fp32"):
         return export_model(model, path, format=format, img_size=size, dynamic_batch=dynamic_batch, fold=fold)
     backend = "onnxruntime" if format == "onnx" else "openvino"
-    module = backends.backend_module(backend)
-    module.check(precision)
+    builder = backends.backend(backend)
+    builder.check(precision)
     calibration = as_calibration(calibration)
     if precision == "int8":
         require_calibration(calibration)
@@ -68,10 +68,10 @@ def export_deployable(
     start = time.perf_counter()
     example = torch.zeros(1, getattr(model, "in_chans", 3), *size)
     with tempfile.TemporaryDirectory(prefix="metaformer-export-") as tmp:
-        runner = module.build(
+        runner = builder.build(
             model.eval().cpu().float(), precision, example, calibration=calibration, folder=Path(tmp)
         )
-        artefact = Path(tmp) / module.ARTEFACT[precision]
+        artefact = Path(tmp) / str(builder.artefact(precision))
         pairs = [(artefact, path)]
         if format == "openvino":
             pairs.append((artefact.with_suffix(".bin"), path.with_suffix(".bin")))

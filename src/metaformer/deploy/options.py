@@ -10,8 +10,9 @@ from metaformer.errors import check_choice
 from metaformer.options import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 
 BACKEND_HELP = (
-    "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), or auto: the "
-    "one measured faster here for the precision (default)"
+    "inference runtime: torch (our fast path), onnxruntime or openvino (exported graph, CPU), compile (our "
+    "fast path compiled by torch.compile, CPU, fp32/bf16; minutes the first time, cached after), or auto: "
+    "the one measured faster here for the precision, compile only when the work pays for compiling (default)"
 )
 PRECISION_HELP = (
     "fp32 (exact, default), bf16, or int8 (post-training quantization calibrated on --calibration-data)"

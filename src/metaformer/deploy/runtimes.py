@@ -52,7 +52,7 @@ def require(runtime: str, flag: str = "--backend torch") -> None:
 
 def runtime_version(runtime: str) -> str:
     """The installed version of ``runtime`` (a cache key part: a new runtime rebuilds its artefacts)."""
-    if runtime == "torch":
+    if runtime in ("torch", "compile"):
         return torch.__version__
     try:
         return version(runtime)

@@ -40,7 +40,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from metaformer.compiling import COMPILE_CHOICES, unwrap_compiled
 from metaformer.engine import state as run_state
+from metaformer.engine.compile_plan import CompileSwitch
 from metaformer.engine.distributed import DistInfo, all_reduce_sum, run_on_main
 from metaformer.errors import CheckpointError, ConfigError, check_choice, from_worker
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
@@ -49,6 +51,7 @@ from metaformer.weights import load_state, save_state
 
 logger = logging.getLogger(__name__)
 
+COMPILE_DECISION_KEY = "compile_decision"  # in config.json and summary.json: requested, used, why, seconds
 PLOT_INTERVAL_S = 60.0  # curves.png is redrawn at most this often during a run, and always at its end
 
 
@@ -73,6 +76,9 @@ class RunConfig:
     terminal. ``amp="auto"``: bf16 on CUDA where supported, else fp16 with a grad scaler; on a CPU bf16
     where native, else off (``amp_dtype``).
     ``channels_last=None`` picks the faster layout for the device (see ``use_channels_last``).
+    ``compile``: run the training steps through ``torch.compile`` (after the DDP wrap; evaluation, EMA
+    and checkpoints use the eager module, which shares the parameters); ``auto`` times the first steps
+    eager and compiles when the announced work pays the compile back (``engine.compile_plan``).
     """
 
     epochs: int
@@ -87,6 +93,7 @@ class RunConfig:
     eval_every: int = 1
     progress: bool | None = None
     find_unused_parameters: bool = False
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,6 +101,7 @@ class RunConfig:
         if self.accum_steps < 1:
             raise ConfigError(f"accum_steps must be at least 1, got {self.accum_steps}")
         check_choice("amp", self.amp, AMP_MODES)
+        check_choice("compile", self.compile, COMPILE_CHOICES)
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"clip_grad must be positive (or None for no clipping), got {self.clip_grad}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -270,6 +278,8 @@ class _Trainer:
         self._plotted_at = -math.inf
         self.progress = show_progress(config.progress, info)
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.switch: CompileSwitch | None = None
+        self._compile_recorded = False
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -333,23 +343,34 @@ class _Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         bar = progress_bar(self.train_loader, self.progress, f"epoch {epoch + 1}/{cfg.epochs}")
+        switch = self.switch
         for i, batch in enumerate(bar):
             batch = to_device(batch, self.device, self.channels_last)
             boundary = (i + 1) % accum == 0 or i + 1 == steps
-            no_sync = isinstance(model, DistributedDataParallel) and not boundary
-            with model.no_sync() if no_sync else nullcontext():
-                with autocast(self.device, self.dtype):
-                    loss, n = self.task.train_step(model, batch)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise ConfigError(
-                        f"the training loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
-                        "lower --lr, use --clip-grad, or turn off fp16 AMP"
-                    )
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            timed = switch is not None and switch.timing
+            step_start = time.perf_counter()
+            step_model = switch.module_for_step(batch) if switch is not None else model
+            try:
+                loss_value, n = self._forward_backward(
+                    step_model, batch, boundary, f"epoch {epoch + 1}, step {i + 1}"
+                )
+            except Exception as err:
+                if (
+                    switch is None
+                    or not switch.first_compiled_steps(step_model)
+                    or isinstance(err, ConfigError)
+                ):
+                    raise
+                switch.compiled.fall_back(err)  # the backward's compile failed: this step again, eager
+                loss_value, n = self._forward_backward(
+                    model, batch, boundary, f"epoch {epoch + 1}, step {i + 1}"
+                )
             if boundary:
                 self._optimizer_step(model)
+            if timed:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                switch.step_done(time.perf_counter() - step_start)
             loss_sum += loss_value * n
             count += n
             if self.progress and hasattr(bar, "set_postfix"):
@@ -359,6 +380,25 @@ class _Trainer:
             torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=self.device)
         ).cpu()
         return float(totals[0] / max(totals[1], 1.0)), int(totals[1]), seconds
+
+    def _forward_backward(
+        self, model: nn.Module, batch: Any, boundary: bool, where: str
+    ) -> tuple[float, int]:
+        """One micro-batch: forward under autocast, the finite-loss check, the scaled backward."""
+        ddp = unwrap_compiled(model)
+        no_sync = isinstance(ddp, DistributedDataParallel) and not boundary
+        with ddp.no_sync() if no_sync else nullcontext():
+            with autocast(self.device, self.dtype):
+                loss, n = self.task.train_step(model, batch)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise ConfigError(
+                    f"the training loss became {loss_value} at {where}; "
+                    "lower --lr, use --clip-grad, or turn off fp16 AMP"
+                )
+            scaled = loss / self.config.accum_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss_value, n
 
     def _optimizer_step(self, model: nn.Module) -> None:
         clip = self.config.clip_grad
@@ -392,6 +432,14 @@ class _Trainer:
             model = DistributedDataParallel(
                 self.model, device_ids=device_ids, find_unused_parameters=cfg.find_unused_parameters
             )
+        self.switch = CompileSwitch(
+            cfg.compile,
+            model,
+            steps=(cfg.epochs - self.start_epoch) * len(self.train_loader),
+            device=self.device,
+            dtype=self.dtype,
+            eager_module=self.model,
+        )
         sampler = getattr(self.train_loader, "sampler", None)
         last_epoch = cfg.stop_after_epoch or cfg.epochs
         if self.start_epoch >= last_epoch:
@@ -414,8 +462,22 @@ class _Trainer:
             self.history.append(record)
             rng = _gather_rng(info)
             if info.is_main:
+                self._record_compile(final=epoch + 1 == last_epoch)
                 self._write_epoch(record, improved, rng, summary_extra)
         return self.summary(summary_extra)
+
+    def _record_compile(self, final: bool) -> None:
+        """config.json gets the compile decision once it is made, or at the end of a run that ended
+        while ``auto`` was still timing (a resumed run replaces it with its own)."""
+        config_file = self.out / run_state.CONFIG_FILE if self.out is not None else None
+        if self._compile_recorded or self.switch is None or config_file is None or not config_file.exists():
+            return
+        if self.switch.decision is None and not final:
+            return  # still timing the first steps
+        config = run_state.read_json(config_file)
+        config[COMPILE_DECISION_KEY] = self.switch.summary()
+        run_state.write_json(config_file, config)
+        self._compile_recorded = True
 
     def _check_fresh_output(self) -> None:
         """A safety net for callers that did not use ``state.prepare_run_dir``: never append to a run."""
@@ -544,6 +606,8 @@ class _Trainer:
             "train_seconds": sum(r["seconds"] for r in self.history),
             "last": self.history[-1] if self.history else None,
         }
+        if self.switch is not None:
+            summary[COMPILE_DECISION_KEY] = self.switch.summary()
         summary.update(extra)
         return summary
 

@@ -38,7 +38,16 @@ from metaformer.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Options that may change between a run and its --resume, in every task
-RESUME_MAY_DIFFER = ("resume", "overwrite", "num_workers", "progress", "stop_after_epoch", "device")
+RESUME_MAY_DIFFER = (
+    "resume",
+    "overwrite",
+    "num_workers",
+    "progress",
+    "stop_after_epoch",
+    "device",
+    "compile",  # speed only: the steps are the same math
+    "compile_decision",
+)
 
 
 @dataclass
@@ -132,6 +141,7 @@ def _train(config: Any, spec: TrainingSpec, info: DistInfo) -> dict[str, Any]:
         stop_after_epoch=resolved.stop_after_epoch,
         eval_every=int(parts.eval_every or resolved.eval_every or 1),
         progress=resolved.progress,
+        compile=getattr(resolved, "compile", "off"),
     )
     summary_extra = {
         "task": spec.name,

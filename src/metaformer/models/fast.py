@@ -639,8 +639,9 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False) -> nn.Mod
     """A faster copy of ``model`` for inference with the same outputs (fp32 max relative diff ~1e-6).
 
     Works for ``MetaFormer`` (forward gives logits) and ``MetaFormerFeatures`` (forward gives stage
-    maps). The input model is not changed. ``compile=True`` also runs ``torch.compile`` on the result
-    (slow to start; fuses the remaining element-wise work).
+    maps). The input model is not changed. ``compile=True`` also compiles the result with Inductor and
+    freezing (``metaformer.compiling.compile_module``, whose caches live under the metaformer home; slow
+    to start when cold; fuses the remaining element-wise work); call it under ``torch.inference_mode``.
     """
     if not isinstance(model, (MetaFormer, MetaFormerFeatures)):
         raise ConfigError(
@@ -657,7 +658,10 @@ def optimize_for_inference(model: nn.Module, *, compile: bool = False) -> nn.Mod
     fast.stem = ChannelsLastInput(fast.stem)
     fast = fast.to(memory_format=torch.channels_last)
     if compile:
-        return torch.compile(fast)
+        from metaformer.compiling import compile_module  # not a models/ concern: imported on request
+
+        name = getattr(model, "model_name", type(model).__name__)
+        return compile_module(fast, key=f"optimize_for_inference-{name}", freezing=True)
     return fast
 
 
