@@ -171,7 +171,10 @@ class CompiledModule(nn.Module):
         self.failure: str | None = None
         self._calls = 0
         options = dict(options or {})
-        if freezing:
+        # Dynamo reads Inductor's global ``freezing`` when it traces (``options`` reach Inductor only), so
+        # it is also patched around every compiled call: without it the weights stay graph inputs
+        self.freezing = bool(freezing) and backend == "inductor"
+        if self.freezing:
             options["freezing"] = True
         self.cache_hit = load_artifacts(key, home)
         try:
@@ -203,7 +206,13 @@ class CompiledModule(nn.Module):
         self._calls += 1
         start = time.perf_counter()
         try:
-            out = self._compiled(*args, **kwargs)
+            if self.freezing:
+                from torch._inductor import config as inductor_config
+
+                with inductor_config.patch(freezing=True):
+                    out = self._compiled(*args, **kwargs)
+            else:
+                out = self._compiled(*args, **kwargs)
         except Exception as err:
             # the first calls compile (any error there is the compiler's); later, a recompile for a new
             # shape can fail too, but other errors are the model's own and are raised as they are

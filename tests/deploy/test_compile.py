@@ -50,6 +50,23 @@ def test_compiled_output_equals_the_eager_fast_path(compiled, batch):
     got.add_(1)  # a plain tensor, not an inference-mode one the caller could not change
 
 
+def test_the_weights_are_frozen_into_the_graph(compiled):
+    """Frozen weights are constants of the compiled graph: changing the eager module's afterwards changes
+    nothing, where an unfrozen graph (weights as inputs) would follow them."""
+    runner = compiled["first"]
+    x = torch.randn(2, 3, *SIZE)
+    before = runner(x)
+    weights = next(runner.model.module.parameters())
+    saved = weights.detach().clone()
+    with torch.no_grad():
+        weights.mul_(3.0).add_(1.0)
+    try:
+        assert torch.equal(runner(x), before)
+    finally:
+        with torch.no_grad():
+            weights.copy_(saved)
+
+
 def test_a_second_build_of_the_same_key_is_a_cache_hit(compiled):
     first, second = compiled["first"].settings, compiled["second"].settings
     assert first["compiled"] and first["freezing"] and not first["warm"]

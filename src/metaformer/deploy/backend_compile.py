@@ -48,9 +48,7 @@ class CompiledRunner(Runner):
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        # Dynamo reads Inductor's global ``freezing`` when it traces (torch.compile's ``options`` reach
-        # Inductor only): without it the weights stay graph inputs and nothing is frozen
-        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+        with torch.inference_mode():  # compile_module patches Inductor's freezing around the call
             return self.model(x.to(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
