@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import statistics
 import sys
 import tempfile
@@ -216,49 +217,65 @@ def trained_table(checkpoint: str, threads: int | None, batch: int) -> None:
         chunks = [fn(xs[i : i + 64]).argmax(1) for i in range(0, len(xs), 64)]
         return 100 * torch.cat(chunks).eq(ys).float().mean().item()
 
-    def speed(fn: Callable) -> float:
-        fn(x)
-        return len(x) / min(timed(lambda: fn(x)) for _ in range(5))
+    def speeds(runners: dict[str, Callable]) -> dict[str, float]:
+        """img/s of each runner: the median of 7 interleaved rounds, each at least 0.2 s of calls (a
+        batch of small images takes about a millisecond, too short to time one by one)."""
+        calls = {}
+        for name, fn in runners.items():
+            fn(x)
+            calls[name] = max(1, math.ceil(0.2 / timed(lambda fn=fn: fn(x), 3)))
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for round_ in range(7):
+            for name, fn in list(runners.items())[:: -1 if round_ % 2 else 1]:
+                times[name].append(timed(lambda fn=fn: fn(x), calls[name]))
+        return {name: len(x) / statistics.median(t) for name, t in times.items()}
 
     fast = build(model, "torch", "fp32", img_size=(size, size), batch_size=batch, threads=threads)
-    with torch.inference_mode():
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         base = top1(fast)
-        print(
-            f"\n{checkpoint}: {len(xs)} validation images, fp32 top-1 {base:.2f}%, "
-            f"fast path {speed(fast):.0f} img/s"
-        )
         rows: dict[str, tuple[dict, Callable]] = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = Path(tmp) / "model.onnx"
-            export_model(model, onnx_path, img_size=(size, size), dynamic_batch=True)
-            for setting in QDQ_SETTINGS:
-                qdq = Path(tmp) / f"{setting}.onnx"
-                quantize_qdq(onnx_path, qdq, calibration, setting)
-                runner = OnnxRuntimeModel(qdq, threads=threads, precision="int8")
-                rows[f"onnxruntime QDQ {setting}"] = (check_int8(runner, model, calibration), runner)
-            nncf = build(model, "openvino", "int8", img_size=(size, size), batch_size=batch, threads=threads,
-                         calibration=calibration)  # fmt: skip
-            rows["OpenVINO NNCF"] = (nncf.check, nncf)
-            print(f"{'int8 candidate':<36}{'held-out agreement':>22}{'top-1':>8}{'drop':>7}{'img/s':>8}")
-            for name, (check, runner) in rows.items():
-                accuracy = top1(runner)
-                agreement = f"{100 * check['agreement']:.1f}% of {check['images']}"
-                print(
-                    f"{name:<36}{agreement:>22}{accuracy:>8.2f}{base - accuracy:>7.2f}{speed(runner):>8.0f}"
-                )
+        onnx_path = Path(tmp) / "model.onnx"
+        export_model(model, onnx_path, img_size=(size, size), dynamic_batch=True)
+        for setting in QDQ_SETTINGS:
+            qdq = Path(tmp) / f"{setting}.onnx"
+            quantize_qdq(onnx_path, qdq, calibration, setting)
+            runner = OnnxRuntimeModel(qdq, threads=threads, precision="int8")
+            rows[f"onnxruntime QDQ {setting}"] = (check_int8(runner, model, calibration), runner)
+        nncf = build(model, "openvino", "int8", img_size=(size, size), batch_size=batch, threads=threads,
+                     calibration=calibration)  # fmt: skip
+        rows["OpenVINO NNCF"] = (nncf.check, nncf)
         try:
-            runner, name = prepare_for_inference(
+            auto, auto_name = prepare_for_inference(
                 model, precision="int8", img_size=(size, size), batch_size=batch, threads=threads,
                 calibration=calibration,
             )  # fmt: skip
-            setting = runner.check.get("quantization")
-            print(
-                f"auto at the default threshold ({100 * runner.choice['min_agreement']:g}%): {name}"
-                f"{f' ({setting})' if setting else ''}, {speed(runner):.0f} img/s; "
-                f"dropped: {runner.choice['dropped'] or 'none'}"
-            )
         except ExportError as error:
-            print(f"auto at the default threshold: refused: {error}")
+            auto, refusal = None, str(error)
+        timed_rows = {"fp32 fast path": fast, **{name: runner for name, (_, runner) in rows.items()}}
+        speed = speeds({**timed_rows, **({"auto": auto} if auto is not None else {})})
+        print(
+            f"\n{checkpoint}: {len(xs)} validation images, fp32 top-1 {base:.2f}%, "
+            f"fast path {speed['fp32 fast path']:.0f} img/s"
+        )
+        print(f"{'int8 candidate':<36}{'held-out agreement':>22}{'top-1':>8}{'drop':>7}{'img/s':>8}")
+        for name, (check, runner) in rows.items():
+            accuracy = top1(runner)
+            agreement = f"{100 * check['agreement']:.1f}% of {check['images']}"
+            print(f"{name:<36}{agreement:>22}{accuracy:>8.2f}{base - accuracy:>7.2f}{speed[name]:>8.0f}")
+        if auto is None:
+            print(f"auto at the default threshold: refused: {refusal}")
+            return
+        threshold = auto.choice["min_agreement"]
+        passing = [name for name, (check, _) in rows.items() if check["agreement"] >= threshold]
+        fastest = max(passing, key=speed.__getitem__) if passing else None
+        setting = auto.check.get("quantization")
+        print(
+            f"auto at the default threshold ({100 * threshold:g}%): {auto_name}"
+            f"{f' ({setting})' if setting else ''}, {speed['auto']:.0f} img/s"
+            + (f", {speed['auto'] / speed[fastest]:.2f}x the fastest candidate at or above it ({fastest})"
+               if fastest else "")
+            + f"; dropped: {auto.choice['dropped'] or 'none'}"
+        )  # fmt: skip
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -68,3 +68,25 @@ def test_the_key_names_model_shapes_input_device_dtype_layout_and_checkpointing(
     assert "-ckpt-" in compile_plan.record_key(model, batch, torch.device("cpu"), None)
     wider = create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 8, 16, 32], num_classes=3)
     assert compile_plan.record_key(wider, batch, torch.device("cpu"), None) != key
+
+
+def test_the_recorded_compile_time_is_the_first_compiled_steps_extra_time(tmp_path, monkeypatch):
+    """The backward compiles lazily inside the first compiled step, after the forward's call returned:
+    the record (and the summary) count the whole first step beyond a compiled step's time."""
+    from types import SimpleNamespace
+
+    from metaformer import create_model
+
+    model = create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 8, 16, 16], num_classes=3)
+    compiled = SimpleNamespace(compiled=True, compile_seconds=3.0, cache_hit=False, failure=None)
+    monkeypatch.setattr(compile_plan, "compile_module", lambda *args, **kwargs: compiled)
+    switch = compile_plan.CompileSwitch(
+        "on", model, steps=100, device=torch.device("cpu"), dtype=None, eager_module=model, home=tmp_path
+    )
+    batch = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    assert switch.module_for_step(batch) is compiled
+    for seconds in (20.0, 1.0, 1.2, 0.8, 1.0, 1.1):  # the first step compiles forward and backward
+        switch.step_done(seconds)
+    assert switch.summary()["compile_seconds"] == pytest.approx(19.0)
+    record = compile_plan.read_records(tmp_path)[switch.key]
+    assert record.cold_compile_s == pytest.approx(19.0) and record.compiled_step_s == pytest.approx(1.0)
