@@ -6,8 +6,9 @@ eval and predict run, decided at batch 32 and batch 1 apart). With ``--compile``
 freezing, as PyTorch's CPU guides recommend, one static graph per batch size): timm compiled in NCHW
 and in channels_last, and ours compiled (the ``compile`` backend, ``--backend compile``); the
 "1st s" column is the seconds of each row's first batch-32 and batch-1 calls (for a compiled row its
-compiles, cold or from Inductor's caches under the metaformer home), and "x timm CL comp." the speed
-against timm channels_last compiled. Every candidate
+compiles, cold or from Inductor's caches under the metaformer home), "x timm CL comp." the speed
+against timm channels_last compiled, and "b1 x CL comp." the batch-1 latency against it (as "b1 x
+timm": lower is faster). Every candidate
 gets the same timm weights (ours with ``final_norm="pooled"``, timm's head), outputs are compared
 with timm's before timing, and the rounds are interleaved (A B C D, A B C D, ...) so that machine
 noise hits all rows alike; the medians are reported. The matmul peak (2048 x 2048, fp32) is timed in
@@ -311,7 +312,7 @@ def bench_model(name: str, args: argparse.Namespace, dtype: torch.dtype, tmp: Pa
                 "vs_compiled_peer": paired_ratio(times32[COMPILED_PEER], times32[k])
                 if COMPILED_PEER in times32
                 else None,
-                "b1_vs_compiled_peer": paired_ratio(times1[COMPILED_PEER], times1[k])
+                "b1_vs_compiled_peer": paired_ratio(times1[k], times1[COMPILED_PEER])
                 if COMPILED_PEER in times1
                 else None,
                 "first_s": first_s[k],
