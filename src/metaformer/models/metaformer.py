@@ -20,6 +20,7 @@ from metaformer.models.heads import FINAL_NORMS, HEADS, ClassifierHead, check_gl
 from metaformer.models.kernels import (
     fx_tracing,
     native_available,
+    native_ops,
     pool_mix_train,
     pool_mix_train_supported,
     portable,
@@ -193,6 +194,13 @@ class MetaFormerBlock(nn.Module):
         the input is a proxy that no routing check may inspect."""
         if fx_tracing():
             return self._pool_half_torch(x)
+        if native_ops.takes(x):  # compiling: the native kernels as custom ops (they beat Inductor's code)
+            radius = self._native_pool_radius()
+            if radius is not None:
+                k, multiplier = self._pool_half_factors(x)
+                return native_ops.pool_mix_train(
+                    x, k, radius=radius, eps=self.norm1.eps, bias=self.norm1.bias, multiplier=multiplier
+                )
         use_triton = triton_supported(x)
         radius = self._native_pool_radius() if use_triton or _native_ok(x) else None
         if radius is not None and use_triton:
