@@ -23,7 +23,6 @@ from metaformer.deploy.base import Backend, Runner, check_int8
 from metaformer.deploy.onnx_export import export_model
 from metaformer.deploy.quantize import QDQ_SETTINGS, Calibration, quantize_qdq, require_calibration
 from metaformer.deploy.runtimes import onnxruntime_session, require, threads_or_default
-from metaformer.errors import ConfigError
 
 AGREEMENT_TIE = 0.005  # settings this close in held-out agreement to the best are equally faithful
 
@@ -50,13 +49,11 @@ class OnnxRuntimeBackend(Backend):
     precisions = ("fp32", "int8")
     artefacts = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
+    instead = "use --backend torch or openvino"
+
     def check(self, precision: str) -> None:
         require(self.name)
-        if precision not in self.precisions:
-            raise ConfigError(
-                f"the onnxruntime backend runs fp32 and int8, not {precision}; "
-                "use --backend torch or openvino"
-            )
+        super().check(precision)
 
     def build(
         self,

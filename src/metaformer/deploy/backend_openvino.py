@@ -58,8 +58,7 @@ class OpenVinoBackend(Backend):
 
     def check(self, precision: str) -> None:
         require(self.name)
-        if precision not in self.precisions:
-            raise ConfigError(f"the openvino backend runs fp32, bf16 and int8, not {precision}")
+        super().check(precision)
         if precision == "bf16" and not openvino_native_bf16():
             raise ConfigError(
                 "OpenVINO runs bf16 only on a CPU with native bf16 (AVX512-BF16 or AMX), which this one "

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from metaformer.deploy.base import Backend, Runner, fold_inference, foldable
-from metaformer.errors import ConfigError
 from metaformer.models.hardware import native_bf16, warn_emulated_bf16
 
 
@@ -46,12 +45,7 @@ class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32", "bf16")
 
-    def check(self, precision: str) -> None:
-        if precision not in self.precisions:
-            raise ConfigError(
-                f"the torch backend runs fp32 and bf16, not {precision}; "
-                "use --backend openvino (or auto) for int8"
-            )
+    instead = "use --backend openvino (or auto) for int8"
 
     def build(
         self,

@@ -82,6 +82,7 @@ class Backend(ABC):
     precisions: tuple[str, ...] = ()
     artefacts: Mapping[str, str] = {}  # precision -> the file ``build`` writes and the cache keeps
     compiles = False  # its one-off cost is a compile, cached by Inductor under a deployment cache key
+    instead = ""  # what to use for a precision it lacks: the end of ``check``'s sentence
 
     def artefact(self, precision: str) -> str | None:
         """The file ``build`` writes for ``precision`` (None: nothing is written, nothing cached)."""
@@ -92,9 +93,13 @@ class Backend(ABC):
         """Whether ``build`` writes an artefact the deployment cache keeps (and ``load`` reads)."""
         return bool(self.artefacts)
 
-    @abstractmethod
     def check(self, precision: str) -> None:
-        """``ConfigError`` in one sentence when this backend cannot run ``precision`` here."""
+        """``ConfigError`` in one sentence when this backend cannot run ``precision`` here (a backend
+        whose runtime or CPU can lack something checks that too)."""
+        if precision not in self.precisions:
+            listed = " and ".join([", ".join(self.precisions[:-1]), self.precisions[-1]])
+            end = f"; {self.instead}" if self.instead else ""
+            raise ConfigError(f"the {self.name} backend runs {listed}, not {precision}{end}")
 
     @abstractmethod
     def build(self, model: nn.Module, precision: str, example: torch.Tensor, **options: Any) -> Runner:

@@ -184,20 +184,56 @@ def pool_mix_train_supported(x: torch.Tensor) -> bool:
     return _native_map(x)
 
 
+def pool_mix_train_forward(
+    x: torch.Tensor, k: torch.Tensor, multiplier: torch.Tensor | None, radius: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pool_mix_train``'s kernel: y, and the per-sample mean and rstd its backward needs."""
+    lib = native_library()
+    b, c, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    k = k.detach().float().contiguous()
+    mult = None if multiplier is None else multiplier.detach().float().reshape(b).contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, rstd = x.new_empty(b), x.new_empty(b)
+    status = lib.metaformer_pool_mix_forward(  # type: ignore[union-attr]
+        x.data_ptr(), y.data_ptr(), None, k.data_ptr(), None if mult is None else mult.data_ptr(),
+        mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, 0.0, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "pool_mix_train")
+    return y, mean, rstd
+
+
+def pool_mix_train_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    k: torch.Tensor,
+    multiplier: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    radius: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pool_mix_train``'s backward kernel: the gradients for ``x`` and ``k`` (fp32)."""
+    b, c, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = grad.float().contiguous(memory_format=torch.channels_last)
+    k = k.detach().float().contiguous()
+    mult = None if multiplier is None else multiplier.detach().float().reshape(b).contiguous()
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    dk = k.new_empty(c)
+    backward = native_library().metaformer_pool_mix_train_backward  # type: ignore[union-attr]
+    status = backward(
+        x.data_ptr(), grad.data_ptr(), dx.data_ptr(), dk.data_ptr(), k.data_ptr(),
+        None if mult is None else mult.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        b, h, w, c, radius, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "pool_mix_train backward")
+    return dx, dk
+
+
 class _PoolMixTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, bias, mult, radius, eps):  # type: ignore[override]
-        lib = native_library()
-        b, c, h, w = x.shape
-        k = k.detach().float().contiguous()
-        mult = None if mult is None else mult.detach().float().reshape(b).contiguous()
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        mean, rstd = x.new_empty(b), x.new_empty(b)
-        status = lib.metaformer_pool_mix_forward(  # type: ignore[union-attr]
-            x.data_ptr(), y.data_ptr(), None, k.data_ptr(), None if mult is None else mult.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, 0.0, torch.get_num_threads(),
-        )  # fmt: skip
-        _check(status, "pool_mix_train")
+        y, mean, rstd = pool_mix_train_forward(x, k, mult, radius, eps)
         ctx.save_for_backward(x, k, mult, mean, rstd)
         ctx.radius, ctx.bias_shape = radius, None if bias is None else bias.shape
         return y
@@ -205,17 +241,7 @@ class _PoolMixTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, k, mult, mean, rstd = ctx.saved_tensors
-        b, c, h, w = x.shape
-        grad = grad.float().contiguous(memory_format=torch.channels_last)
-        dx = torch.empty_like(x, memory_format=torch.channels_last)
-        dk = k.new_empty(c)
-        backward = native_library().metaformer_pool_mix_train_backward  # type: ignore[union-attr]
-        status = backward(
-            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), dk.data_ptr(), k.data_ptr(),
-            None if mult is None else mult.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-            b, h, w, c, ctx.radius, torch.get_num_threads(),
-        )  # fmt: skip
-        _check(status, "pool_mix_train backward")
+        dx, dk = pool_mix_train_backward(grad, x, k, mult, mean, rstd, ctx.radius)
         # GroupNorm's bias cancels in pool(y) - y (a constant pools to itself): its gradient is exactly 0
         dbias = None if ctx.bias_shape is None else dk.new_zeros(ctx.bias_shape)
         return dx, dk, dbias, None, None, None

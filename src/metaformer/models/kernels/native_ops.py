@@ -21,36 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 def _forward(x: Tensor, k: Tensor, multiplier: Tensor | None, radius: int, eps: float):
-    """y, and the per-sample mean and rstd the backward needs (the eager kernel's forward)."""
-    lib = kernels.native_library()
-    b, c, h, w = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    k = k.detach().float().contiguous()
-    mult = None if multiplier is None else multiplier.detach().float().reshape(b).contiguous()
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    mean, rstd = x.new_empty(b), x.new_empty(b)
-    status = lib.metaformer_pool_mix_forward(  # type: ignore[union-attr]
-        x.data_ptr(), y.data_ptr(), None, k.data_ptr(), None if mult is None else mult.data_ptr(),
-        mean.data_ptr(), rstd.data_ptr(), b, h, w, c, radius, eps, 0.0, torch.get_num_threads(),
-    )  # fmt: skip
-    kernels._check(status, "native_pool_mix_train")
-    return y, mean, rstd
+    """The eager kernel's forward: y, and the per-sample mean and rstd."""
+    return kernels.pool_mix_train_forward(x, k, multiplier, radius, eps)
 
 
 def _backward(grad, x, k, multiplier, mean, rstd, radius):
-    b, c, h, w = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    grad = grad.float().contiguous(memory_format=torch.channels_last)
-    mult = None if multiplier is None else multiplier.detach().float().reshape(b).contiguous()
-    dx = torch.empty_like(x, memory_format=torch.channels_last)
-    dk = k.new_empty(c, dtype=torch.float32)
-    k32 = k.detach().float().contiguous()
-    status = kernels.native_library().metaformer_pool_mix_train_backward(  # type: ignore[union-attr]
-        x.data_ptr(), grad.data_ptr(), dx.data_ptr(), dk.data_ptr(), k32.data_ptr(),
-        None if mult is None else mult.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        b, h, w, c, radius, torch.get_num_threads(),
-    )  # fmt: skip
-    kernels._check(status, "native_pool_mix_train backward")
+    dx, dk = kernels.pool_mix_train_backward(grad, x, k, multiplier, mean, rstd, radius)
     return dx, dk.to(k.dtype)
 
 
