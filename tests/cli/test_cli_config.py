@@ -133,6 +133,7 @@ def _train(*argv: str) -> None:
 def test_a_runs_config_json_is_a_config_file_that_reproduces_the_run(tmp_path) -> None:
     first, again = tmp_path / "first", tmp_path / "again"
     flags = ["--epochs", "2", "--limit-train", "128", "--limit-val", "64", "--batch-size", "32"]
+    flags += ["--model-kwargs", '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}']  # the file must carry it
     _train("classify", "train", *flags, "--output", str(first))
     config = first / "config.json"
     _train("classify", "train", "--config", str(config), "--output", str(again))
