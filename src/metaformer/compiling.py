@@ -14,6 +14,7 @@ and runs eager from then on.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -252,6 +253,7 @@ def compile_module(
     guides recommend; ``backend`` other than inductor (``aot_eager``) is for tests and debugging.
     """
     enable_compile_caches(home)
+    importlib.import_module("metaformer.models.kernels.native_ops")  # the custom ops compiled graphs call
     return CompiledModule(
         module, key=key, freezing=freezing, dynamic=dynamic, options=options, backend=backend, home=home
     )

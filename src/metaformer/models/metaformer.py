@@ -18,9 +18,9 @@ from metaformer.errors import ConfigError, InputSizeError
 from metaformer.models.features import FeatureInfo, check_out_indices, take_indices
 from metaformer.models.heads import FINAL_NORMS, HEADS, ClassifierHead, check_global_pool
 from metaformer.models.kernels import (
+    COMPILED_OPS,
     fx_tracing,
     native_available,
-    native_ops,
     pool_mix_train,
     pool_mix_train_supported,
     portable,
@@ -194,7 +194,8 @@ class MetaFormerBlock(nn.Module):
         the input is a proxy that no routing check may inspect."""
         if fx_tracing():
             return self._pool_half_torch(x)
-        if native_ops.takes(x):  # compiling: the native kernels as custom ops (they beat Inductor's code)
+        native_ops = COMPILED_OPS[0]  # compiling: the native kernels as custom ops (they beat Inductor's)
+        if native_ops is not None and native_ops.takes(x):
             radius = self._native_pool_radius()
             if radius is not None:
                 k, multiplier = self._pool_half_factors(x)

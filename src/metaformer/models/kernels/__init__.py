@@ -128,6 +128,11 @@ def fx_tracing() -> bool:
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
+# ``native_ops`` (the kernels as custom ops for compiled graphs) puts itself here when imported: importing
+# it loads Dynamo (seconds), so only ``metaformer.compiling`` does, before it compiles a model
+COMPILED_OPS: list = [None]
+
+
 def portable() -> bool:
     """Tracing (TorchScript or FX), scripting or compiling: the graph must hold ops every exporter and
     compiler knows, and no Python branch may inspect a tensor."""

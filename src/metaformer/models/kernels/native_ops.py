@@ -6,11 +6,14 @@ back to torch ops that Inductor fuses itself. Measured on PoolFormer-S12's four 
 Inductor's code for the same ops (40 ms against 103 ms a step over the 12 blocks), so a compiled graph
 calls them as the opaque ops ``metaformer::native_pool_mix_train`` (and its backward), with fake
 implementations for tracing. They take what the eager kernel takes: CPU fp32 channels-last maps.
+Importing this module loads Dynamo, so ``metaformer.compiling`` imports it before compiling, and the
+blocks find it in ``kernels.COMPILED_OPS``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import Tensor
@@ -123,5 +126,8 @@ def pool_mix_train(
     """``kernels.pool_mix_train`` as a custom op: the same values and gradients, traceable."""
     return _native_pool_mix_train_op(x, k, bias, multiplier, radius, eps)[0]
 
+
+if OPS_REGISTERED:
+    kernels.COMPILED_OPS[0] = sys.modules[__name__]
 
 __all__ = ["OPS_REGISTERED", "pool_mix_train", "takes"]
