@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="poolformer_s12")
     p.add_argument("--batch", type=int, default=32, help="throughput batch size (default 32)")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument(
+        "--repeats", type=int, help="interleaved rounds, median reported (default 5; 7 with --checkpoint)"
+    )
     p.add_argument("--latency-runs", type=int, default=5, help="batch-1 calls per round (their mean)")
     p.add_argument("--threads", type=int, help="threads for every backend (default: torch's choice)")
     p.add_argument("--calibration", type=int, default=128, help="int8 calibration images (default 128)")
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a trained classifier's weights (its run's config.json beside it): int8 candidates on its data",
     )
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 7 if args.checkpoint else 5
     if args.quick:
         args.batch, args.img_size, args.repeats, args.latency_runs, args.calibration = 8, 64, 1, 1, 32
         args.random_weights = True
@@ -186,7 +190,7 @@ def build_rows(
     return rows, notes, ours
 
 
-def trained_table(checkpoint: str, threads: int | None, batch: int) -> None:
+def trained_table(checkpoint: str, threads: int | None, batch: int, rounds: int = 7) -> None:
     """The int8 candidates on a trained checkpoint, calibrated and held out on its own training data."""
     from metaformer.data.sources import classification_splits
     from metaformer.data.transforms import eval_transform_from_preprocessing
@@ -218,14 +222,14 @@ def trained_table(checkpoint: str, threads: int | None, batch: int) -> None:
         return 100 * torch.cat(chunks).eq(ys).float().mean().item()
 
     def speeds(runners: dict[str, Callable]) -> dict[str, float]:
-        """img/s of each runner: the median of 7 interleaved rounds, each at least 0.2 s of calls (a
+        """img/s of each runner: the median of ``rounds`` interleaved rounds, each at least 0.2 s of calls (a
         batch of small images takes about a millisecond, too short to time one by one)."""
         calls = {}
         for name, fn in runners.items():
             fn(x)
             calls[name] = max(1, math.ceil(0.2 / timed(lambda fn=fn: fn(x), 3)))
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for round_ in range(7):
+        for round_ in range(rounds):
             for name, fn in list(runners.items())[:: -1 if round_ % 2 else 1]:
                 times[name].append(timed(lambda fn=fn: fn(x), calls[name]))
         return {name: len(x) / statistics.median(t) for name, t in times.items()}
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
         for checkpoint in args.checkpoint:
-            trained_table(checkpoint, args.threads, args.batch)
+            trained_table(checkpoint, args.threads, args.batch, args.repeats)
         return 0
     weights = "random (layer scales near 1)" if args.random_weights else "timm init"
     print(

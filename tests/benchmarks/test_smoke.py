@@ -170,7 +170,7 @@ def test_precisions_benchmark_on_a_trained_checkpoint_applies_the_threshold(tmp_
     )  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "precisions.py"), "--threads", "1", "--batch", "8",
-         "--checkpoint", str(tmp_path / "run" / "best.safetensors")],
+         "--repeats", "1", "--checkpoint", str(tmp_path / "run" / "best.safetensors")],
         capture_output=True, text=True, timeout=280,
         env=dict(os.environ, OMP_NUM_THREADS="1", METAFORMER_HOME=str(tmp_path / "home")),
     )  # fmt: skip
