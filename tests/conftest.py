@@ -10,6 +10,14 @@ import torch
 # portable choice unless it asks for another (tests/models/test_routes.py measures for real).
 os.environ.setdefault("METAFORMER_ROUTE_PROBE", "0")
 
+# pytest-xdist's workers share the cores: each one's PyTorch (and every process a test starts, through
+# OMP_NUM_THREADS) gets its share, so the OpenMP threads of two workers never spin against each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

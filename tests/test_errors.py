@@ -1,5 +1,7 @@
 """errors.py helpers: loader-worker errors read as the worker's own sentence; numbers checked NaN-safely."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,12 +36,18 @@ def test_worker_errors_read_as_the_original(workers):
         assert "Caught DataError in DataLoader worker process 0" in str(info.value)  # torch's wrapper
     unwrapped = from_worker(info.value)
     assert type(unwrapped) is DataError and str(unwrapped) == sentence
+    # from_worker dropped the wrapper's traceback, which held the loader's iterator: the iterator is
+    # freed with it, and its worker stopped now, not by a garbage collection that waits 5 s for it
+    del info
+    assert not multiprocessing.active_children()
 
 
 def test_a_type_torch_cannot_rebuild_keeps_its_name_and_message():
     with pytest.raises(RuntimeError) as info:
         list(DataLoader(_Failing(_TwoArgs(1, 2)), num_workers=1))
     assert str(from_worker(info.value)) == "_TwoArgs: 1 and 2"
+    del info  # the worker stops now (see above)
+    assert not multiprocessing.active_children()
 
 
 def test_segment_train_checks_mask_sizes_before_training(tmp_path, capsys):

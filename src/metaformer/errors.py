@@ -126,6 +126,10 @@ def from_worker(err: BaseException) -> BaseException:
             break
     else:
         return err
+    # The wrapper's traceback runs into the loader's iterator, whose frames are done: dropped now, the
+    # iterator shuts its workers down at once. Left to a later garbage collection (the traceback holds
+    # a cycle), the iterator's queues may be closed first and it then waits 5 s for each worker.
+    err.__traceback__ = None
     if type(err).__name__ == name:
         try:
             return type(err)(message)
