@@ -8,13 +8,16 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def run(script: str) -> str:
+def run(script: str, *args: str, home: Path | None = None, timeout: int = 240) -> str:
+    """The script's stdout, run with ``args`` (``--quick`` when none) on one thread, with its own
+    metaformer home when ``home`` is given; a failed run fails the test with the script's stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({"METAFORMER_HOME": str(home)} if home else {}))
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), *(args or ("--quick",))],
         capture_output=True,
         text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=240,
+        env=env,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -4,13 +4,10 @@ outputs by O(1), not by the 1e-5 of timm's init) every implementation gives timm
 and gradient checkpointing's peak memory is below the full one's. Timings are not checked: they are
 whatever the machine gives."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from smoke_helpers import BENCHMARKS, row, run
+from smoke_helpers import row, run
 
 from metaformer.models.kernels import native_available
 
@@ -72,13 +69,9 @@ def test_finetune_benchmark_quick(tmp_path):
             data = np.ascontiguousarray(array, dtype=np.uint8)
             header = bytes([0, 0, 8, data.ndim]) + b"".join(k.to_bytes(4, "big") for k in data.shape)
             (tmp_path / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + data.tobytes()))
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "finetune.py"), "--quick", "--data", f"fashion-mnist:{tmp_path}",
-         "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    out = run(
+        "finetune.py", "--quick", "--data", f"fashion-mnist:{tmp_path}", "--output", str(tmp_path / "out")
+    )
     assert out.startswith("machine: ")
     for arm in ("fine-tuned", "scratch"):
         cells = row(out, arm + " ")

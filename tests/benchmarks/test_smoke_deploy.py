@@ -3,26 +3,17 @@ every bf16 row is within bf16's precision of them, and on a trained checkpoint t
 decides which candidate ``auto`` keeps. Timings are not checked. A file of their own, so that a
 parallel run can put them on another worker than the other benchmark smokes."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from smoke_helpers import BENCHMARKS, row, run
+from smoke_helpers import row, run
 
 
 @pytest.mark.timeout(300)
 def test_precisions_benchmark_quick(tmp_path):
     """50-80 s on a shared 2-core machine, not 30: its 14 rows include three NNCF quantizations, two
     onnxruntime ones and five exports, each checked, and leaving any out would let that row rot."""
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "precisions.py"), "--quick"],
-        capture_output=True, text=True, timeout=280,
-        env=dict(os.environ, OMP_NUM_THREADS="1", METAFORMER_HOME=str(tmp_path / "home")),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    out = run("precisions.py", "--quick", home=tmp_path / "home", timeout=280)
     assert "weights: random (layer scales near 1)" in out
     # label -> (rel diff to PyTorch fp32's logits, top-1 agreement %) on the timed batch
     table = {
@@ -73,21 +64,16 @@ def test_precisions_benchmark_on_a_trained_checkpoint_applies_the_threshold(tmp_
             epochs=1, batch_size=32, limit_train=96, limit_val=40, progress=False,
         )
     )  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "precisions.py"), "--threads", "1", "--batch", "8",
-         "--repeats", "1", "--checkpoint", str(tmp_path / "run" / "best.safetensors")],
-        capture_output=True, text=True, timeout=280,
-        env=dict(os.environ, OMP_NUM_THREADS="1", METAFORMER_HOME=str(tmp_path / "home")),
+    out = run(
+        "precisions.py", "--threads", "1", "--batch", "8", "--repeats", "1",
+        "--checkpoint", str(tmp_path / "run" / "best.safetensors"), home=tmp_path / "home", timeout=280,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = {
         m.group(1).strip(): float(m.group(2))
-        for m in re.finditer(
-            r"^((?:onnxruntime QDQ|OpenVINO NNCF)[^\n]*?)\s+([\d.]+)% of 100 ", done.stdout, re.M
-        )
+        for m in re.finditer(r"^((?:onnxruntime QDQ|OpenVINO NNCF)[^\n]*?)\s+([\d.]+)% of 100 ", out, re.M)
     }
-    assert len(rows) == 5, done.stdout
-    auto = next(line for line in done.stdout.splitlines() if line.startswith("auto at the default threshold"))
+    assert len(rows) == 5, out
+    auto = next(line for line in out.splitlines() if line.startswith("auto at the default threshold"))
     if "refused" in auto:
         assert "openvino" in auto and "onnxruntime" in auto and all(value < 99 for value in rows.values())
     else:
